@@ -1,0 +1,35 @@
+# xprobe: install, demo, test, bench. A fresh clone needs nothing but Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xprobe-installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# Torch first, pinned and overridable (e.g. TORCH_SPEC="torch==2.5.1" for a CUDA build),
+# so the project's "torch>=" requirement is already satisfied and pulls nothing else.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/xprobe demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m benchmarks.run
+
+lint: install
+	$(VENV)/bin/ruff check pipeline stages tests
+	$(VENV)/bin/ruff format --check pipeline stages tests
+
+clean:
+	rm -rf $(VENV) xprobe-demo .pytest_cache
