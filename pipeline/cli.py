@@ -1,0 +1,209 @@
+"""The ``xprobe`` command line: a thin shell over the stage configs and the store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.config import from_dict, load_toml
+from pipeline.errors import XprobeError
+from pipeline.registry import STAGES, StageEntry
+from pipeline.store import Store
+
+
+def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """A stage's TOML section(s): a table, or an array of tables for stages run several times."""
+    section = config.get(name)
+    if section is None:
+        return []
+    return section if isinstance(section, list) else [section]
+
+
+def _store_path(config: dict[str, Any], override: str | None) -> str:
+    path = override or config.get("store")
+    if not path:
+        raise XprobeError('no store given: set store = "PATH" at the top of the config or pass --store')
+    return path
+
+
+def _unknown_sections(config: dict[str, Any]) -> None:
+    known = {"store"} | {s.name for s in STAGES}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise XprobeError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="xprobe")
+def cli() -> None:
+    """xprobe: which SAE features of model A does model B have, and what is B's direction for each?"""
+
+
+@cli.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.option("--store", "store_path", help="Store path (overrides `store` in the config).")
+@click.option("--only", multiple=True, help="Run only these stages (repeatable).")
+@click.option("--force", is_flag=True, help="Start the selected stages' outputs over.")
+def run(config_path: str, store_path: str | None, only: tuple[str, ...], force: bool) -> None:
+    """Run every stage configured in CONFIG_PATH in order, skipping finished work."""
+    config = load_toml(config_path)
+    _unknown_sections(config)
+    store = Store(_store_path(config, store_path), mode="a")
+    ran = 0
+    for entry in STAGES:
+        if only and entry.name not in only:
+            continue
+        cfg_cls, run_fn = (None, None)
+        for i, section in enumerate(_sections(config, entry.name)):
+            if cfg_cls is None:
+                cfg_cls, run_fn = entry.load()
+            cfg = from_dict(cfg_cls, section, where=entry.name if i == 0 else f"{entry.name}.{i}")
+            summary = run_fn(cfg, store, force=force)
+            _print_summary(summary)
+            ran += 1
+    if ran == 0:
+        raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("already_complete"):
+        click.echo(f"{summary['stage']}: already complete ({', '.join(summary['units'])})")
+    else:
+        click.echo(f"{summary['stage']}: wrote {summary['chunks_written']} chunk(s) to {', '.join(summary['units'])}")
+
+
+def _option_for(field: dataclasses.Field, hint: Any) -> click.Option:
+    flag = "--" + field.name.replace("_", "-")
+    doc = field.metadata.get("doc", "")
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        hint, origin, args = args[0], typing.get_origin(args[0]), list(typing.get_args(args[0]))
+    if hint is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=None, help=doc)
+    if origin in (list, tuple):
+        return click.Option([flag, field.name], multiple=True, default=None, help=doc or "repeatable")
+    if origin is typing.Literal:
+        return click.Option([flag, field.name], type=click.Choice([str(a) for a in args]), default=None, help=doc)
+    ptype = {int: int, float: float}.get(hint, str)
+    return click.Option([flag, field.name], type=ptype, default=None, help=doc)
+
+
+def _stage_command(entry: StageEntry) -> click.Command:
+    """``xprobe <stage>``: run one stage from a TOML section and/or flags."""
+
+    def callback(config_path: str | None, store_path: str | None, force: bool, index: int, **flags: Any) -> None:
+        config = load_toml(config_path) if config_path else {}
+        sections = _sections(config, entry.name)
+        if sections and not 0 <= index < len(sections):
+            raise XprobeError(f"--index {index}: {config_path} has {len(sections)} [{entry.name}] section(s)")
+        values = dict(sections[index]) if sections else {}
+        for key, value in flags.items():
+            if value is not None and value != ():
+                values[key] = list(value) if isinstance(value, tuple) else value
+        cfg_cls, run_fn = entry.load()
+        cfg = from_dict(cfg_cls, values, where=entry.name)
+        store = Store(_store_path(config, store_path), mode="a")
+        _print_summary(run_fn(cfg, store, force=force))
+
+    params: list[click.Parameter] = [
+        click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), help="TOML config to read."),
+        click.Option(["--store", "store_path"], help="Store path (overrides `store` in the config)."),
+        click.Option(["--force"], is_flag=True, help="Delete this stage's outputs and start over."),
+        click.Option(["--index"], type=int, default=0, help="Which section, if the config has several."),
+    ]
+
+    class LazyCommand(click.Command):
+        def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+            if not getattr(self, "_loaded", False):
+                cfg_cls, _ = entry.load()
+                hints = typing.get_type_hints(cfg_cls)
+                self.params.extend(_option_for(f, hints[f.name]) for f in dataclasses.fields(cfg_cls))
+                self._loaded = True
+            return super().get_params(ctx)
+
+    return LazyCommand(entry.name, params=params, callback=callback, help=entry.help + " Flags override the TOML.")
+
+
+for _entry in STAGES:
+    cli.add_command(_stage_command(_entry))
+
+
+def _progress_of(store: Store, unit: str, info: dict[str, Any]) -> str:
+    done = len(store.done_chunks(unit))
+    total = info.get("n_chunks") or info.get("n_chunks_planned")
+    state = "complete" if info.get("complete") else "incomplete"
+    return f"{done}/{total if total is not None else '?'} chunks  {state}"
+
+
+@cli.command()
+@click.argument("store_path")
+def status(store_path: str) -> None:
+    """Show each stage's chunk progress in STORE_PATH."""
+    store = Store(store_path, mode="r")
+    rows = list(store.units())
+    if not rows:
+        click.echo(f"{store_path}: empty store")
+    for unit, info in rows:
+        click.echo(f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}")
+
+
+_INFO_KEYS = ("corpus", "model", "revision", "hook", "layer", "sae", "dtype", "d_model", "n_feat", "n_tok", "n_seq", "ctx")
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--json", "as_json", is_flag=True, help="Print the full provenance as JSON.")
+def info(store_path: str, as_json: bool) -> None:
+    """What a cache holds: corpora, models, layers, SAEs, tokens, bytes, provenance."""
+    store = Store(store_path, mode="r")
+    units = list(store.units())
+    if as_json:
+        out = {unit: {**info, "bytes": store.nbytes_stored(unit)} for unit, info in units}
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    click.echo(f"store {store.url}  ({_human(store.nbytes_stored())} on disk)")
+    for unit, info in units:
+        click.echo(f"\n{unit}  [{info.get('stage')}]  {_progress_of(store, unit, info)}  {_human(store.nbytes_stored(unit))}")
+        facts = [f"{k}={info[k]}" for k in _INFO_KEYS if info.get(k) is not None]
+        if facts:
+            click.echo("  " + "  ".join(facts))
+        click.echo(
+            f"  tokenizer={info.get('tokenizer_fingerprint')}  corpus={info.get('corpus_fingerprint')}  "
+            f"config={info.get('config_fingerprint')}  xprobe {info.get('xprobe_version')}  created {info.get('created')}"
+        )
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except XprobeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; completed chunks are kept, rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The stages xprobe knows, in the order ``xprobe run`` runs them.
+
+Each entry names a module in ``stages/`` with a config dataclass and a ``run(cfg, store, force)``
+function. Modules are imported only when used, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    module: str
+    config: str
+    help: str
+
+    def load(self) -> tuple[type, Any]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), mod.run
+
+
+STAGES: list[StageEntry] = [
+    StageEntry("tokenize", "stages.tokenize", "TokenizeConfig", "Tokenize a corpus into fixed-length sequences."),
+]
+
+
+def find(name: str) -> StageEntry:
+    for entry in STAGES:
+        if entry.name == name:
+            return entry
+    raise KeyError(name)

@@ -1,0 +1,51 @@
+"""Tokenizer loading and fingerprints: two models share a token space only if these agree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pipeline.errors import XprobeError
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """A fast HF tokenizer by hub name or local path."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as e:
+        raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise XprobeError(f"tokenizer {name!r} has no fast (Rust) version; xprobe needs a tokenizer.json")
+    return tok
+
+
+def tokenizer_spec(tok: Any) -> dict[str, Any]:
+    """The parts of a tokenizer that decide token ids: vocabulary, merges, normalisation, specials."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    keep["special_tokens"] = {
+        k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")
+    }
+    return keep
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 over vocabulary, merges, normaliser/pre-tokeniser and special tokens."""
+    blob = json.dumps(tokenizer_spec(tok), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def vocab(tok: Any) -> dict[int, str]:
+    return {i: t for t, i in tok.get_vocab().items()}
+
+
+def first_difference(stored_vocab: dict[int, str], tok: Any) -> str:
+    """A sentence naming the first token id on which ``tok`` disagrees with ``stored_vocab``."""
+    theirs = vocab(tok)
+    for i in sorted(set(stored_vocab) | set(theirs)):
+        if stored_vocab.get(i) != theirs.get(i):
+            return f"token id {i} is {stored_vocab.get(i)!r} in the corpus tokenizer but {theirs.get(i)!r} here"
+    return "the vocabularies agree but merges, normalisation or special tokens differ"

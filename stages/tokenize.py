@@ -1,0 +1,298 @@
+"""Tokenize stage: a corpus on disk -> fixed-length token sequences.
+
+Writes ``tokens/<corpus>``:
+    ids   [n_seq, ctx] int32   token ids
+    mask  [n_seq, ctx] bool    positions that count (not the BOS we prepend, not padding)
+    doc   [n_seq, ctx] int32   index of the document each position came from (-1 for padding)
+and ``tokens/<corpus>/tokenizer.json`` (the tokenizer itself, so a shared cache carries it).
+
+Packing (``packing = "pack"``): documents are concatenated, each followed by EOS (or preceded
+by BOS, or nothing: ``separator``), and cut into sequences of ``ctx`` tokens, each starting with
+BOS when ``bos = true``; the last partial sequence is padded. ``packing = "document"`` puts one
+document per sequence (long documents continue in the next sequences), padded to ``ctx``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.config import runtime
+from pipeline.corpus import iter_documents, resolve_paths, source_fingerprint
+from pipeline.errors import XprobeError
+from pipeline.layout import tokens_unit
+from pipeline.runner import ChunkResult, Stage
+from pipeline.store import Store
+from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    corpus: str
+    """Name of the corpus in the store (``tokens/<corpus>``)."""
+    source: tuple[str, ...]
+    """Files, globs or an HF dataset folder (saved with ``save_to_disk``)."""
+    tokenizer: str
+    """HF tokenizer: hub name or local path."""
+    tokenizer_revision: str | None = None
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
+    """Corpus format; ``auto`` decides by file extension."""
+    field: str = "text"
+    """jsonl field, parquet column or HF dataset column holding the text."""
+    hf_split: str | None = None
+    """Split of a saved DatasetDict (default ``train``)."""
+    text_split: Literal["file", "line", "blank_line"] = "file"
+    """For plain text: one document per file, per line, or per blank-line-separated block."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """Undecodable bytes: ``strict`` stops with the file and offset; ``replace`` uses U+FFFD."""
+    ctx: int = 1024
+    """Sequence length in tokens."""
+    packing: Literal["pack", "document"] = "pack"
+    bos: bool = True
+    """Start every sequence with the tokenizer's BOS token (masked out)."""
+    separator: Literal["eos", "bos", "none"] = "eos"
+    """Token between packed documents (a BOS separator is masked out, an EOS one counts)."""
+    chunk_seqs: int = 64
+    """Sequences per chunk: the unit of work, resumption and storage for every stage."""
+    max_tokens: int | None = None
+    """Stop after this many tokens (rounded up to whole sequences)."""
+    batch_docs: int = runtime(512, "documents per tokenizer call")
+    progress: bool = runtime(True, "show a progress bar")
+
+
+class _Packer:
+    """Turns token lists of successive documents into rows of ``ctx`` ids, mask and doc ids."""
+
+    def __init__(self, cfg: TokenizeConfig, bos_id: int | None, sep_id: int | None, pad_id: int):
+        self.cfg, self.bos_id, self.sep_id, self.pad_id = cfg, bos_id, sep_id, pad_id
+        self.body = cfg.ctx - (1 if cfg.bos else 0)
+        self.ids = np.zeros(0, np.int32)
+        self.doc = np.zeros(0, np.int32)
+        self.count = np.zeros(0, bool)
+
+    def _rows(self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Rows from flat arrays whose length is a multiple of ``body`` (pads already added)."""
+        n = len(ids) // self.body
+        ids, doc, count = (a.reshape(n, self.body) for a in (ids, doc, count))
+        if self.cfg.bos:
+            ids = np.concatenate([np.full((n, 1), self.bos_id, np.int32), ids], axis=1)
+            doc = np.concatenate([doc[:, :1], doc], axis=1)
+            count = np.concatenate([np.zeros((n, 1), bool), count], axis=1)
+        return ids, count, doc
+
+    def _pad(self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, ...]:
+        extra = -len(ids) % self.body
+        return (
+            np.concatenate([ids, np.full(extra, self.pad_id, np.int32)]),
+            np.concatenate([doc, np.full(extra, -1, np.int32)]),
+            np.concatenate([count, np.zeros(extra, bool)]),
+        )
+
+    def _flat(self, doc_tokens: list[list[int]], first_doc: int) -> tuple[np.ndarray, ...]:
+        sep = self.cfg.separator
+        pieces, docs, counts = [], [], []
+        for k, toks in enumerate(doc_tokens):
+            toks = np.asarray(toks, np.int32)
+            c = np.ones(len(toks), bool)
+            if sep == "eos":
+                toks, c = np.append(toks, np.int32(self.sep_id)), np.append(c, True)
+            elif sep == "bos":
+                toks, c = np.insert(toks, 0, np.int32(self.sep_id)), np.insert(c, 0, False)
+            pieces.append(toks)
+            counts.append(c)
+            docs.append(np.full(len(toks), first_doc + k, np.int32))
+        if not pieces:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool)
+        return np.concatenate(pieces), np.concatenate(docs), np.concatenate(counts)
+
+    def add(self, doc_tokens: list[list[int]], first_doc: int) -> tuple[np.ndarray, ...] | None:
+        """Rows completed by these documents (None if none)."""
+        if self.cfg.packing == "document":
+            rows = []
+            for k, toks in enumerate(doc_tokens):
+                if not toks:
+                    continue
+                ids = np.asarray(toks, np.int32)
+                rows.append(self._rows(*self._pad(ids, np.full(len(ids), first_doc + k, np.int32), np.ones(len(ids), bool))))
+            if not rows:
+                return None
+            return tuple(np.concatenate([r[j] for r in rows]) for j in range(3))
+        ids, doc, count = self._flat(doc_tokens, first_doc)
+        self.ids, self.doc, self.count = (np.concatenate(p) for p in ((self.ids, ids), (self.doc, doc), (self.count, count)))
+        n = len(self.ids) // self.body * self.body
+        if n == 0:
+            return None
+        out = self._rows(self.ids[:n], self.doc[:n], self.count[:n])
+        self.ids, self.doc, self.count = self.ids[n:], self.doc[n:], self.count[n:]
+        return out
+
+    def flush(self) -> tuple[np.ndarray, ...] | None:
+        if self.cfg.packing == "document" or len(self.ids) == 0:
+            return None
+        out = self._rows(*self._pad(self.ids, self.doc, self.count))
+        self.ids, self.doc, self.count = (a[:0] for a in (self.ids, self.doc, self.count))
+        return out
+
+
+class TokenizeStage(Stage):
+    name = "tokenize"
+    cfg: TokenizeConfig
+
+    def __init__(self, cfg: TokenizeConfig):
+        super().__init__(cfg)
+        if cfg.ctx < 2:
+            raise XprobeError(f"ctx must be at least 2, got {cfg.ctx}")
+        if cfg.chunk_seqs < 1:
+            raise XprobeError(f"chunk_seqs must be positive, got {cfg.chunk_seqs}")
+        self.unit = tokens_unit(cfg.corpus)
+        self._tok = None
+        self._paths = None
+
+    @property
+    def tok(self) -> Any:
+        if self._tok is None:
+            self._tok = load_tokenizer(self.cfg.tokenizer, self.cfg.tokenizer_revision)
+        return self._tok
+
+    @property
+    def paths(self) -> list:
+        if self._paths is None:
+            self._paths = resolve_paths(self.cfg.source)
+        return self._paths
+
+    def _special(self) -> tuple[int | None, int | None, int]:
+        tok, cfg = self.tok, self.cfg
+        bos_id = tok.bos_token_id
+        if cfg.bos and bos_id is None:
+            raise XprobeError(f"tokenizer {cfg.tokenizer!r} has no BOS token; set bos = false")
+        sep_id = None
+        if cfg.packing == "pack" and cfg.separator != "none":
+            sep_id = tok.eos_token_id if cfg.separator == "eos" else tok.bos_token_id
+            if sep_id is None:
+                raise XprobeError(f"tokenizer {cfg.tokenizer!r} has no {cfg.separator.upper()} token; set separator")
+        pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None))
+        return bos_id, sep_id, pad_id
+
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        return {
+            self.unit: {
+                "corpus": self.cfg.corpus,
+                "tokenizer": self.cfg.tokenizer,
+                "tokenizer_revision": self.cfg.tokenizer_revision,
+                "tokenizer_fingerprint": tokenizer_fingerprint(self.tok),
+                "source_fingerprint": source_fingerprint(self.paths),
+                "ctx": self.cfg.ctx,
+                "chunk_seqs": self.cfg.chunk_seqs,
+                "dtype": "int32",
+            }
+        }
+
+    def validate(self, store: Store) -> None:
+        self._special()
+        if store.has(self.unit) and "xprobe" in store.group(self.unit).attrs:
+            info = store.info(self.unit)
+            if not info.get("complete") and info.get("source_fingerprint") != source_fingerprint(self.paths):
+                raise XprobeError(
+                    f"the corpus files changed since {self.unit} was started; resuming would mix two corpora. "
+                    "Restore them or rerun with --force."
+                )
+
+    def prepare(self, store: Store) -> int | None:
+        cfg = self.cfg
+        prov = store.info(self.unit)
+        chunks = (cfg.chunk_seqs, cfg.ctx)
+        for name, dtype, fill in (("ids", "int32", 0), ("mask", "bool", False), ("doc", "int32", -1)):
+            store.create_array(f"{self.unit}/{name}", (0, cfg.ctx), chunks, dtype, prov, fill_value=fill)
+        store.write_text(f"{self.unit}/tokenizer.json", self.tok.backend_tokenizer.to_str())
+        return None
+
+    def _documents(self) -> Iterator[list[str]]:
+        cfg = self.cfg
+        batch: list[str] = []
+        for doc in iter_documents(self.paths, cfg.format, cfg.field, cfg.text_split, cfg.encoding_errors, cfg.hf_split):
+            batch.append(doc)
+            if len(batch) == cfg.batch_docs:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _sequences(self) -> Iterator[tuple[np.ndarray, ...]]:
+        packer = _Packer(self.cfg, *self._special())
+        first_doc = 0
+        for batch in self._documents():
+            encoded = self.tok(batch, add_special_tokens=False)["input_ids"]
+            rows = packer.add(encoded, first_doc)
+            first_doc += len(batch)
+            if rows is not None:
+                yield rows
+        if first_doc == 0:
+            raise XprobeError(f"corpus {self.cfg.source} holds no documents; nothing to tokenize")
+        rows = packer.flush()
+        if rows is not None:
+            yield rows
+
+    def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
+        cfg = self.cfg
+        max_seqs = math.ceil(cfg.max_tokens / cfg.ctx) if cfg.max_tokens else None
+        buffers: list[tuple[np.ndarray, ...]] = []
+        buffered = index = n_seq = 0
+        self.n_chunks = 0
+
+        def take(n: int) -> ChunkResult | None:
+            nonlocal buffers, buffered, index
+            ids, mask, doc = (np.concatenate([b[j] for b in buffers]) for j in range(3))
+            result = None
+            if todo(index):
+                arrays = {f"{self.unit}/ids": ids[:n], f"{self.unit}/mask": mask[:n], f"{self.unit}/doc": doc[:n]}
+                result = ChunkResult(index, arrays, n_tok=int(n * cfg.ctx))
+            buffers = [(ids[n:], mask[n:], doc[n:])] if n < len(ids) else []
+            buffered -= n
+            index += 1
+            return result
+
+        for rows in self._sequences():
+            if max_seqs is not None:
+                rows = tuple(r[: max_seqs - n_seq] for r in rows)
+            buffers.append(rows)
+            buffered += len(rows[0])
+            n_seq += len(rows[0])
+            while buffered >= cfg.chunk_seqs:
+                if (result := take(cfg.chunk_seqs)) is not None:
+                    yield result
+            if max_seqs is not None and n_seq >= max_seqs:
+                break
+        if buffered:
+            if (result := take(buffered)) is not None:
+                yield result
+        if n_seq == 0:
+            raise XprobeError(f"corpus {self.cfg.source} gave no tokens; nothing to tokenize")
+        self.n_chunks, self.n_seq = index, n_seq
+
+    def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
+        import hashlib
+
+        for name in ("ids", "mask", "doc"):
+            arr = store.array(f"{self.unit}/{name}")
+            if arr.shape[0] != self.n_seq:
+                arr.resize((self.n_seq, self.cfg.ctx))
+        # The corpus fingerprint is the identity of the token stream itself (ids and mask), built
+        # from the per-chunk checksums, so every downstream array can name exactly what it saw.
+        h = hashlib.sha256()
+        for i in range(self.n_chunks):
+            crc = store.chunk_record(self.unit, i)["crc32"]
+            h.update(f"{crc['ids']}:{crc['mask']};".encode())
+        n_tok = int(sum(store.chunk_record(self.unit, i)["n_tok"] for i in range(self.n_chunks)))
+        mask = store.array(f"{self.unit}/mask")
+        counted = sum(int(mask[a : a + 4096].sum()) for a in range(0, self.n_seq, 4096))
+        return {"n_chunks": self.n_chunks, "n_seq": self.n_seq, "n_tok": n_tok, "n_counted": counted, "corpus_fingerprint": h.hexdigest()[:16]}
+
+
+def run(cfg: TokenizeConfig, store: Store, force: bool = False) -> dict[str, Any]:
+    from pipeline.runner import run_stage
+
+    return run_stage(TokenizeStage(cfg), store, force=force, progress=cfg.progress)

@@ -1,0 +1,128 @@
+"""Session fixtures: a BPE tokenizer trained on a few KB, tiny GPT-2 and Llama models saved to disk.
+
+Everything is built locally from a seeded generator: no network, same bytes every run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the a model layer feature sparse probe token corpus vector residual stream attention head "
+    "linear direction activation of in to and is that for with on as by this we it be are from "
+    "python function class return value list dict import def self none true false if else while "
+    "research network learn train data store chunk array write read resume fast slow small large"
+).split()
+
+
+def make_documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Seeded pseudo-text documents of varied length (some punctuation, digits, unicode)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randint(1, 12)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
+            if rng.random() < 0.2:
+                words.append(str(rng.randint(0, 999)))
+            if rng.random() < 0.05:
+                words.append("café")
+            sentences.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ":"]))
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[str]:
+    return make_documents(400)
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory, documents) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, documents) -> Path:
+    """A byte-level BPE tokenizer (~600 tokens) trained on the documents, saved as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_dir(tmp_path_factory, documents) -> Path:
+    """A different tokenizer (smaller vocabulary) for mismatch tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(documents[::-1], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer_other")
+    fast.save_pretrained(out)
+    return out
+
+
+def _save_model(model, tokenizer_dir: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer GPT-2 with d_model=64 and random weights, with the test tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = GPT2Config(vocab_size=vocab, n_layer=2, n_embd=64, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return _save_model(GPT2LMHeadModel(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer Llama with d_model=64 and random weights, with the test tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return _save_model(LlamaForCausalLM(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("llama"))
