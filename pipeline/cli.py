@@ -180,6 +180,17 @@ def info(store_path: str, as_json: bool) -> None:
         )
 
 
+@cli.command()
+@click.option("--path", "root", default="xprobe-demo", show_default=True, help="Where the demo writes.")
+@click.pass_context
+def demo(ctx: click.Context, root: str) -> None:
+    """Run the offline demo (stdlib corpus, locally trained tokenizer) and show the store."""
+    from pipeline.demo import run_demo
+
+    store = run_demo(Path(root))
+    ctx.invoke(info, store_path=str(store.url), as_json=False)
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
