@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from pipeline.config import from_dict, load_toml
+from pipeline.config import field_docs, from_dict, load_toml
 from pipeline.errors import XprobeError
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
@@ -78,9 +78,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         click.echo(f"{summary['stage']}: wrote {summary['chunks_written']} chunk(s) to {', '.join(summary['units'])}")
 
 
-def _option_for(field: dataclasses.Field, hint: Any) -> click.Option:
+def _option_for(field: dataclasses.Field, hint: Any, doc: str) -> click.Option:
     flag = "--" + field.name.replace("_", "-")
-    doc = field.metadata.get("doc", "")
+    doc = field.metadata.get("doc") or doc
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
@@ -123,8 +123,8 @@ def _stage_command(entry: StageEntry) -> click.Command:
         def get_params(self, ctx: click.Context) -> list[click.Parameter]:
             if not getattr(self, "_loaded", False):
                 cfg_cls, _ = entry.load()
-                hints = typing.get_type_hints(cfg_cls)
-                self.params.extend(_option_for(f, hints[f.name]) for f in dataclasses.fields(cfg_cls))
+                hints, docs = typing.get_type_hints(cfg_cls), field_docs(cfg_cls)
+                self.params.extend(_option_for(f, hints[f.name], docs.get(f.name, "")) for f in dataclasses.fields(cfg_cls))
                 self._loaded = True
             return super().get_params(ctx)
 

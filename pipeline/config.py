@@ -28,6 +28,24 @@ def runtime(default: Any, doc: str = "") -> Any:
     return dataclasses.field(default=default, metadata={"runtime": True, "doc": doc})
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (used for CLI help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning parse errors into a message that names the file."""
     path = Path(path)
