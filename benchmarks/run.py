@@ -13,15 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from pipeline.demo import stdlib_corpus, train_bpe  # noqa: E402
 
 
 def bench_tokenize(work: Path, max_bytes: int) -> dict:
     """Tokenize stage tokens/s vs the bare tokenizer call on the same documents."""
+    from transformers import AutoTokenizer
+
     from pipeline.store import Store
     from stages.tokenize import TokenizeConfig, run
-    from transformers import AutoTokenizer
 
     corpus = stdlib_corpus(work / "stdlib.jsonl", max_bytes)
     tok_dir = train_bpe(corpus, work / "tok", vocab_size=8192)

@@ -174,7 +174,7 @@ class TokenizeStage(Stage):
             sep_id = tok.eos_token_id if cfg.separator == "eos" else tok.bos_token_id
             if sep_id is None:
                 raise XprobeError(f"tokenizer {cfg.tokenizer!r} has no {cfg.separator.upper()} token; set separator")
-        pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None))
+        pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         return bos_id, sep_id, pad_id
 
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
