@@ -109,7 +109,12 @@ def write_chunk(store: Store, units: list[str], result: ChunkResult) -> None:
         unit, name = path.rsplit("/", 1)
         crcs.setdefault(unit, {})[name] = checksum(data)
     for unit in units:
-        record = {"chunk": result.index, "n_tok": result.n_tok, "crc32": crcs.get(unit, {}), **result.record}
+        record = {
+            "chunk": result.index,
+            "n_tok": result.n_tok,
+            "crc32": crcs.get(unit, {}),
+            **result.record,
+        }
         store.mark_done(unit, result.index, record)
 
 
@@ -154,10 +159,27 @@ class _Writer:
         raise e
 
 
-def run_stage(stage: Stage, store: Store, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_stage(
+    stage: Stage, store: Store, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary."""
     stage.validate(store)
     unit_provs = stage.units(store)
+    units = list(unit_provs)
+    locked: list[str] = []
+    try:
+        for unit in units:
+            store.acquire_lock(unit, stage.name)
+            locked.append(unit)
+        return _run_locked(stage, store, unit_provs, force, progress)
+    finally:
+        for unit in locked:
+            store.release_lock(unit)
+
+
+def _run_locked(
+    stage: Stage, store: Store, unit_provs: dict[str, dict[str, Any]], force: bool, progress: bool
+) -> dict[str, Any]:
     units = list(unit_provs)
     if check_config(store, stage, unit_provs, force):
         return {"stage": stage.name, "units": units, "chunks_written": 0, "already_complete": True}
@@ -202,6 +224,13 @@ def run_stage(stage: Stage, store: Store, force: bool = False, progress: bool = 
     for unit in units:
         missing = sorted(set(range(n_chunks)) - store.done_chunks(unit))
         if missing:
-            raise XprobeError(f"{unit}: chunks {missing[:10]} are still missing after the run; rerun to resume")
+            raise XprobeError(
+                f"{unit}: chunks {missing[:10]} are still missing after the run; rerun to resume"
+            )
         store.mark_complete(unit, n_chunks, **extras)
-    return {"stage": stage.name, "units": units, "chunks_written": len(written), "already_complete": False}
+    return {
+        "stage": stage.name,
+        "units": units,
+        "chunks_written": len(written),
+        "already_complete": False,
+    }

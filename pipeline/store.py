@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import socket
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -36,7 +37,9 @@ from pipeline.errors import XprobeError
 
 # Our side files (_done/, tokenizer.json) live inside unit folders; zarr warns about every non-zarr
 # entry when it lists a group. They are ours, so that warning says nothing useful.
-warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
+warnings.filterwarnings(
+    "ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy"
+)
 
 FORMAT_VERSION = 1
 DONE_DIR = "_done"
@@ -69,6 +72,16 @@ def checksum(data: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -98,7 +111,9 @@ class Store:
         is_local = "://" not in url or url.startswith("file://")
         self.local_path = Path(url.removeprefix("file://")).resolve() if is_local else None
         if mode != "r" and self.local_path is None:
-            raise XprobeError(f"{url} is remote; xprobe writes only to local stores (open it read-only)")
+            raise XprobeError(
+                f"{url} is remote; xprobe writes only to local stores (open it read-only)"
+            )
         self.mode = mode
         try:
             if mode == "r":
@@ -111,7 +126,9 @@ class Store:
             else:
                 self.root = zarr.open_group(store=str(self.local_path), mode="a", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise XprobeError(f"no xprobe store at {url} ({e}); run a stage first to create one") from None
+            raise XprobeError(
+                f"no xprobe store at {url} ({e}); run a stage first to create one"
+            ) from None
         if mode != "r":
             if "xprobe_store" not in self.root.attrs:
                 self.root.attrs["xprobe_store"] = FORMAT_VERSION
@@ -134,7 +151,9 @@ class Store:
         try:
             node = self.root[path]
         except KeyError:
-            raise XprobeError(f"{path} is not in the store {self.url}; run the stage that writes it") from None
+            raise XprobeError(
+                f"{path} is not in the store {self.url}; run the stage that writes it"
+            ) from None
         if not isinstance(node, zarr.Group):
             raise XprobeError(f"{path} in {self.url} is an array, expected a group")
         return node
@@ -143,7 +162,9 @@ class Store:
         try:
             node = self.root[path]
         except KeyError:
-            raise XprobeError(f"array {path} is not in the store {self.url}; run the stage that writes it") from None
+            raise XprobeError(
+                f"array {path} is not in the store {self.url}; run the stage that writes it"
+            ) from None
         if not isinstance(node, zarr.Array):
             raise XprobeError(f"{path} in {self.url} is a group, expected an array")
         return node
@@ -152,7 +173,9 @@ class Store:
         """A unit's provenance (``attrs["xprobe"]``); an error if the unit was never started."""
         info = self.group(unit).attrs.get("xprobe")
         if info is None:
-            raise XprobeError(f"{unit} in {self.url} has no xprobe provenance; it was not written by xprobe")
+            raise XprobeError(
+                f"{unit} in {self.url} has no xprobe provenance; it was not written by xprobe"
+            )
         return dict(info)
 
     def units(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -180,9 +203,15 @@ class Store:
         """Create (or reopen, if its shape and dtype agree) an array chunked along axis 0 only."""
         if self.has(path):
             arr = self.array(path)
-            if arr.dtype == np.dtype(dtype) and arr.chunks == tuple(chunks) and arr.shape[1:] == tuple(shape[1:]):
+            if (
+                arr.dtype == np.dtype(dtype)
+                and arr.chunks == tuple(chunks)
+                and arr.shape[1:] == tuple(shape[1:])
+            ):
                 return arr
-            raise XprobeError(f"{path} exists with another shape/dtype; rerun the stage with --force")
+            raise XprobeError(
+                f"{path} exists with another shape/dtype; rerun the stage with --force"
+            )
         return self.root.create_array(
             path,
             shape=shape,
@@ -229,6 +258,47 @@ class Store:
         except FileNotFoundError:
             return None
 
+    # ---- locks ------------------------------------------------------------------------------
+    def acquire_lock(self, unit: str, stage: str) -> None:
+        """Claim ``unit`` for this process, so two runs cannot write it at once.
+
+        The lock is ``<unit>.lock`` beside the unit (created with O_EXCL). A lock left by a dead
+        process on this host is taken over; one held by a live process is refused, naming it.
+        """
+        self._require_local()
+        path = self.local_path / f"{unit}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "stage": stage,
+            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                    path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise XprobeError(
+                    f"{unit} is being written by another run (stage {holder.get('stage')!r}, pid {holder.get('pid')} "
+                    f"on {holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or if that process "
+                    f"is gone, delete {path}."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise XprobeError(f"could not take the lock {path}; delete it if no run is using {unit}")
+
+    def release_lock(self, unit: str) -> None:
+        if self.local_path is not None:
+            (self.local_path / f"{unit}.lock").unlink(missing_ok=True)
+
     # ---- chunk manifest ---------------------------------------------------------------------
     def _require_local(self) -> None:
         if self.local_path is None or self.mode == "r":
@@ -244,7 +314,11 @@ class Store:
         done_dir = self.local_path / unit / DONE_DIR
         if not done_dir.is_dir():
             return set()
-        return {int(name[:-5]) for name in os.listdir(done_dir) if name.endswith(".json") and name[:-5].isdigit()}
+        return {
+            int(name[:-5])
+            for name in os.listdir(done_dir)
+            if name.endswith(".json") and name[:-5].isdigit()
+        }
 
     def _done_chunks_remote(self, unit: str) -> set[int]:
         import fsspec
@@ -304,7 +378,11 @@ class Store:
         if verify:
             record = self.chunk_record(unit, index)
             name = array_path.rsplit("/", 1)[1]
-            if record and name in record.get("crc32", {}) and checksum(data) != record["crc32"][name]:
+            if (
+                record
+                and name in record.get("crc32", {})
+                and checksum(data) != record["crc32"][name]
+            ):
                 raise XprobeError(
                     f"chunk {index} of {array_path} does not match its checksum (corrupted file); "
                     "delete its marker _done/{index}.json and resume the stage to recompute it"
