@@ -28,7 +28,9 @@ def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
 def _store_path(config: dict[str, Any], override: str | None) -> str:
     path = override or config.get("store")
     if not path:
-        raise XprobeError('no store given: set store = "PATH" at the top of the config or pass --store')
+        raise XprobeError(
+            'no store given: set store = "PATH" at the top of the config or pass --store'
+        )
     return path
 
 
@@ -75,7 +77,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("already_complete"):
         click.echo(f"{summary['stage']}: already complete ({', '.join(summary['units'])})")
     else:
-        click.echo(f"{summary['stage']}: wrote {summary['chunks_written']} chunk(s) to {', '.join(summary['units'])}")
+        click.echo(
+            f"{summary['stage']}: wrote {summary['chunks_written']} chunk(s) to {', '.join(summary['units'])}"
+        )
 
 
 def _option_for(field: dataclasses.Field, hint: Any, doc: str) -> click.Option:
@@ -88,9 +92,13 @@ def _option_for(field: dataclasses.Field, hint: Any, doc: str) -> click.Option:
     if hint is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=None, help=doc)
     if origin in (list, tuple):
-        return click.Option([flag, field.name], multiple=True, default=None, help=doc or "repeatable")
+        return click.Option(
+            [flag, field.name], multiple=True, default=None, help=doc or "repeatable"
+        )
     if origin is typing.Literal:
-        return click.Option([flag, field.name], type=click.Choice([str(a) for a in args]), default=None, help=doc)
+        return click.Option(
+            [flag, field.name], type=click.Choice([str(a) for a in args]), default=None, help=doc
+        )
     ptype = {int: int, float: float}.get(hint, str)
     return click.Option([flag, field.name], type=ptype, default=None, help=doc)
 
@@ -98,11 +106,15 @@ def _option_for(field: dataclasses.Field, hint: Any, doc: str) -> click.Option:
 def _stage_command(entry: StageEntry) -> click.Command:
     """``xprobe <stage>``: run one stage from a TOML section and/or flags."""
 
-    def callback(config_path: str | None, store_path: str | None, force: bool, index: int, **flags: Any) -> None:
+    def callback(
+        config_path: str | None, store_path: str | None, force: bool, index: int, **flags: Any
+    ) -> None:
         config = load_toml(config_path) if config_path else {}
         sections = _sections(config, entry.name)
         if sections and not 0 <= index < len(sections):
-            raise XprobeError(f"--index {index}: {config_path} has {len(sections)} [{entry.name}] section(s)")
+            raise XprobeError(
+                f"--index {index}: {config_path} has {len(sections)} [{entry.name}] section(s)"
+            )
         values = dict(sections[index]) if sections else {}
         for key, value in flags.items():
             if value is not None and value != ():
@@ -113,10 +125,18 @@ def _stage_command(entry: StageEntry) -> click.Command:
         _print_summary(run_fn(cfg, store, force=force))
 
     params: list[click.Parameter] = [
-        click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), help="TOML config to read."),
-        click.Option(["--store", "store_path"], help="Store path (overrides `store` in the config)."),
+        click.Option(
+            ["--config", "config_path"],
+            type=click.Path(dir_okay=False),
+            help="TOML config to read.",
+        ),
+        click.Option(
+            ["--store", "store_path"], help="Store path (overrides `store` in the config)."
+        ),
         click.Option(["--force"], is_flag=True, help="Delete this stage's outputs and start over."),
-        click.Option(["--index"], type=int, default=0, help="Which section, if the config has several."),
+        click.Option(
+            ["--index"], type=int, default=0, help="Which section, if the config has several."
+        ),
     ]
 
     class LazyCommand(click.Command):
@@ -124,11 +144,16 @@ def _stage_command(entry: StageEntry) -> click.Command:
             if not getattr(self, "_loaded", False):
                 cfg_cls, _ = entry.load()
                 hints, docs = typing.get_type_hints(cfg_cls), field_docs(cfg_cls)
-                self.params.extend(_option_for(f, hints[f.name], docs.get(f.name, "")) for f in dataclasses.fields(cfg_cls))
+                self.params.extend(
+                    _option_for(f, hints[f.name], docs.get(f.name, ""))
+                    for f in dataclasses.fields(cfg_cls)
+                )
                 self._loaded = True
             return super().get_params(ctx)
 
-    return LazyCommand(entry.name, params=params, callback=callback, help=entry.help + " Flags override the TOML.")
+    return LazyCommand(
+        entry.name, params=params, callback=callback, help=entry.help + " Flags override the TOML."
+    )
 
 
 for _entry in STAGES:
@@ -154,7 +179,20 @@ def status(store_path: str) -> None:
         click.echo(f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}")
 
 
-_INFO_KEYS = ("corpus", "model", "revision", "hook", "layer", "sae", "dtype", "d_model", "n_feat", "n_tok", "n_seq", "ctx")
+_INFO_KEYS = (
+    "corpus",
+    "model",
+    "revision",
+    "hook",
+    "layer",
+    "sae",
+    "dtype",
+    "d_model",
+    "n_feat",
+    "n_tok",
+    "n_seq",
+    "ctx",
+)
 
 
 @cli.command()
@@ -170,7 +208,9 @@ def info(store_path: str, as_json: bool) -> None:
         return
     click.echo(f"store {store.url}  ({_human(store.nbytes_stored())} on disk)")
     for unit, info in units:
-        click.echo(f"\n{unit}  [{info.get('stage')}]  {_progress_of(store, unit, info)}  {_human(store.nbytes_stored(unit))}")
+        click.echo(
+            f"\n{unit}  [{info.get('stage')}]  {_progress_of(store, unit, info)}  {_human(store.nbytes_stored(unit))}"
+        )
         facts = [f"{k}={info[k]}" for k in _INFO_KEYS if info.get(k) is not None]
         if facts:
             click.echo("  " + "  ".join(facts))
@@ -181,7 +221,18 @@ def info(store_path: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--path", "root", default="xprobe-demo", show_default=True, help="Where the demo writes.")
+@click.argument("store_path")
+@click.argument("out", type=click.Path(dir_okay=False))
+def pack(store_path: str, out: str) -> None:
+    """Pack STORE_PATH into one zip file OUT to share (opens read-only: `xprobe info OUT`)."""
+    path = Store(store_path, mode="a").pack(out)
+    click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
+
+
+@cli.command()
+@click.option(
+    "--path", "root", default="xprobe-demo", show_default=True, help="Where the demo writes."
+)
 @click.pass_context
 def demo(ctx: click.Context, root: str) -> None:
     """Run the offline demo (stdlib corpus, locally trained tokenizer) and show the store."""
@@ -212,7 +263,9 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted; completed chunks are kept, rerun the same command to resume", err=True)
+        click.echo(
+            "interrupted; completed chunks are kept, rerun the same command to resume", err=True
+        )
         sys.exit(130)
 
 

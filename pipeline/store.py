@@ -108,15 +108,21 @@ class Store:
     def __init__(self, url: str | Path, mode: str = "a", storage_options: dict | None = None):
         url = str(url)
         self.url = url
-        is_local = "://" not in url or url.startswith("file://")
+        self.zip_path = Path(url) if url.endswith(".zip") and "://" not in url else None
+        is_local = ("://" not in url or url.startswith("file://")) and self.zip_path is None
         self.local_path = Path(url.removeprefix("file://")).resolve() if is_local else None
         if mode != "r" and self.local_path is None:
             raise XprobeError(
-                f"{url} is remote; xprobe writes only to local stores (open it read-only)"
+                f"{url} is remote or a zip; xprobe writes only to local store folders (open it read-only)"
             )
         self.mode = mode
         try:
-            if mode == "r":
+            if self.zip_path is not None:
+                if not self.zip_path.exists():
+                    raise FileNotFoundError(url)
+                zip_store = zarr.storage.ZipStore(self.zip_path, mode="r")
+                self.root = zarr.open_group(store=zip_store, mode="r", zarr_format=3)
+            elif mode == "r":
                 self.root = zarr.open_group(
                     store=str(self.local_path) if is_local else url,
                     mode="r",
@@ -250,6 +256,11 @@ class Store:
         if self.local_path is not None:
             target = self.local_path / path
             return target.read_text() if target.exists() else None
+        if self.zip_path is not None:
+            import zipfile
+
+            with zipfile.ZipFile(self.zip_path) as zf:
+                return zf.read(path).decode() if path in zf.namelist() else None
         import fsspec
 
         try:
@@ -321,6 +332,13 @@ class Store:
         }
 
     def _done_chunks_remote(self, unit: str) -> set[int]:
+        if self.zip_path is not None:
+            import zipfile
+
+            prefix = f"{unit}/{DONE_DIR}/"
+            with zipfile.ZipFile(self.zip_path) as zf:
+                names = [n[len(prefix) :] for n in zf.namelist() if n.startswith(prefix)]
+            return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(self.url)
@@ -331,10 +349,27 @@ class Store:
         return {int(Path(n).stem) for n in names if Path(n).stem.isdigit()}
 
     def chunk_record(self, unit: str, index: int) -> dict[str, Any] | None:
-        if self.local_path is None:
-            return None
-        path = self.local_path / unit / DONE_DIR / f"{index}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        """The manifest record of a chunk (its checksums), or None if it has none."""
+        text = self.read_text(f"{unit}/{DONE_DIR}/{index}.json")
+        return json.loads(text) if text else None
+
+    def pack(self, out: str | Path) -> Path:
+        """Write this (local) store as one zip file that opens read-only with ``Store(out, "r")``."""
+        import zipfile
+
+        self._require_local()
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        # chunks are already compressed: store them as they are
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for dirpath, _, files in sorted(os.walk(self.local_path)):
+                for name in sorted(files):
+                    if name.endswith((".lock", ".tmp")):
+                        continue
+                    full = Path(dirpath) / name
+                    zf.write(full, full.relative_to(self.local_path).as_posix())
+        os.replace(tmp, out)
+        return out
 
     def sync_chunk(self, array: zarr.Array, index: int) -> None:
         """fsync the file(s) of chunk ``index`` (axis 0) of ``array``."""

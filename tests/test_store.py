@@ -59,3 +59,41 @@ def test_store_from_a_newer_xprobe_is_refused(tmp_path):
 def test_remote_store_is_read_only(tmp_path):
     with pytest.raises(XprobeError, match="remote"):
         Store("s3://bucket/cache", mode="a")
+
+
+def test_http_and_zip_stores_read_the_same_data(tmp_path, corpus_jsonl, tokenizer_dir):
+    import functools
+    import http.server
+    import threading
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    local = Store(tmp_path / "s")
+    run(_cfg(corpus_jsonl, tokenizer_dir), local)
+    expected = local.read_chunk("tokens/c/ids", 3)
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "s"))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = Store(url, mode="r")
+        np.testing.assert_array_equal(remote.read_chunk("tokens/c/ids", 3), expected)
+        assert remote.info("tokens/c")["corpus_fingerprint"] == local.info("tokens/c")["corpus_fingerprint"]
+        assert remote.read_text("tokens/c/tokenizer.json") == local.read_text("tokens/c/tokenizer.json")
+        info = CliRunner().invoke(cli, ["info", url])
+        assert info.exit_code == 0 and "tokens/c" in info.output and "corpus=c" in info.output
+    finally:
+        server.shutdown()
+
+    packed = CliRunner().invoke(cli, ["pack", str(tmp_path / "s"), str(tmp_path / "cache.zip")])
+    assert packed.exit_code == 0, packed.output
+    zipped = Store(tmp_path / "cache.zip", mode="r")
+    np.testing.assert_array_equal(zipped.read_chunk("tokens/c/ids", 3, verify=True), expected)
+    assert zipped.done_chunks("tokens/c") == local.done_chunks("tokens/c")
+    assert zipped.chunk_record("tokens/c", 3) == local.chunk_record("tokens/c", 3)
