@@ -80,8 +80,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             raise XprobeError(f"{name} must be one of {list(args)}, got {value!r}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and args and args[0] is str and isinstance(value, str):
+        if isinstance(value, str) and args and args[0] is str:
             value = [value]
+        elif isinstance(value, str) and args and args[0] is int and value.replace(",", "").strip().isdigit():
+            value = [int(v) for v in value.split(",")]  # "0,3,6" from a command-line flag
         if not isinstance(value, (list, tuple)):
             raise XprobeError(f"{name} must be a list, got {value!r}")
         item = args[0] if args else Any

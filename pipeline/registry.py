@@ -25,6 +25,7 @@ class StageEntry:
 
 STAGES: list[StageEntry] = [
     StageEntry("tokenize", "stages.tokenize", "TokenizeConfig", "Tokenize a corpus into fixed-length sequences."),
+    StageEntry("activations", "stages.activations", "ActivationsConfig", "Store a model's residual activations."),
 ]
 
 

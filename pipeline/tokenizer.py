@@ -47,5 +47,6 @@ def first_difference(stored_vocab: dict[int, str], tok: Any) -> str:
     theirs = vocab(tok)
     for i in sorted(set(stored_vocab) | set(theirs)):
         if stored_vocab.get(i) != theirs.get(i):
-            return f"token id {i} is {stored_vocab.get(i)!r} in the corpus tokenizer but {theirs.get(i)!r} here"
+            a, b = (repr(v) if v is not None else "absent" for v in (stored_vocab.get(i), theirs.get(i)))
+            return f"token id {i} is {a} in the corpus tokenizer but {b} in this one"
     return "the vocabularies agree but merges, normalisation or special tokens differ"
