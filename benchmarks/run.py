@@ -28,10 +28,21 @@ def bench_tokenize(work: Path, max_bytes: int) -> dict:
     texts = [json.loads(line)["text"] for line in corpus.open()]
     tok = AutoTokenizer.from_pretrained(tok_dir)
     t0 = time.perf_counter()
-    n_bare = sum(len(ids) for i in range(0, len(texts), 512) for ids in tok(texts[i : i + 512], add_special_tokens=False)["input_ids"])
+    n_bare = sum(
+        len(ids)
+        for i in range(0, len(texts), 512)
+        for ids in tok(texts[i : i + 512], add_special_tokens=False)["input_ids"]
+    )
     bare_s = time.perf_counter() - t0
     store = Store(work / "store")
-    cfg = TokenizeConfig(corpus="stdlib", source=(str(corpus),), tokenizer=str(tok_dir), ctx=1024, chunk_seqs=64, progress=False)
+    cfg = TokenizeConfig(
+        corpus="stdlib",
+        source=(str(corpus),),
+        tokenizer=str(tok_dir),
+        ctx=1024,
+        chunk_seqs=64,
+        progress=False,
+    )
     t0 = time.perf_counter()
     run(cfg, store)
     stage_s = time.perf_counter() - t0
@@ -52,7 +63,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/bench.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"size": args.size, "python": sys.version.split()[0], "tokenize": bench_tokenize(Path(tmp), 20_000_000)}
+        results = {
+            "size": args.size,
+            "python": sys.version.split()[0],
+            "tokenize": bench_tokenize(Path(tmp), 20_000_000),
+        }
     text = json.dumps(results, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")

@@ -25,7 +25,9 @@ T = TypeVar("T")
 def runtime(default: Any, doc: str = "") -> Any:
     """A config field that does not affect the stage's output (excluded from the fingerprint)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"runtime": True, "doc": doc})
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"runtime": True, "doc": doc}
+        )
     return dataclasses.field(default=default, metadata={"runtime": True, "doc": doc})
 
 
@@ -82,7 +84,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str) and args and args[0] is str:
             value = [value]
-        elif isinstance(value, str) and args and args[0] is int and value.replace(",", "").strip().isdigit():
+        elif (
+            isinstance(value, str)
+            and args
+            and args[0] is int
+            and value.replace(",", "").strip().isdigit()
+        ):
             value = [int(v) for v in value.split(",")]  # "0,3,6" from a command-line flag
         if not isinstance(value, (list, tuple)):
             raise XprobeError(f"{name} must be a list, got {value!r}")
@@ -113,7 +120,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     missing = [
         f.name
         for f in fields.values()
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise XprobeError(f"{prefix}missing required config key(s) {missing}")
@@ -142,4 +151,8 @@ def fingerprint(obj: Any) -> str:
 def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two canonical configs, with both values shown."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: stored {old.get(k)!r} != requested {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [
+        f"{k}: stored {old.get(k)!r} != requested {new.get(k)!r}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]

@@ -56,7 +56,7 @@ def _decode(raw: bytes, path: Path, errors: str) -> str:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise XprobeError(
-            f"{path}: byte {e.start} is not valid UTF-8 ({raw[e.start:e.start + 4]!r}); fix the file or set "
+            f"{path}: byte {e.start} is not valid UTF-8 ({raw[e.start : e.start + 4]!r}); fix the file or set "
             'encoding_errors = "replace" to substitute U+FFFD'
         ) from None
 
@@ -82,10 +82,14 @@ def _jsonl_docs(path: Path, field: str, errors: str) -> Iterator[str]:
                 raise XprobeError(f"{path} line {lineno} is not valid JSON: {e}") from None
             if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise XprobeError(f"{path} line {lineno} has no field {field!r} (it has {keys}); set field = ...")
+                raise XprobeError(
+                    f"{path} line {lineno} has no field {field!r} (it has {keys}); set field = ..."
+                )
             value = record[field]
             if not isinstance(value, str):
-                raise XprobeError(f"{path} line {lineno}: field {field!r} is {type(value).__name__}, not text")
+                raise XprobeError(
+                    f"{path} line {lineno}: field {field!r} is {type(value).__name__}, not text"
+                )
             yield value
 
 
@@ -97,7 +101,9 @@ def _parquet_docs(path: Path, column: str) -> Iterator[str]:
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise XprobeError(f"cannot read parquet file {path}: {e}") from None
     if column not in pf.schema_arrow.names:
-        raise XprobeError(f"{path} has no column {column!r} (columns: {pf.schema_arrow.names}); set field = ...")
+        raise XprobeError(
+            f"{path} has no column {column!r} (columns: {pf.schema_arrow.names}); set field = ..."
+        )
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if value is not None:
@@ -114,7 +120,9 @@ def _hf_docs(path: Path, column: str, split: str | None) -> Iterator[str]:
             raise XprobeError(f"{path} holds splits {list(ds)}; set hf_split to one of them")
         ds = ds[name]
     if column not in ds.column_names:
-        raise XprobeError(f"{path} has no column {column!r} (columns: {ds.column_names}); set field = ...")
+        raise XprobeError(
+            f"{path} has no column {column!r} (columns: {ds.column_names}); set field = ..."
+        )
     for batch in ds.iter(batch_size=1024):
         yield from (v for v in batch[column] if v is not None)
 

@@ -40,10 +40,15 @@ def train_bpe(corpus: Path, out: Path, vocab_size: int = 4096) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     fast.save_pretrained(out)
     return out
 
@@ -59,5 +64,10 @@ def run_demo(root: Path, max_bytes: int = 2_000_000) -> Store:
     if not (tok_dir / "tokenizer.json").exists():
         train_bpe(corpus, tok_dir)
     store = Store(root / "store")
-    run(TokenizeConfig(corpus="stdlib", source=(str(corpus),), tokenizer=str(tok_dir), ctx=256, chunk_seqs=64), store)
+    run(
+        TokenizeConfig(
+            corpus="stdlib", source=(str(corpus),), tokenizer=str(tok_dir), ctx=256, chunk_seqs=64
+        ),
+        store,
+    )
     return store

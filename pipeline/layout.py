@@ -14,7 +14,9 @@ def safe_name(name: str) -> str:
     name = name.rstrip("/").replace("/", "--")
     out = _SAFE.sub("_", name).strip("._")
     if not out:
-        raise XprobeError(f"cannot make a store name from {name!r}; give the stage an explicit name")
+        raise XprobeError(
+            f"cannot make a store name from {name!r}; give the stage an explicit name"
+        )
     return out
 
 

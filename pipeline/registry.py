@@ -24,8 +24,25 @@ class StageEntry:
 
 
 STAGES: list[StageEntry] = [
-    StageEntry("tokenize", "stages.tokenize", "TokenizeConfig", "Tokenize a corpus into fixed-length sequences."),
-    StageEntry("activations", "stages.activations", "ActivationsConfig", "Store a model's residual activations."),
+    StageEntry(
+        "tokenize",
+        "stages.tokenize",
+        "TokenizeConfig",
+        "Tokenize a corpus into fixed-length sequences.",
+    ),
+    StageEntry(
+        "activations",
+        "stages.activations",
+        "ActivationsConfig",
+        "Store a model's residual activations.",
+    ),
+    StageEntry(
+        "features",
+        "stages.features",
+        "FeaturesConfig",
+        "Encode stored activations with an SAE (sparse top-K).",
+    ),
+    StageEntry("fit", "stages.fit", "FitConfig", "Fit every feature's probe from B's activations."),
 ]
 
 

@@ -18,7 +18,9 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     except (OSError, ValueError) as e:
         raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
     if not getattr(tok, "is_fast", False):
-        raise XprobeError(f"tokenizer {name!r} has no fast (Rust) version; xprobe needs a tokenizer.json")
+        raise XprobeError(
+            f"tokenizer {name!r} has no fast (Rust) version; xprobe needs a tokenizer.json"
+        )
     return tok
 
 
@@ -47,6 +49,8 @@ def first_difference(stored_vocab: dict[int, str], tok: Any) -> str:
     theirs = vocab(tok)
     for i in sorted(set(stored_vocab) | set(theirs)):
         if stored_vocab.get(i) != theirs.get(i):
-            a, b = (repr(v) if v is not None else "absent" for v in (stored_vocab.get(i), theirs.get(i)))
+            a, b = (
+                repr(v) if v is not None else "absent" for v in (stored_vocab.get(i), theirs.get(i))
+            )
             return f"token id {i} is {a} in the corpus tokenizer but {b} in this one"
     return "the vocabularies agree but merges, normalisation or special tokens differ"

@@ -117,12 +117,20 @@ class _Packer:
                 if not toks:
                     continue
                 ids = np.asarray(toks, np.int32)
-                rows.append(self._rows(*self._pad(ids, np.full(len(ids), first_doc + k, np.int32), np.ones(len(ids), bool))))
+                rows.append(
+                    self._rows(
+                        *self._pad(
+                            ids, np.full(len(ids), first_doc + k, np.int32), np.ones(len(ids), bool)
+                        )
+                    )
+                )
             if not rows:
                 return None
             return tuple(np.concatenate([r[j] for r in rows]) for j in range(3))
         ids, doc, count = self._flat(doc_tokens, first_doc)
-        self.ids, self.doc, self.count = (np.concatenate(p) for p in ((self.ids, ids), (self.doc, doc), (self.count, count)))
+        self.ids, self.doc, self.count = (
+            np.concatenate(p) for p in ((self.ids, ids), (self.doc, doc), (self.count, count))
+        )
         n = len(self.ids) // self.body * self.body
         if n == 0:
             return None
@@ -173,7 +181,9 @@ class TokenizeStage(Stage):
         if cfg.packing == "pack" and cfg.separator != "none":
             sep_id = tok.eos_token_id if cfg.separator == "eos" else tok.bos_token_id
             if sep_id is None:
-                raise XprobeError(f"tokenizer {cfg.tokenizer!r} has no {cfg.separator.upper()} token; set separator")
+                raise XprobeError(
+                    f"tokenizer {cfg.tokenizer!r} has no {cfg.separator.upper()} token; set separator"
+                )
         pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         return bos_id, sep_id, pad_id
 
@@ -195,7 +205,9 @@ class TokenizeStage(Stage):
         self._special()
         if store.has(self.unit) and "xprobe" in store.group(self.unit).attrs:
             info = store.info(self.unit)
-            if not info.get("complete") and info.get("source_fingerprint") != source_fingerprint(self.paths):
+            if not info.get("complete") and info.get("source_fingerprint") != source_fingerprint(
+                self.paths
+            ):
                 raise XprobeError(
                     f"the corpus files changed since {self.unit} was started; resuming would mix two corpora. "
                     "Restore them or rerun with --force."
@@ -205,15 +217,23 @@ class TokenizeStage(Stage):
         cfg = self.cfg
         prov = store.info(self.unit)
         chunks = (cfg.chunk_seqs, cfg.ctx)
-        for name, dtype, fill in (("ids", "int32", 0), ("mask", "bool", False), ("doc", "int32", -1)):
-            store.create_array(f"{self.unit}/{name}", (0, cfg.ctx), chunks, dtype, prov, fill_value=fill)
+        for name, dtype, fill in (
+            ("ids", "int32", 0),
+            ("mask", "bool", False),
+            ("doc", "int32", -1),
+        ):
+            store.create_array(
+                f"{self.unit}/{name}", (0, cfg.ctx), chunks, dtype, prov, fill_value=fill
+            )
         store.write_text(f"{self.unit}/tokenizer.json", self.tok.backend_tokenizer.to_str())
         return None
 
     def _documents(self) -> Iterator[list[str]]:
         cfg = self.cfg
         batch: list[str] = []
-        for doc in iter_documents(self.paths, cfg.format, cfg.field, cfg.text_split, cfg.encoding_errors, cfg.hf_split):
+        for doc in iter_documents(
+            self.paths, cfg.format, cfg.field, cfg.text_split, cfg.encoding_errors, cfg.hf_split
+        ):
             batch.append(doc)
             if len(batch) == cfg.batch_docs:
                 yield batch
@@ -248,7 +268,11 @@ class TokenizeStage(Stage):
             ids, mask, doc = (np.concatenate([b[j] for b in buffers]) for j in range(3))
             result = None
             if todo(index):
-                arrays = {f"{self.unit}/ids": ids[:n], f"{self.unit}/mask": mask[:n], f"{self.unit}/doc": doc[:n]}
+                arrays = {
+                    f"{self.unit}/ids": ids[:n],
+                    f"{self.unit}/mask": mask[:n],
+                    f"{self.unit}/doc": doc[:n],
+                }
                 result = ChunkResult(index, arrays, n_tok=int(n * cfg.ctx))
             buffers = [(ids[n:], mask[n:], doc[n:])] if n < len(ids) else []
             buffered -= n
@@ -289,7 +313,13 @@ class TokenizeStage(Stage):
         n_tok = int(sum(store.chunk_record(self.unit, i)["n_tok"] for i in range(self.n_chunks)))
         mask = store.array(f"{self.unit}/mask")
         counted = sum(int(mask[a : a + 4096].sum()) for a in range(0, self.n_seq, 4096))
-        return {"n_chunks": self.n_chunks, "n_seq": self.n_seq, "n_tok": n_tok, "n_counted": counted, "corpus_fingerprint": h.hexdigest()[:16]}
+        return {
+            "n_chunks": self.n_chunks,
+            "n_seq": self.n_seq,
+            "n_tok": n_tok,
+            "n_counted": counted,
+            "corpus_fingerprint": h.hexdigest()[:16],
+        }
 
 
 def run(cfg: TokenizeConfig, store: Store, force: bool = False) -> dict[str, Any]:

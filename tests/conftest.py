@@ -44,7 +44,9 @@ def documents() -> list[str]:
 @pytest.fixture(scope="session")
 def corpus_jsonl(tmp_path_factory, documents) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    path.write_text(
+        "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents))
+    )
     return path
 
 
@@ -58,10 +60,14 @@ def tokenizer_dir(tmp_path_factory, documents) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(documents, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
     return out
@@ -77,10 +83,14 @@ def other_tokenizer_dir(tmp_path_factory, documents) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(documents[::-1], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     out = tmp_path_factory.mktemp("tokenizer_other")
     fast.save_pretrained(out)
     return out
@@ -102,7 +112,15 @@ def gpt2_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     torch.manual_seed(0)
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    cfg = GPT2Config(vocab_size=vocab, n_layer=2, n_embd=64, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return _save_model(GPT2LMHeadModel(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
 
 
@@ -125,4 +143,6 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
         bos_token_id=0,
         eos_token_id=0,
     )
-    return _save_model(LlamaForCausalLM(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("llama"))
+    return _save_model(
+        LlamaForCausalLM(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("llama")
+    )

@@ -13,7 +13,9 @@ from pipeline.cli import cli
 
 
 def _xprobe(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_run_status_info_from_toml(tmp_path, corpus_jsonl, tokenizer_dir):
@@ -35,7 +37,16 @@ def test_run_status_info_from_toml(tmp_path, corpus_jsonl, tokenizer_dir):
     assert "corpus=web" in info.output and "tokenizer=" in info.output and "n_tok=" in info.output
     full = json.loads(runner.invoke(cli, ["info", "--json", str(store)]).output)
     prov = full["tokens/web"]
-    for key in ("stage", "config", "tokenizer_fingerprint", "corpus_fingerprint", "n_tok", "xprobe_version", "created", "dtype"):
+    for key in (
+        "stage",
+        "config",
+        "tokenizer_fingerprint",
+        "corpus_fingerprint",
+        "n_tok",
+        "xprobe_version",
+        "created",
+        "dtype",
+    ):
         assert key in prov, key
     assert prov["bytes"] > 0
 
@@ -43,7 +54,20 @@ def test_run_status_info_from_toml(tmp_path, corpus_jsonl, tokenizer_dir):
 def test_stage_subcommand_flags_override_toml(tmp_path, corpus_jsonl, tokenizer_dir):
     store = tmp_path / "store"
     runner = CliRunner()
-    args = ["tokenize", "--store", str(store), "--corpus", "c", "--source", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir), "--ctx", "24", "--no-progress"]
+    args = [
+        "tokenize",
+        "--store",
+        str(store),
+        "--corpus",
+        "c",
+        "--source",
+        str(corpus_jsonl),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--ctx",
+        "24",
+        "--no-progress",
+    ]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     from pipeline.store import Store
@@ -54,25 +78,50 @@ def test_stage_subcommand_flags_override_toml(tmp_path, corpus_jsonl, tokenizer_
 @pytest.mark.parametrize(
     "toml, message",
     [
-        ('store = "S"\n[tokenize]\ncorpus = "c"\nsource = ["SRC"]\ntokenizer = "TOK"\nctxx = 3\n', "unknown config key(s) ['ctxx']"),
+        (
+            'store = "S"\n[tokenize]\ncorpus = "c"\nsource = ["SRC"]\ntokenizer = "TOK"\nctxx = 3\n',
+            "unknown config key(s) ['ctxx']",
+        ),
         ('store = "S"\n[tokenise]\n', "unknown config section(s) ['tokenise']"),
-        ('store = "S"\n[tokenize]\ncorpus = "c"\nsource = ["SRC"]\ntokenizer = "TOK"\nctx = "long"\n', "ctx must be int"),
+        (
+            'store = "S"\n[tokenize]\ncorpus = "c"\nsource = ["SRC"]\ntokenizer = "TOK"\nctx = "long"\n',
+            "ctx must be int",
+        ),
         ('store = "S"\n[tokenize]\ncorpus = "c"\n', "missing required config key(s)"),
     ],
 )
 def test_config_errors_are_one_clear_line(tmp_path, corpus_jsonl, tokenizer_dir, toml, message):
     config = tmp_path / "bad.toml"
-    config.write_text(toml.replace("S", str(tmp_path / "s")).replace("SRC", str(corpus_jsonl)).replace("TOK", str(tokenizer_dir)))
+    config.write_text(
+        toml.replace("S", str(tmp_path / "s"))
+        .replace("SRC", str(corpus_jsonl))
+        .replace("TOK", str(tokenizer_dir))
+    )
     result = _xprobe("run", str(config))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_change_refused_from_cli(tmp_path, corpus_jsonl, tokenizer_dir):
-    base = ["tokenize", "--store", str(tmp_path / "s"), "--corpus", "c", "--source", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir), "--no-progress"]
+    base = [
+        "tokenize",
+        "--store",
+        str(tmp_path / "s"),
+        "--corpus",
+        "c",
+        "--source",
+        str(corpus_jsonl),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--no-progress",
+    ]
     assert _xprobe(*base, "--ctx", "32").returncode == 0
     refused = _xprobe(*base, "--ctx", "40")
-    assert refused.returncode == 2 and "ctx: stored 32 != requested 40" in refused.stderr and "--force" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "ctx: stored 32 != requested 40" in refused.stderr
+        and "--force" in refused.stderr
+    )
     assert _xprobe(*base, "--ctx", "40", "--force").returncode == 0
 
 

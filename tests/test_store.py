@@ -14,17 +14,37 @@ from stages.tokenize import TokenizeConfig, run
 
 
 def _cfg(corpus_jsonl, tokenizer_dir) -> TokenizeConfig:
-    return TokenizeConfig(corpus="c", source=(str(corpus_jsonl),), tokenizer=str(tokenizer_dir), ctx=32, chunk_seqs=8, progress=False)
+    return TokenizeConfig(
+        corpus="c",
+        source=(str(corpus_jsonl),),
+        tokenizer=str(tokenizer_dir),
+        ctx=32,
+        chunk_seqs=8,
+        progress=False,
+    )
 
 
-def test_second_run_on_a_held_unit_is_refused_naming_the_holder(tmp_path, corpus_jsonl, tokenizer_dir):
+def test_second_run_on_a_held_unit_is_refused_naming_the_holder(
+    tmp_path, corpus_jsonl, tokenizer_dir
+):
     store = Store(tmp_path / "s")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = tmp_path / "s/tokens/c.lock"
         lock.parent.mkdir(parents=True)
-        lock.write_text(json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "stage": "tokenize", "since": "now"}))
-        with pytest.raises(XprobeError, match=rf"being written by another run \(stage 'tokenize', pid {holder.pid}"):
+        lock.write_text(
+            json.dumps(
+                {
+                    "pid": holder.pid,
+                    "host": __import__("socket").gethostname(),
+                    "stage": "tokenize",
+                    "since": "now",
+                }
+            )
+        )
+        with pytest.raises(
+            XprobeError, match=rf"being written by another run \(stage 'tokenize', pid {holder.pid}"
+        ):
             run(_cfg(corpus_jsonl, tokenizer_dir), store)
         assert not store.has("tokens/c/ids")
     finally:
@@ -84,8 +104,13 @@ def test_http_and_zip_stores_read_the_same_data(tmp_path, corpus_jsonl, tokenize
         url = f"http://127.0.0.1:{server.server_address[1]}"
         remote = Store(url, mode="r")
         np.testing.assert_array_equal(remote.read_chunk("tokens/c/ids", 3), expected)
-        assert remote.info("tokens/c")["corpus_fingerprint"] == local.info("tokens/c")["corpus_fingerprint"]
-        assert remote.read_text("tokens/c/tokenizer.json") == local.read_text("tokens/c/tokenizer.json")
+        assert (
+            remote.info("tokens/c")["corpus_fingerprint"]
+            == local.info("tokens/c")["corpus_fingerprint"]
+        )
+        assert remote.read_text("tokens/c/tokenizer.json") == local.read_text(
+            "tokens/c/tokenizer.json"
+        )
         info = CliRunner().invoke(cli, ["info", url])
         assert info.exit_code == 0 and "tokens/c" in info.output and "corpus=c" in info.output
     finally:

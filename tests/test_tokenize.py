@@ -20,7 +20,14 @@ from stages.tokenize import TokenizeConfig, run
 
 
 def _cfg(source, tokenizer_dir, **kw) -> TokenizeConfig:
-    base = dict(corpus="c", source=(str(source),), tokenizer=str(tokenizer_dir), ctx=32, chunk_seqs=8, progress=False)
+    base = dict(
+        corpus="c",
+        source=(str(source),),
+        tokenizer=str(tokenizer_dir),
+        ctx=32,
+        chunk_seqs=8,
+        progress=False,
+    )
     base.update(kw)
     return TokenizeConfig(**base)
 
@@ -45,7 +52,13 @@ def test_packed_ids_match_tokenizer(tmp_path, corpus_jsonl, tokenizer_dir, docum
     pad = n_seq * body - len(stream)
     stream_arr = np.array(stream + [eos] * pad).reshape(n_seq, body)
     expected_ids = np.concatenate([np.full((n_seq, 1), bos), stream_arr], axis=1)
-    expected_mask = np.concatenate([np.zeros((n_seq, 1), bool), np.array([True] * len(stream) + [False] * pad).reshape(n_seq, body)], axis=1)
+    expected_mask = np.concatenate(
+        [
+            np.zeros((n_seq, 1), bool),
+            np.array([True] * len(stream) + [False] * pad).reshape(n_seq, body),
+        ],
+        axis=1,
+    )
     docs_arr = np.array(docs + [-1] * pad).reshape(n_seq, body)
     expected_doc = np.concatenate([docs_arr[:, :1], docs_arr], axis=1)
     np.testing.assert_array_equal(got["ids"], expected_ids)
@@ -68,7 +81,10 @@ def test_document_mode_one_document_per_sequence(tmp_path, corpus_jsonl, tokeniz
             window = toks[start : start + 63]
             assert got["ids"][row, 0] == tok.bos_token_id and not got["mask"][row, 0]
             np.testing.assert_array_equal(got["ids"][row, 1 : 1 + len(window)], window)
-            assert got["mask"][row, 1 : 1 + len(window)].all() and not got["mask"][row, 1 + len(window) :].any()
+            assert (
+                got["mask"][row, 1 : 1 + len(window)].all()
+                and not got["mask"][row, 1 + len(window) :].any()
+            )
             assert (got["doc"][row, : 1 + len(window)] == k).all()
             row += 1
 
@@ -84,11 +100,15 @@ def test_deterministic_and_rerun_does_nothing(tmp_path, corpus_jsonl, tokenizer_
     chunk_file = tmp_path / "a" / "tokens/c/ids/c/0/0"
     before = chunk_file.stat().st_mtime_ns
     again = run(cfg, a)
-    assert first["chunks_written"] > 1 and again["chunks_written"] == 0 and again["already_complete"]
+    assert (
+        first["chunks_written"] > 1 and again["chunks_written"] == 0 and again["already_complete"]
+    )
     assert chunk_file.stat().st_mtime_ns == before
 
 
-def test_config_change_refused_naming_keys_and_force_restarts(tmp_path, corpus_jsonl, tokenizer_dir):
+def test_config_change_refused_naming_keys_and_force_restarts(
+    tmp_path, corpus_jsonl, tokenizer_dir
+):
     store = Store(tmp_path / "s")
     run(_cfg(corpus_jsonl, tokenizer_dir), store)
     with pytest.raises(XprobeError, match=r"ctx: stored 32 != requested 48"):
@@ -127,15 +147,39 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
     proc.wait()
     store = Store(killed)
     n_before = len(store.done_chunks("tokens/c"))
-    assert n_before >= 20 and not store.info("tokens/c").get("complete"), "the kill must land partway"
-    resumed = run(TokenizeConfig(corpus="c", source=(str(corpus),), tokenizer=str(tokenizer_dir), ctx=64, chunk_seqs=1, progress=False), store)
+    assert n_before >= 20 and not store.info("tokens/c").get("complete"), (
+        "the kill must land partway"
+    )
+    resumed = run(
+        TokenizeConfig(
+            corpus="c",
+            source=(str(corpus),),
+            tokenizer=str(tokenizer_dir),
+            ctx=64,
+            chunk_seqs=1,
+            progress=False,
+        ),
+        store,
+    )
     assert 0 < resumed["chunks_written"] < store.info("tokens/c")["n_chunks"]
     ref = Store(tmp_path / "ref")
-    run(TokenizeConfig(corpus="c", source=(str(corpus),), tokenizer=str(tokenizer_dir), ctx=64, chunk_seqs=1, progress=False), ref)
+    run(
+        TokenizeConfig(
+            corpus="c",
+            source=(str(corpus),),
+            tokenizer=str(tokenizer_dir),
+            ctx=64,
+            chunk_seqs=1,
+            progress=False,
+        ),
+        ref,
+    )
     for k, v in _arrays(ref).items():
         got = _arrays(store)[k]
         assert got.shape == v.shape and got.tobytes() == v.tobytes(), k
-    assert store.info("tokens/c")["corpus_fingerprint"] == ref.info("tokens/c")["corpus_fingerprint"]
+    assert (
+        store.info("tokens/c")["corpus_fingerprint"] == ref.info("tokens/c")["corpus_fingerprint"]
+    )
 
 
 def test_unwritten_chunk_is_an_error_not_fill(tmp_path, corpus_jsonl, tokenizer_dir):
@@ -145,7 +189,9 @@ def test_unwritten_chunk_is_an_error_not_fill(tmp_path, corpus_jsonl, tokenizer_
     store.update_info("tokens/c", complete=False)
     with pytest.raises(XprobeError, match="chunk 1 of tokens/c is not written"):
         store.read_chunk("tokens/c/ids", 1)
-    np.testing.assert_array_equal(store.read_chunk("tokens/c/ids", 0), store.array("tokens/c/ids")[:8])
+    np.testing.assert_array_equal(
+        store.read_chunk("tokens/c/ids", 0), store.array("tokens/c/ids")[:8]
+    )
     # resuming redoes exactly the missing chunk
     assert run(_cfg(corpus_jsonl, tokenizer_dir), store)["chunks_written"] == 1
 

@@ -1,0 +1,371 @@
+"""Activations stage: token sequences -> a model's residual stream at chosen layers.
+
+Reads ``tokens/<corpus>/ids`` ``[n_seq, ctx]`` and writes one unit per hook,
+``acts/<corpus>/<model>/blocks.{L}.hook_resid_{post|pre}``, holding
+    x  [n_tok, d_model]   every position (n_tok = n_seq * ctx; the mask lives in tokens)
+chunked ``(chunk_seqs * ctx, d_model)``, so activation chunk i is token chunk i.
+
+Hook semantics (TransformerLens / sae-lens names): ``resid_pre`` of layer L is the input of
+decoder block L, ``resid_post`` the output of block L. They are captured with hooks on the
+blocks, so they equal ``output_hidden_states``' ``hidden_states[L]`` and ``hidden_states[L+1]``
+except for ``resid_post`` of the LAST layer: HF applies the final norm (GPT-2 ``ln_f``, Llama
+``norm``) to ``hidden_states[-1]``, while we store the block output before that norm (the true
+residual stream, as TransformerLens does). The forward stops after the deepest block needed.
+
+Storage dtypes: float32 and float16 as such (a chunk holding inf/nan is refused, never stored);
+bfloat16 as its uint16 bit pattern with ``dtype = "bfloat16"`` in the provenance (numpy has no
+bf16); ``pipeline.reader`` restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.config import runtime
+from pipeline.errors import XprobeError
+from pipeline.layout import acts_unit, safe_name, tokens_unit
+from pipeline.reader import STORED_DTYPE, encode_for_store
+from pipeline.runner import ChunkResult, Stage
+from pipeline.store import Store
+from pipeline.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
+
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    corpus: str
+    """Name of the tokenized corpus in the store (``tokens/<corpus>``)."""
+    model: str
+    """HF causal LM: hub name or local path."""
+    name: str | None = None
+    """Store name of the model (``acts/<corpus>/<name>``); default derived from ``model``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    layers: tuple[int, ...] | Literal["all"] = ()
+    """Decoder layers to store (0-based), or ``"all"``."""
+    hook: Literal["resid_post", "resid_pre"] = "resid_post"
+    """Which residual stream point of each layer: block output or block input."""
+    hooks: tuple[str, ...] = ()
+    """TransformerLens/sae-lens hook names (``blocks.6.hook_resid_post``); override layers/hook."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Model and storage dtype; ``auto`` is bfloat16 on cuda, float32 elsewhere."""
+    device: str = "auto"
+    """torch device; ``auto`` picks cuda, then mps, then cpu."""
+    batch_seqs: int = runtime(16, "sequences per forward pass")
+    progress: bool = runtime(True, "show a progress bar")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def find_blocks(model: Any, n_layers: int) -> Any:
+    """The decoder blocks of an HF model (``model.layers``, ``transformer.h``...), found generically."""
+    import torch
+
+    for path in (
+        "model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+        "transformer.layers",
+        "model.language_model.layers",
+    ):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, torch.nn.ModuleList) and len(node) == n_layers:
+            return node
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise XprobeError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
+
+
+class _Stop(Exception):
+    """Raised from a hook once the deepest requested activation is captured."""
+
+
+@contextmanager
+def capture(
+    blocks: Any, wanted: list[tuple[int, str]], out: dict[tuple[int, str], Any]
+) -> Iterator[None]:
+    """Hooks storing block inputs (``pre``) / outputs (``post``) into ``out``, stopping the forward
+    after the deepest one. Wrap the forward in ``try/except _Stop``."""
+    last = max(wanted, key=lambda w: (w[0], w[1] == "post"))
+    handles = []
+
+    def pre_hook(layer: int):
+        def fn(module, args, kwargs):
+            out[(layer, "pre")] = args[0] if args else kwargs["hidden_states"]
+            if last == (layer, "pre"):
+                raise _Stop
+
+        return fn
+
+    def post_hook(layer: int):
+        def fn(module, args, output):
+            out[(layer, "post")] = output[0] if isinstance(output, tuple) else output
+            if last == (layer, "post"):
+                raise _Stop
+
+        return fn
+
+    try:
+        for layer, kind in wanted:
+            if kind == "pre":
+                handles.append(
+                    blocks[layer].register_forward_pre_hook(pre_hook(layer), with_kwargs=True)
+                )
+            else:
+                handles.append(blocks[layer].register_forward_hook(post_hook(layer)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_capture(model: Any, blocks: Any, ids: Any, wanted: list[tuple[int, str]]) -> dict:
+    """Activations ``{(layer, kind): [batch, ctx, d_model]}`` for ``ids`` [batch, ctx], running
+    the model only up to the deepest requested block."""
+    import torch
+
+    out: dict[tuple[int, str], Any] = {}
+    with torch.inference_mode(), capture(blocks, wanted, out):
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+    return out
+
+
+def _vocab_from_json(text: str) -> dict[int, str]:
+    spec = json.loads(text)
+    vocab = {int(i): t for t, i in (spec.get("model", {}).get("vocab") or {}).items()}
+    for added in spec.get("added_tokens") or []:
+        vocab[int(added["id"])] = added["content"]
+    return vocab
+
+
+class ActivationsStage(Stage):
+    name = "activations"
+    cfg: ActivationsConfig
+
+    def __init__(self, cfg: ActivationsConfig):
+        super().__init__(cfg)
+        if cfg.batch_seqs < 1:
+            raise XprobeError(f"batch_seqs must be positive, got {cfg.batch_seqs}")
+        self.tokens = tokens_unit(cfg.corpus)
+        self.model_name = cfg.name or safe_name(cfg.model)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self._model_config = None
+        self._model = None
+        self._tok_fp = None
+
+    # ---- model facts ----------------------------------------------------------------------
+    @property
+    def model_config(self) -> Any:
+        if self._model_config is None:
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(self.cfg.model, revision=self.cfg.revision)
+            except (OSError, ValueError) as e:
+                raise XprobeError(f"cannot load model config {self.cfg.model!r}: {e}") from None
+            self._model_config = (
+                config.get_text_config() if hasattr(config, "get_text_config") else config
+            )
+        return self._model_config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model_config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model_config.hidden_size)
+
+    def wanted(self) -> list[tuple[int, str]]:
+        """``(layer, "pre"|"post")`` for every requested hook, in config order, no duplicates."""
+        cfg = self.cfg
+        if cfg.hooks:
+            wanted = []
+            for h in cfg.hooks:
+                m = _HOOK.match(h)
+                if m is None:
+                    raise XprobeError(
+                        f"hook {h!r} is not a residual stream hook; use blocks.<L>.hook_resid_post or _pre"
+                    )
+                wanted.append((int(m.group(1)), m.group(2)))
+        else:
+            if cfg.layers == "all":
+                layers = list(range(self.n_layers))
+            elif not cfg.layers:
+                raise XprobeError('give layers (a list of ints or "all") or hooks to store')
+            else:
+                layers = list(cfg.layers)
+            kind = cfg.hook.removeprefix("resid_")
+            wanted = [(int(L), kind) for L in layers]
+        return list(dict.fromkeys(wanted))
+
+    def unit_of(self, layer: int, kind: str) -> str:
+        return acts_unit(self.cfg.corpus, self.model_name, f"blocks.{layer}.hook_resid_{kind}")
+
+    # ---- stage contract -------------------------------------------------------------------
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        tinfo = store.info(self.tokens)
+        out = {}
+        for layer, kind in self.wanted():
+            out[self.unit_of(layer, kind)] = {
+                "corpus": self.cfg.corpus,
+                "model": self.cfg.model,
+                "revision": self.cfg.revision,
+                "layer": layer,
+                "hook": f"resid_{kind}",
+                "hook_name": f"blocks.{layer}.hook_resid_{kind}",
+                "dtype": self.dtype,
+                "d_model": self.d_model,
+                "tokenizer_fingerprint": tinfo["tokenizer_fingerprint"],
+                "corpus_fingerprint": tinfo["corpus_fingerprint"],
+                "n_tok": int(tinfo["n_seq"]) * int(tinfo["ctx"]),
+                "n_seq": int(tinfo["n_seq"]),
+                "ctx": int(tinfo["ctx"]),
+                "chunk_seqs": int(tinfo["chunk_seqs"]),
+            }
+        return out
+
+    def validate(self, store: Store) -> None:
+        if not store.has(self.tokens):
+            raise XprobeError(f"{self.tokens} is not in the store; run the tokenize stage first")
+        tinfo = store.info(self.tokens)
+        if not tinfo.get("complete"):
+            raise XprobeError(f"{self.tokens} is not complete; resume the tokenize stage first")
+        tok = load_tokenizer(self.cfg.model, self.cfg.revision)
+        if tokenizer_fingerprint(tok) != tinfo["tokenizer_fingerprint"]:
+            text = store.read_text(f"{self.tokens}/tokenizer.json")
+            detail = (
+                first_difference(_vocab_from_json(text), tok)
+                if text
+                else "the corpus tokenizer is missing"
+            )
+            raise XprobeError(
+                f"the tokenizer differs between {self.cfg.model!r} and {self.tokens}: {detail}. "
+                "Tokenize the corpus with this model's tokenizer (a new corpus name)."
+            )
+        config = self.model_config
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        if max_pos is not None and int(tinfo["ctx"]) > int(max_pos):
+            raise XprobeError(
+                f"{self.tokens} has ctx {tinfo['ctx']} tokens, which exceeds the {max_pos} positions of "
+                f"{self.cfg.model!r}; tokenize with a smaller ctx"
+            )
+        for layer, _ in self.wanted():
+            if not 0 <= layer < self.n_layers:
+                raise XprobeError(
+                    f"layer {layer} does not exist: {self.cfg.model!r} has layers "
+                    f"0..{self.n_layers - 1}"
+                )
+        for unit in self.units(store):
+            if store.has(unit) and "xprobe" in store.group(unit).attrs:
+                stored = store.info(unit).get("dtype")
+                if stored != self.dtype:
+                    raise XprobeError(
+                        f"{unit} was started in {stored} but this run resolves to {self.dtype} "
+                        "(dtype/device auto on another machine?); set dtype explicitly or use --force"
+                    )
+
+    def prepare(self, store: Store) -> int | None:
+        tinfo = store.info(self.tokens)
+        rows = int(tinfo["chunk_seqs"]) * int(tinfo["ctx"])
+        n_tok = int(tinfo["n_seq"]) * int(tinfo["ctx"])
+        for unit in self.units(store):
+            store.create_array(
+                f"{unit}/x",
+                (n_tok, self.d_model),
+                (rows, self.d_model),
+                STORED_DTYPE[self.dtype],
+                store.info(unit),
+            )
+        return int(tinfo["n_chunks"])
+
+    def _rows(self, tinfo: dict[str, Any], index: int) -> int:
+        cs = int(tinfo["chunk_seqs"])
+        return min(cs, int(tinfo["n_seq"]) - index * cs)
+
+    def tokens_todo(self, store: Store, done: set[int]) -> int | None:
+        tinfo = store.info(self.tokens)
+        todo = [i for i in range(int(tinfo["n_chunks"])) if i not in done]
+        return sum(self._rows(tinfo, i) for i in todo) * int(tinfo["ctx"])
+
+    def load_model(self) -> Any:
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                self.cfg.model, revision=self.cfg.revision, dtype=getattr(torch, self.dtype)
+            )
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
+        import torch
+
+        tinfo = store.info(self.tokens)
+        wanted = self.wanted()
+        units = {w: self.unit_of(*w) for w in wanted}
+        model = self.load_model()
+        blocks = find_blocks(model, self.n_layers)
+        ctx, cs, bs = int(tinfo["ctx"]), int(tinfo["chunk_seqs"]), self.cfg.batch_seqs
+        for index in range(int(tinfo["n_chunks"])):
+            if not todo(index):
+                continue
+            ids = torch.from_numpy(store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64))
+            parts: dict[tuple[int, str], list] = {w: [] for w in wanted}
+            for start in range(0, len(ids), bs):
+                acts = forward_capture(
+                    model, blocks, ids[start : start + bs].to(self.device), wanted
+                )
+                for w in wanted:
+                    parts[w].append(acts[w].detach().to("cpu"))
+            first, last = index * cs, index * cs + len(ids) - 1
+            arrays = {
+                f"{units[w]}/x": encode_for_store(
+                    torch.cat(pieces).reshape(-1, self.d_model),
+                    f"{units[w]} chunk {index} (corpus sequences {first}..{last})",
+                    ctx,
+                )
+                for w, pieces in parts.items()
+            }
+            yield ChunkResult(index, arrays, n_tok=len(ids) * ctx)
+
+
+def run(cfg: ActivationsConfig, store: Store, force: bool = False) -> dict[str, Any]:
+    from pipeline.runner import run_stage
+
+    return run_stage(ActivationsStage(cfg), store, force=force, progress=cfg.progress)

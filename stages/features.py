@@ -1,0 +1,510 @@
+"""Features stage: a model's stored activations -> an SAE's sparse feature activations.
+
+Reads ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_model]`` (and ``tokens/<corpus>/mask``),
+encodes it with a sae-lens SAE (``sae.encode``, any architecture sae-lens loads) and writes
+``feats/<corpus>/<sae>``:
+    idx  [n_tok, K] int32    feature indices of each token's K largest |activations|, -1 = padding
+    val  [n_tok, K] float32  their activations (0 in padding), sorted by decreasing |value|
+chunked ``(chunk_seqs * ctx, K)``, so feature chunk i is token chunk i. Masked positions
+(``mask`` False: BOS, padding) are stored as all padding: no features.
+A token with more than K active features keeps its K largest; the dropped mass
+(sum |dropped| / sum |all|, over counted tokens) is recorded per chunk in the manifest and in
+the final provenance, and a chunk past ``max_dropped_fraction`` stops the run.
+
+Per-feature statistics over counted tokens, from the dense ``sae.encode`` output (so exact even
+when top-K drops something), written at finalize:
+    stats/{count, frequency, mean, max, sum, sum_sq, dead}  [n_feat]
+``mean`` is over all counted tokens (zeros included); ``max`` is 0 for a feature that never fires.
+They are summed from per-chunk partials ``chunk_stats [n_chunks, 4, n_feat]`` (float64) stored
+with each chunk, so a resumed run gives the same bits as an uninterrupted one.
+
+Direct transfer (Kissane et al. 2024): for each B in ``transfer_models`` the same SAE encodes B's
+stored activations at the same hook, and finalize writes ``transfer/<B>/corr [n_feat]`` (Pearson
+correlation of each feature's activation on A and on B over the counted tokens; NaN where a side
+is constant) and records explained variance on A and B and the mean cosine of A's and B's
+residual vectors in the provenance (``transfer``). Explained variance is
+``1 - sum ||x - sae.decode(sae.encode(x))||^2 / sum ||x - mean(x)||^2`` over counted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.config import runtime
+from pipeline.errors import XprobeError
+from pipeline.layout import acts_unit, feats_unit, safe_name, tokens_unit
+from pipeline.reader import load_acts
+from pipeline.runner import ChunkResult, Stage
+from pipeline.store import Store
+
+STATS = ("count", "sum", "sum_sq", "max")
+"""Rows of ``chunk_stats``: per-feature partial statistics of one chunk (float64)."""
+PAIR = ("sum_b", "sum_bb", "sum_ab")
+"""Rows of ``chunk_transfer/<B>/pair``: per-feature partial sums for the A/B correlation."""
+SCALARS = ("n", "sse_a", "sse_b", "sumsq_a", "sumsq_b", "sum_cos")
+"""First entries of ``chunk_transfer/<B>/scalars``; then sum of x_A [d_model], sum of x_B [d_model]."""
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    corpus: str
+    """Name of the tokenized corpus in the store (``tokens/<corpus>``)."""
+    model: str
+    """Store name of the model whose activations are encoded (``acts/<corpus>/<model>``)."""
+    sae: str | None = None
+    """sae-lens release (``SAE.from_pretrained(sae, sae_id)``); or give ``sae_path``."""
+    sae_id: str | None = None
+    """SAE id within the release."""
+    sae_path: str | None = None
+    """Local folder saved by sae-lens (``SAE.load_from_disk``), instead of a release."""
+    name: str | None = None
+    """Store name of the SAE (``feats/<corpus>/<name>``); default from release/id or the folder name."""
+    hook: str | None = None
+    """Hook whose activations to encode; default the SAE's ``cfg.metadata.hook_name``."""
+    k: int | None = None
+    """Features kept per token; default the TopK SAE's k, else calibrated on the first chunk
+    (1.5 x its largest L0, rounded up to a multiple of 8)."""
+    device: str = "auto"
+    """torch device; ``auto`` picks cuda, then mps, then cpu."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """dtype the SAE encodes in; ``auto`` keeps the SAE's own dtype."""
+    max_dropped_fraction: float = 1e-3
+    """Largest dropped activation mass (top-K overflow) a chunk may have before the run stops."""
+    transfer_models: tuple[str, ...] = ()
+    """Store names of models B (same d_model and hook) to measure direct SAE transfer on."""
+    batch_tokens: int = runtime(4096, "tokens per sae.encode call")
+    progress: bool = runtime(True, "show a progress bar")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_sae(cfg: FeaturesConfig, device: str) -> Any:
+    """The SAE named by ``cfg``, on ``device``, in ``cfg.dtype`` (or its own dtype)."""
+    from sae_lens import SAE
+
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    try:
+        if cfg.sae_path is not None:
+            sae = SAE.load_from_disk(cfg.sae_path, device=device, dtype=dtype)
+        else:
+            sae = SAE.from_pretrained(cfg.sae, cfg.sae_id, device=device, dtype=dtype or "float32")
+    except (OSError, ValueError, KeyError) as e:
+        what = cfg.sae_path or f"{cfg.sae} / {cfg.sae_id}"
+        raise XprobeError(f"cannot load the SAE {what}: {e}") from None
+    return sae.eval()
+
+
+def top_k(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest |activations| of ``feats`` [n, n_feat]: ``(idx, val, dropped)``
+    with ``idx`` -1 and ``val`` 0 where a row has fewer than k non-zeros; ``dropped`` [n] is the
+    |mass| left out."""
+    mag, idx = feats.abs().topk(k, dim=1, sorted=True)
+    val = feats.gather(1, idx)
+    empty = mag == 0
+    idx = idx.masked_fill(empty, -1)
+    val = val.masked_fill(empty, 0)
+    dropped = feats.abs().sum(1, dtype=torch.float64) - mag.sum(1, dtype=torch.float64)
+    return idx, val, dropped.clamp_min(0)
+
+
+class FeaturesStage(Stage):
+    name = "features"
+    cfg: FeaturesConfig
+
+    def __init__(self, cfg: FeaturesConfig):
+        super().__init__(cfg)
+        if (cfg.sae_path is None) == (cfg.sae is None):
+            raise XprobeError("give either sae (a sae-lens release, with sae_id) or sae_path")
+        if cfg.sae is not None and cfg.sae_id is None:
+            raise XprobeError(f"the SAE release {cfg.sae!r} needs an sae_id")
+        if cfg.batch_tokens < 1:
+            raise XprobeError(f"batch_tokens must be positive, got {cfg.batch_tokens}")
+        if not 0 <= cfg.max_dropped_fraction <= 1:
+            raise XprobeError(
+                f"max_dropped_fraction must be in [0, 1], got {cfg.max_dropped_fraction}"
+            )
+        if cfg.name:
+            self.sae_name = cfg.name
+        elif cfg.sae_path is not None:
+            self.sae_name = Path(cfg.sae_path).resolve().name
+        else:
+            self.sae_name = f"{cfg.sae}--{cfg.sae_id}"
+        self.unit = feats_unit(cfg.corpus, self.sae_name)
+        self.tokens = tokens_unit(cfg.corpus)
+        self.device = _resolve_device(cfg.device)
+        self._sae = None
+        self.k: int | None = None
+
+    # ---- SAE facts ----------------------------------------------------------------------------
+    @property
+    def sae(self) -> Any:
+        if self._sae is None:
+            self._sae = load_sae(self.cfg, self.device)
+        return self._sae
+
+    @property
+    def hook(self) -> str:
+        hook = self.cfg.hook or getattr(self.sae.cfg.metadata, "hook_name", None)
+        if not hook:
+            raise XprobeError(
+                "the SAE's config names no hook (metadata.hook_name); set hook in the config"
+            )
+        return hook
+
+    @property
+    def n_feat(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    def acts_of(self, model: str) -> str:
+        return acts_unit(self.cfg.corpus, model, self.hook)
+
+    def _transfer_names(self) -> list[str]:
+        return [safe_name(b) for b in self.cfg.transfer_models]
+
+    # ---- stage contract -------------------------------------------------------------------------
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        ainfo = store.info(self.acts_of(self.cfg.model))
+        return {
+            self.unit: {
+                "corpus": self.cfg.corpus,
+                "model": self.cfg.model,
+                "sae": self.sae_name,
+                "sae_architecture": self.sae.cfg.architecture(),
+                "hook": self.hook,
+                "n_feat": self.n_feat,
+                "d_model": int(ainfo["d_model"]),
+                "encode_dtype": str(self.sae.dtype).removeprefix("torch."),
+                "acts_dtype": ainfo["dtype"],
+                "n_tok": int(ainfo["n_tok"]),
+                "ctx": int(ainfo["ctx"]),
+                "chunk_seqs": int(ainfo["chunk_seqs"]),
+                "tokenizer_fingerprint": ainfo["tokenizer_fingerprint"],
+                "corpus_fingerprint": ainfo["corpus_fingerprint"],
+                "transfer_models": list(self.cfg.transfer_models),
+            }
+        }
+
+    def _require_acts(self, store: Store, model: str) -> dict[str, Any]:
+        unit = self.acts_of(model)
+        if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
+            prefix = f"acts/{safe_name(self.cfg.corpus)}/{safe_name(model)}"
+            have = sorted(
+                p.removeprefix(prefix + "/") for p, _ in store.units() if p.startswith(prefix + "/")
+            )
+            raise XprobeError(
+                f"{unit} is not in the store (the SAE reads hook {self.hook!r}; stored hooks of "
+                f"{model!r}: {have or 'none'}). Run the activations stage with hooks = [{self.hook!r}], "
+                "or set hook to one that is stored."
+            )
+        info = store.info(unit)
+        if not info.get("complete"):
+            raise XprobeError(f"{unit} is not complete; resume the activations stage first")
+        return info
+
+    def validate(self, store: Store) -> None:
+        ainfo = self._require_acts(store, self.cfg.model)
+        d_in = int(self.sae.cfg.d_in)
+        if d_in != int(ainfo["d_model"]):
+            raise XprobeError(
+                f"the SAE reads d_in = {d_in} but {self.acts_of(self.cfg.model)} has d_model = "
+                f"{ainfo['d_model']}: this SAE was trained on another model or hook. Use an SAE for "
+                f"{self.cfg.model!r} at {self.hook!r}."
+            )
+        if self.cfg.k is not None and not 1 <= self.cfg.k <= self.n_feat:
+            raise XprobeError(f"k must be in 1..{self.n_feat} (the SAE's d_sae), got {self.cfg.k}")
+        for b in self.cfg.transfer_models:
+            binfo = self._require_acts(store, b)
+            if int(binfo["d_model"]) != int(ainfo["d_model"]):
+                raise XprobeError(
+                    f"transfer model {b!r} has d_model = {binfo['d_model']}, but the SAE and "
+                    f"{self.cfg.model!r} have {ainfo['d_model']}; direct transfer needs the same width"
+                )
+            if binfo["corpus_fingerprint"] != ainfo["corpus_fingerprint"]:
+                raise XprobeError(
+                    f"transfer model {b!r} was run on another token stream than {self.cfg.model!r} "
+                    "(corpus fingerprints differ); rerun its activations stage on this corpus"
+                )
+
+    def _chunk_rows(self, info: dict[str, Any]) -> int:
+        return int(info["chunk_seqs"]) * int(info["ctx"])
+
+    def _resolve_k(self, store: Store) -> int:
+        if self.cfg.k is not None:
+            return self.cfg.k
+        if store.has(f"{self.unit}/idx"):  # resuming: the width was fixed when the run started
+            return int(store.array(f"{self.unit}/idx").shape[1])
+        sae_k = getattr(self.sae.cfg, "k", None)
+        if sae_k is not None:
+            return min(int(sae_k), self.n_feat)
+        acts, mask = self._chunk_inputs(store, self.cfg.model, 0)
+        l0 = max(
+            (int(self._encode(a).ne(0).sum(1).max()) for a in self._batches(acts[mask])), default=1
+        )
+        return min(self.n_feat, max(8, math.ceil(1.5 * l0 / 8) * 8))
+
+    def prepare(self, store: Store) -> int | None:
+        info = store.info(self.unit)
+        rows, n_tok, n_feat = self._chunk_rows(info), int(info["n_tok"]), self.n_feat
+        n_chunks = int(store.info(self.tokens)["n_chunks"])
+        self.k = self._resolve_k(store)
+        store.update_info(self.unit, k=self.k)
+        info = store.info(self.unit)
+        store.create_array(
+            f"{self.unit}/idx", (n_tok, self.k), (rows, self.k), "int32", info, fill_value=-1
+        )
+        store.create_array(f"{self.unit}/val", (n_tok, self.k), (rows, self.k), "float32", info)
+        store.create_array(
+            f"{self.unit}/chunk_stats",
+            (n_chunks, len(STATS), n_feat),
+            (1, len(STATS), n_feat),
+            "float64",
+            info,
+        )
+        d = int(info["d_model"])
+        for b in self._transfer_names():
+            store.create_array(
+                f"{self.unit}/chunk_transfer_{b}_pair",
+                (n_chunks, len(PAIR), n_feat),
+                (1, len(PAIR), n_feat),
+                "float64",
+                info,
+            )
+            store.create_array(
+                f"{self.unit}/chunk_transfer_{b}_scalars",
+                (n_chunks, len(SCALARS) + 2 * d),
+                (1, len(SCALARS) + 2 * d),
+                "float64",
+                info,
+            )
+        return n_chunks
+
+    def tokens_todo(self, store: Store, done: set[int]) -> int | None:
+        info = store.info(self.unit)
+        rows, n_tok = self._chunk_rows(info), int(info["n_tok"])
+        n_chunks = int(store.info(self.tokens)["n_chunks"])
+        return sum(min(rows, n_tok - i * rows) for i in range(n_chunks) if i not in done)
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def _chunk_inputs(
+        self, store: Store, model: str, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = load_acts(store, self.acts_of(model), index)
+        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        return acts, mask
+
+    def _batches(self, acts: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, len(acts), self.cfg.batch_tokens):
+            yield acts[start : start + self.cfg.batch_tokens].to(self.device, self.sae.dtype)
+
+    @torch.inference_mode()
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.sae.encode(x)
+        return (feats.to_dense() if feats.is_sparse else feats).float()
+
+    @torch.inference_mode()
+    def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
+        n_chunks = int(store.info(self.tokens)["n_chunks"])
+        for index in range(n_chunks):
+            if todo(index):
+                yield self._compute_chunk(store, index)
+
+    def _compute_chunk(self, store: Store, index: int) -> ChunkResult:
+        acts, mask = self._chunk_inputs(store, self.cfg.model, index)
+        n, f, k = len(acts), self.n_feat, self.k
+        idx, val = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
+        stats = torch.zeros(len(STATS), f, dtype=torch.float64)
+        stats[3] = -math.inf
+        dropped = total = 0.0
+        b_inputs = {b: self._chunk_inputs(store, b, index)[0] for b in self.cfg.transfer_models}
+        pair = {b: torch.zeros(len(PAIR), f, dtype=torch.float64) for b in b_inputs}
+        scalars = {
+            b: torch.zeros(len(SCALARS) + 2 * acts.shape[1], dtype=torch.float64) for b in b_inputs
+        }
+        bs = self.cfg.batch_tokens
+        for start in range(0, n, bs):
+            keep = mask[start : start + bs].to(self.device)
+            x = acts[start : start + bs].to(self.device, self.sae.dtype)
+            feats = self._encode(x) * keep[:, None]  # masked positions: no features
+            i, v, drop = top_k(feats, k)
+            idx[start : start + len(x)], val[start : start + len(x)] = (
+                i.cpu().numpy(),
+                v.cpu().numpy(),
+            )
+            dropped += float(drop.sum())
+            total += float(feats.abs().sum(dtype=torch.float64))
+            counted = feats[keep]
+            stats[0] += counted.ne(0).sum(0).double().cpu()
+            stats[1] += counted.sum(0, dtype=torch.float64).cpu()
+            stats[2] += counted.double().square().sum(0).cpu()
+            if len(counted):
+                stats[3] = torch.maximum(stats[3], counted.amax(0).double().cpu())
+            for b, b_acts in b_inputs.items():
+                xb = b_acts[start : start + bs].to(self.device, self.sae.dtype)
+                self._transfer_sums(x, feats, xb, keep, pair[b], scalars[b])
+        fraction = dropped / total if total > 0 else 0.0
+        if fraction > self.cfg.max_dropped_fraction:
+            raise XprobeError(
+                f"chunk {index} of {self.unit}: top-{k} storage drops {fraction:.3g} of the activation mass "
+                f"(max_dropped_fraction = {self.cfg.max_dropped_fraction}). Set a larger k (the SAE's L0 "
+                "exceeds it) or raise max_dropped_fraction, and rerun with --force."
+            )
+        arrays = {
+            f"{self.unit}/idx": idx,
+            f"{self.unit}/val": val,
+            f"{self.unit}/chunk_stats": stats.numpy()[None],
+        }
+        for b, name in zip(self.cfg.transfer_models, self._transfer_names(), strict=True):
+            arrays[f"{self.unit}/chunk_transfer_{name}_pair"] = pair[b].numpy()[None]
+            arrays[f"{self.unit}/chunk_transfer_{name}_scalars"] = scalars[b].numpy()[None]
+        record = {"dropped_mass": dropped, "total_mass": total, "dropped_fraction": fraction}
+        return ChunkResult(index, arrays, n_tok=n, record=record)
+
+    def _transfer_sums(
+        self,
+        xa: torch.Tensor,
+        fa: torch.Tensor,
+        xb: torch.Tensor,
+        keep: torch.Tensor,
+        pair: torch.Tensor,
+        scalars: torch.Tensor,
+    ) -> None:
+        """Add one batch's partial sums for the transfer metrics of B (counted tokens only)."""
+        fb = self._encode(xb)[keep].double()
+        fa = fa[keep].double()
+        xa, xb = xa[keep], xb[keep]
+        rec_a, rec_b = (
+            self.sae.decode(fa.to(self.sae.dtype)),
+            self.sae.decode(fb.to(self.sae.dtype)),
+        )
+        xa64, xb64 = xa.double(), xb.double()
+        pair[0] += fb.sum(0).cpu()
+        pair[1] += fb.square().sum(0).cpu()
+        pair[2] += (fa * fb).sum(0).cpu()
+        cos = torch.nn.functional.cosine_similarity(xa64, xb64, dim=1)
+        d = xa.shape[1]
+        scalars[:6] += torch.stack(
+            [
+                torch.tensor(float(len(xa)), dtype=torch.float64),
+                (xa64 - rec_a.double()).square().sum().cpu(),
+                (xb64 - rec_b.double()).square().sum().cpu(),
+                xa64.square().sum().cpu(),
+                xb64.square().sum().cpu(),
+                cos.sum().cpu(),
+            ]
+        )
+        scalars[6 : 6 + d] += xa64.sum(0).cpu()
+        scalars[6 + d :] += xb64.sum(0).cpu()
+
+    # ---- finalize ---------------------------------------------------------------------------------
+    def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
+        info = store.info(self.unit)
+        n_tok, n_feat = int(info["n_tok"]), self.n_feat
+        n_counted = int(store.info(self.tokens)["n_counted"])
+        # sums in chunk order: the same bits whether or not the run was resumed
+        partial = store.array(f"{self.unit}/chunk_stats")[:]
+        stats = partial[:, :3].sum(0)
+        peak = partial[:, 3].max(0) if len(partial) else np.zeros(n_feat)
+        count = stats[0].astype(np.int64)
+        out = {
+            "count": count,
+            "frequency": count / max(n_counted, 1),
+            "mean": stats[1] / max(n_counted, 1),
+            "max": np.where(np.isfinite(peak), peak, 0.0),
+            "sum": stats[1],
+            "sum_sq": stats[2],
+            "dead": count == 0,
+        }
+        for name, data in out.items():
+            self._write_whole(store, f"{self.unit}/stats/{name}", data, info)
+        records = [store.chunk_record(self.unit, i) or {} for i in range(n_chunks)]
+        dropped = sum(r.get("dropped_mass", 0.0) for r in records)
+        total = sum(r.get("total_mass", 0.0) for r in records)
+        k = int(store.array(f"{self.unit}/idx").shape[1])
+        stored = store.nbytes_stored(f"{self.unit}/idx") + store.nbytes_stored(f"{self.unit}/val")
+        extra = {
+            "n_counted": n_counted,
+            "n_dead": int(out["dead"].sum()),
+            "dropped_mass": dropped,
+            "dropped_fraction": dropped / total if total > 0 else 0.0,
+            "bytes_per_token": 8 * k,  # idx int32 + val float32, uncompressed
+            "bytes_per_token_on_disk": stored / max(n_tok, 1),
+            "dense_bytes_per_token": 4 * n_feat,
+        }
+        if self.cfg.transfer_models:
+            extra["transfer"] = {
+                b: self._finalize_transfer(store, b, name, stats, n_counted, info)
+                for b, name in zip(self.cfg.transfer_models, self._transfer_names(), strict=True)
+            }
+        return extra
+
+    def _finalize_transfer(
+        self,
+        store: Store,
+        b: str,
+        name: str,
+        stats: np.ndarray,
+        n_counted: int,
+        info: dict[str, Any],
+    ) -> dict[str, float]:
+        pair = store.array(f"{self.unit}/chunk_transfer_{name}_pair")[:].sum(0)
+        scal = store.array(f"{self.unit}/chunk_transfer_{name}_scalars")[:].sum(0)
+        n = max(scal[0], 1.0)
+        d = int(info["d_model"])
+        mean_a, mean_b = stats[1] / n, pair[0] / n
+        cov = pair[2] / n - mean_a * mean_b
+        var_a, var_b = stats[2] / n - mean_a**2, pair[1] / n - mean_b**2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.where((var_a > 0) & (var_b > 0), cov / np.sqrt(var_a * var_b), np.nan)
+        self._write_whole(store, f"{self.unit}/transfer/{name}/corr", corr, info)
+        sum_xa, sum_xb = scal[6 : 6 + d], scal[6 + d :]
+        tss_a = scal[3] - np.square(sum_xa).sum() / n
+        tss_b = scal[4] - np.square(sum_xb).sum() / n
+        return {
+            "explained_variance_a": float(1 - scal[1] / tss_a),
+            "explained_variance_b": float(1 - scal[2] / tss_b),
+            "mean_cosine": float(scal[5] / n),
+            "mean_corr": float(np.nanmean(corr)) if np.isfinite(corr).any() else float("nan"),
+            "n_counted": int(scal[0]),
+        }
+
+    def _write_whole(self, store: Store, path: str, data: np.ndarray, info: dict[str, Any]) -> None:
+        arr = store.create_array(path, data.shape, data.shape, data.dtype, info)
+        arr[...] = data
+        store.sync_chunk(arr, 0)
+
+
+def run(cfg: FeaturesConfig, store: Store, force: bool = False) -> dict[str, Any]:
+    from pipeline.runner import run_stage
+
+    return run_stage(FeaturesStage(cfg), store, force=force, progress=cfg.progress)
+
+
+def iter_sparse(
+    store: Store, corpus: str, sae_name: str, chunks: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Stored features chunk by chunk as COO: ``(index, rows, cols, vals)``, where ``rows`` is the
+    token offset within the chunk, ``cols`` the feature index, padding skipped. An unwritten
+    chunk raises XprobeError."""
+    unit = feats_unit(corpus, sae_name)
+    info = store.info(unit)
+    n_chunks = info.get("n_chunks") or info.get("n_chunks_planned")
+    for index in range(n_chunks) if chunks is None else chunks:
+        idx = store.read_chunk(f"{unit}/idx", index)
+        val = store.read_chunk(f"{unit}/val", index)
+        rows, slots = np.nonzero(idx >= 0)
+        yield index, rows.astype(np.int64), idx[rows, slots].astype(np.int64), val[rows, slots]

@@ -1,0 +1,318 @@
+"""Fit stage: one least-squares probe per SAE feature, from B's residual stream, out of core.
+
+Reads B's activations ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_B]`` at one or several hooks,
+A's sparse features ``feats/<corpus>/<sae>/{idx,val}`` and the tokens' mask. Sequences are split
+into train and held-out (deterministic, by sequence); masked positions are skipped. Sufficient
+statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/lstsq.py) are accumulated per hook and
+split, checkpointed with the list of consumed chunks, and all features are solved at once.
+
+Writes ``probes/<name>/<hook>/``:
+    direction [F, d_B] float32   B's direction for each feature
+    intercept, lam, r2_train, r2_held_out, pearson_held_out [F]
+    n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/lstsq.py)
+and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import runtime
+from pipeline.errors import XprobeError
+from pipeline.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.lstsq import SufficientStats, solve_ridge
+from pipeline.reader import load_acts
+from pipeline.runner import check_config
+from pipeline.sparse import load_sparse, select_rows
+from pipeline.store import Store, provenance
+
+CHECKPOINT = "_checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    name: str
+    """Name of this fit in the store (``probes/<name>``)."""
+    corpus: str
+    """Corpus the activations and features were computed on."""
+    features: str
+    """Store name of A's SAE features (``feats/<corpus>/<features>``)."""
+    model: str
+    """Store name of model B (``acts/<corpus>/<model>/...``)."""
+    hooks: tuple[str, ...]
+    """B's hook points to probe, e.g. ["blocks.4.hook_resid_post", "blocks.6.hook_resid_post"]."""
+    held_out_fraction: float = 0.1
+    """Fraction of sequences held out (chosen by a seeded draw per sequence)."""
+    split_seed: int = 0
+    lambdas: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    """Ridge grid, in units of the mean eigenvalue of the centred XᵀX (scale-free); 0 = least squares."""
+    min_active: int = 10
+    """Features active on fewer training tokens get status 'too rare' instead of a probe."""
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    """Dtype of the per-chunk products (accumulation is always float64)."""
+    device: str = "auto"
+    feature_block: int = runtime(16384, "features solved at once")
+    checkpoint_every: int = runtime(8, "chunks between checkpoints")
+    progress: bool = runtime(True, "show a progress bar")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def held_out_sequences(n_seq: int, fraction: float, seed: int) -> np.ndarray:
+    """[n_seq] bool: which sequences are held out. Same (n_seq, fraction, seed), same split."""
+    if not 0.0 <= fraction < 1.0:
+        raise XprobeError(f"held_out_fraction must be in [0, 1), got {fraction}")
+    return np.random.default_rng(seed).random(n_seq) < fraction
+
+
+class Fit:
+    """The fit of one config on one store: validation, accumulation with checkpoints, solve."""
+
+    def __init__(self, cfg: FitConfig, store: Store):
+        self.cfg, self.store = cfg, store
+        self.unit = probes_unit(cfg.name)
+        self.tokens = tokens_unit(cfg.corpus)
+        self.feats = feats_unit(cfg.corpus, cfg.features)
+        self.acts = {hook: acts_unit(cfg.corpus, safe_name(cfg.model), hook) for hook in cfg.hooks}
+        self.device = resolve_device(cfg.device)
+        self.dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
+
+    def validate(self) -> dict[str, Any]:
+        store, cfg = self.store, self.cfg
+        if not cfg.hooks:
+            raise XprobeError("fit needs at least one hook of model B (hooks = [...])")
+        for unit, what in [
+            (self.tokens, "tokenize"),
+            (self.feats, "features"),
+            *((u, "activations") for u in self.acts.values()),
+        ]:
+            if not store.has(unit):
+                raise XprobeError(f"{unit} is not in the store; run the {what} stage first")
+            if not store.info(unit).get("complete"):
+                raise XprobeError(f"{unit} is incomplete; finish the {what} stage first")
+        tokens, feats = store.info(self.tokens), store.info(self.feats)
+        for unit in [self.feats, *self.acts.values()]:
+            if store.info(unit).get("corpus_fingerprint") != tokens["corpus_fingerprint"]:
+                raise XprobeError(
+                    f"{unit} was computed on another version of corpus {cfg.corpus!r}; recompute it"
+                )
+        d_models = {store.info(u)["d_model"] for u in self.acts.values()}
+        if len(d_models) != 1:
+            raise XprobeError(
+                f"hooks {list(cfg.hooks)} have different widths {sorted(d_models)}; fit them separately"
+            )
+        held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        return {
+            "corpus": cfg.corpus,
+            "model": cfg.model,
+            "sae": cfg.features,
+            "hooks": list(cfg.hooks),
+            "d_model": d_models.pop(),
+            "n_feat": int(feats["n_feat"]),
+            "n_chunks_planned": int(tokens["n_chunks"]),
+            "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
+            "corpus_fingerprint": tokens["corpus_fingerprint"],
+            "dtype": "float32",
+        }
+
+    # ---- accumulation with checkpoints --------------------------------------------------------
+    def _fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
+        return {
+            hook: {
+                split: SufficientStats(d, n_feat, self.device, self.dtype)
+                for split in ("train", "held_out")
+            }
+            for hook in self.cfg.hooks
+        }
+
+    def _load_checkpoint(self, d: int, n_feat: int) -> tuple[list[int], dict]:
+        path = self.store.local_path / self.unit / CHECKPOINT
+        if not path.exists():
+            return [], self._fresh_stats(d, n_feat)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        stats = {
+            hook: {
+                split: SufficientStats.from_state_dict(sd, self.device, self.dtype)
+                for split, sd in splits.items()
+            }
+            for hook, splits in state["stats"].items()
+        }
+        return list(state["consumed"]), stats
+
+    def _save_checkpoint(self, consumed: list[int], stats: dict) -> None:
+        path = self.store.local_path / self.unit / CHECKPOINT
+        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+        state = {
+            "consumed": consumed,
+            "stats": {h: {s: st.state_dict() for s, st in sp.items()} for h, sp in stats.items()},
+        }
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def accumulate(self, d: int, n_feat: int) -> dict:
+        store, cfg = self.store, self.cfg
+        tokens = store.info(self.tokens)
+        ctx, chunk_seqs, n_chunks = tokens["ctx"], tokens["chunk_seqs"], tokens["n_chunks"]
+        held = torch.from_numpy(
+            held_out_sequences(tokens["n_seq"], cfg.held_out_fraction, cfg.split_seed)
+        )
+        consumed, stats = self._load_checkpoint(d, n_feat)
+        todo = [i for i in range(n_chunks) if i not in set(consumed)]
+        n_rows = [min(chunk_seqs, tokens["n_seq"] - i * chunk_seqs) * ctx for i in todo]
+        bar = tqdm(
+            total=sum(n_rows),
+            unit="tok",
+            unit_scale=True,
+            desc="fit",
+            disable=not cfg.progress,
+            mininterval=1.0,
+        )
+        try:
+            for n, index in enumerate(todo):
+                mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+                seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
+                rows, cols, vals = load_sparse(store, self.feats, index)
+                splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
+                for hook, unit in self.acts.items():
+                    x = load_acts(store, unit, index)
+                    for split, keep in splits.items():
+                        if bool(keep.any()):
+                            r, c, v = select_rows(rows, cols, vals, keep)
+                            stats[hook][split].update(
+                                x[keep].to(self.device),
+                                r.to(self.device),
+                                c.to(self.device),
+                                v.to(self.device),
+                            )
+                consumed.append(index)
+                bar.update(n_rows[n])
+                if len(consumed) % cfg.checkpoint_every == 0 or n == len(todo) - 1:
+                    self._save_checkpoint(consumed, stats)
+        finally:
+            bar.close()
+        return stats
+
+    # ---- solve and write ----------------------------------------------------------------------
+    def solve_and_write(self, stats: dict, n_feat: int) -> dict[str, Any]:
+        store, cfg = self.store, self.cfg
+        prov = store.info(self.unit)
+        held_r2 = []
+        summary = {}
+        for hook in cfg.hooks:
+            train, held = stats[hook]["train"], stats[hook]["held_out"]
+            if train.n == 0:
+                raise XprobeError(
+                    "no training tokens: the corpus is too small for this held_out_fraction"
+                )
+            scale = float(torch.trace(train.cxx)) / train.cxx.shape[0]
+            lambdas = [lam * scale for lam in cfg.lambdas]
+            result = solve_ridge(
+                train,
+                held if held.n > 0 else None,
+                lambdas,
+                feature_block=cfg.feature_block,
+                min_active=cfg.min_active,
+            )
+            for key, value in result.items():
+                value = (
+                    value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+                )
+                if key == "direction":
+                    value = value.astype(np.float32)
+                path = f"{self.unit}/{hook}/{key}"
+                if store.has(path):
+                    store.delete(path)
+                chunks = (min(len(value), 4096),) + value.shape[1:] if value.ndim else ()
+                arr = store.create_array(
+                    path, value.shape, chunks or value.shape, value.dtype, prov
+                )
+                arr[...] = value
+            r2 = np.asarray(
+                result["r2_held_out"].cpu()
+                if isinstance(result["r2_held_out"], torch.Tensor)
+                else result["r2_held_out"]
+            )
+            held_r2.append(r2)
+            ok = (
+                np.asarray(
+                    result["status"].cpu()
+                    if isinstance(result["status"], torch.Tensor)
+                    else result["status"]
+                )
+                == 0
+            )
+            summary[hook] = {
+                "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
+                "n_ok": int(ok.sum()),
+            }
+        best = np.argmax(np.stack(held_r2), axis=0).astype(np.int32)
+        if store.has(f"{self.unit}/best_hook"):
+            store.delete(f"{self.unit}/best_hook")
+        store.create_array(f"{self.unit}/best_hook", best.shape, best.shape, best.dtype, prov)[
+            ...
+        ] = best
+        return summary
+
+
+def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:
+    from pipeline.runner import Stage
+
+    fit = Fit(cfg, store)
+    extra = fit.validate()
+
+    class _Named(Stage):  # check_config needs only a name and the config
+        name = "fit"
+
+        def units(self, store):  # pragma: no cover - unused
+            return {}
+
+        def prepare(self, store):  # pragma: no cover - unused
+            return None
+
+        def compute(self, store, todo):  # pragma: no cover - unused
+            return iter(())
+
+    store.acquire_lock(fit.unit, "fit")
+    try:
+        if check_config(store, _Named(cfg), {fit.unit: extra}, force):
+            return {
+                "stage": "fit",
+                "units": [fit.unit],
+                "chunks_written": 0,
+                "already_complete": True,
+            }
+        if not store.has(fit.unit) or "xprobe" not in store.group(fit.unit).attrs:
+            store.create_unit(fit.unit, provenance("fit", cfg, **extra))
+        stats = fit.accumulate(extra["d_model"], extra["n_feat"])
+        summary = fit.solve_and_write(stats, extra["n_feat"])
+        n_chunks = extra["n_chunks_planned"]
+        store.mark_complete(
+            fit.unit,
+            n_chunks,
+            summary=summary,
+            n_tok_train=int(stats[cfg.hooks[0]]["train"].n),
+            n_tok_held_out=int(stats[cfg.hooks[0]]["held_out"].n),
+        )
+        return {
+            "stage": "fit",
+            "units": [fit.unit],
+            "chunks_written": n_chunks,
+            "already_complete": False,
+            "summary": summary,
+        }
+    finally:
+        store.release_lock(fit.unit)

@@ -1,0 +1,246 @@
+"""Fit stage end to end on stored data, against sklearn Ridge / numpy lstsq on the same rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import XprobeError
+from pipeline.runner import ChunkResult, Stage, run_stage
+from pipeline.store import Store
+from stages.activations import ActivationsConfig
+from stages.activations import run as activations
+from stages.fit import FitConfig, held_out_sequences
+from stages.fit import run as fit
+from stages.tokenize import TokenizeConfig
+from stages.tokenize import run as tokenize
+
+N_FEAT = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyConfig:
+    seed: int = 0
+
+
+class _FakeFeatures(Stage):
+    """Writes a features unit in the features stage's format from a known map of A's activations:
+    y = relu(x_A · W + b), dense top-K with K = N_FEAT (no drops), so the test knows the targets."""
+
+    name = "features"
+
+    def __init__(self, cfg: Any, acts_unit: str, x_scale: float, seed: int = 0):
+        super().__init__(cfg)
+        self.acts_unit = acts_unit
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(64, N_FEAT, generator=g) / (8 * x_scale)  # pre-activations ~ N(0, 1)
+        self.b = -torch.rand(N_FEAT, generator=g) * torch.linspace(0, 2, N_FEAT)
+        self.b[-1] = -1e9  # a dead feature
+
+    def units(self, store):
+        t = store.info("tokens/c")
+        return {
+            "feats/c/toy": {
+                "n_feat": N_FEAT,
+                "corpus": "c",
+                "corpus_fingerprint": t["corpus_fingerprint"],
+            }
+        }
+
+    def prepare(self, store):
+        t = store.info("tokens/c")
+        rows = t["chunk_seqs"] * t["ctx"]
+        prov = store.info("feats/c/toy")
+        store.create_array(
+            "feats/c/toy/idx",
+            (t["n_seq"] * t["ctx"], N_FEAT),
+            (rows, N_FEAT),
+            "int32",
+            prov,
+            fill_value=-1,
+        )
+        store.create_array(
+            "feats/c/toy/val", (t["n_seq"] * t["ctx"], N_FEAT), (rows, N_FEAT), "float32", prov
+        )
+        return t["n_chunks"]
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w + self.b)
+
+    def compute(self, store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
+        for i in range(store.info("tokens/c")["n_chunks"]):
+            if todo(i):
+                y = self.dense(torch.from_numpy(store.read_chunk(f"{self.acts_unit}/x", i))).numpy()
+                idx = np.where(y > 0, np.arange(N_FEAT, dtype=np.int32)[None, :], -1).astype(
+                    np.int32
+                )
+                yield ChunkResult(i, {"feats/c/toy/idx": idx, "feats/c/toy/val": y}, n_tok=len(y))
+
+
+@pytest.fixture(scope="module")
+def fitted_store(
+    tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir, llama_dir
+) -> tuple[Path, _FakeFeatures]:
+    path = tmp_path_factory.mktemp("fit") / "store"
+    store = Store(path)
+    tokenize(
+        TokenizeConfig(
+            corpus="c",
+            source=(str(corpus_jsonl),),
+            tokenizer=str(tokenizer_dir),
+            ctx=32,
+            chunk_seqs=4,
+            max_tokens=8000,
+            progress=False,
+        ),
+        store,
+    )
+    activations(
+        ActivationsConfig(
+            corpus="c", model=str(gpt2_dir), name="A", layers=(0,), device="cpu", progress=False
+        ),
+        store,
+    )
+    activations(
+        ActivationsConfig(
+            corpus="c", model=str(llama_dir), name="B", layers=(0, 1), device="cpu", progress=False
+        ),
+        store,
+    )
+    a_unit = "acts/c/A/blocks.0.hook_resid_post"
+    feats = _FakeFeatures(_ToyConfig(), a_unit, x_scale=float(store.array(f"{a_unit}/x")[:].std()))
+    run_stage(feats, store, progress=False)
+    return path, feats
+
+
+def _cfg(**kw) -> FitConfig:
+    base = dict(
+        name="p",
+        corpus="c",
+        features="toy",
+        model="B",
+        hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+        held_out_fraction=0.25,
+        lambdas=(0.0, 1e-3, 1e-1),
+        compute_dtype="float64",
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def _in_memory(store: Store, feats: _FakeFeatures, hook: str) -> tuple[np.ndarray, ...]:
+    x = store.array(f"acts/c/B/{hook}/x")[:].astype(np.float64)
+    y = (
+        feats.dense(torch.from_numpy(store.array("acts/c/A/blocks.0.hook_resid_post/x")[:]))
+        .numpy()
+        .astype(np.float64)
+    )
+    mask = store.array("tokens/c/mask")[:].reshape(-1)
+    held_seq = held_out_sequences(store.info("tokens/c")["n_seq"], 0.25, 0)
+    held = np.repeat(held_seq, 32)
+    return x, y, mask & ~held, mask & held
+
+
+def test_probes_equal_sklearn_ridge_and_lstsq(fitted_store):
+    from sklearn.linear_model import Ridge
+
+    path, feats = fitted_store
+    store = Store(path)
+    fit(_cfg(), store)
+    hook = "blocks.1.hook_resid_post"
+    x, y, train, held = _in_memory(store, feats, hook)
+    got = {
+        k: store.array(f"probes/p/{hook}/{k}")[:]
+        for k in ("direction", "intercept", "lam", "r2_held_out", "status")
+    }
+    ok = got["status"] == 0
+    assert ok.sum() >= N_FEAT - 4 and got["status"][-1] == 1  # the dead feature is flagged
+    for f in np.nonzero(ok)[0]:
+        ridge = Ridge(alpha=got["lam"][f], fit_intercept=True, solver="svd").fit(
+            x[train], y[train, f]
+        )
+        np.testing.assert_allclose(
+            got["direction"][f], ridge.coef_, rtol=2e-5, atol=2e-6 * np.abs(ridge.coef_).max()
+        )
+        np.testing.assert_allclose(got["intercept"][f], ridge.intercept_, rtol=1e-6, atol=1e-7)
+        pred = x[held] @ got["direction"][f].astype(np.float64) + got["intercept"][f]
+        r2 = 1 - ((y[held, f] - pred) ** 2).sum() / ((y[held, f] - y[held, f].mean()) ** 2).sum()
+        assert abs(r2 - got["r2_held_out"][f]) < 1e-5
+    # λ = 0 is plain least squares with an intercept column
+    fit(_cfg(name="ols", lambdas=(0.0,)), store)
+    a = np.hstack([x[train], np.ones((train.sum(), 1))])
+    coef = np.linalg.lstsq(a, y[train], rcond=None)[0]
+    direction = store.array(f"probes/ols/{hook}/direction")[:]
+    ok = store.array(f"probes/ols/{hook}/status")[:] == 0
+    np.testing.assert_allclose(
+        direction[ok], coef[:-1].T[ok], rtol=1e-4, atol=1e-5 * np.abs(coef).max()
+    )
+    best = store.array("probes/p/best_hook")[:]
+    r2s = np.stack([store.array(f"probes/p/{h}/r2_held_out")[:] for h in _cfg().hooks])
+    assert np.array_equal(best, r2s.argmax(0))
+
+
+def test_rerun_is_noop_and_config_change_refused(fitted_store):
+    path, _ = fitted_store
+    store = Store(path)
+    fit(_cfg(name="q"), store)
+    assert fit(_cfg(name="q"), store)["already_complete"]
+    with pytest.raises(XprobeError, match="held_out_fraction: stored 0.25 != requested 0.5"):
+        fit(_cfg(name="q", held_out_fraction=0.5), store)
+    with pytest.raises(
+        XprobeError, match="acts/c/nope/blocks.0.hook_resid_post is not in the store"
+    ):
+        fit(_cfg(name="r", model="nope"), store)
+
+
+KILL_SCRIPT = """
+import sys
+from pipeline.store import Store
+from stages.fit import FitConfig, run
+run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+              held_out_fraction=0.25, lambdas=(0.0, 1e-3, 1e-1), compute_dtype="float64", device="cpu", progress=False,
+              checkpoint_every=1), Store(sys.argv[1]))
+"""
+
+
+def test_sigkill_then_resume_equals_uninterrupted(fitted_store, tmp_path):
+    import shutil
+
+    path, _ = fitted_store
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(copy)], cwd=Path(__file__).parents[1]
+    )
+    ckpt = copy / "probes/k/_checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_store = Store(copy)
+    consumed = torch.load(ckpt, weights_only=False)["consumed"]
+    assert 0 < len(consumed) < resumed_store.info("tokens/c")["n_chunks"], (
+        "the kill must land partway"
+    )
+    fit(_cfg(name="k", checkpoint_every=1), resumed_store)
+    ref = Store(path)
+    fit(_cfg(name="k", checkpoint_every=1), ref)
+    for hook in _cfg().hooks:
+        for key in ("direction", "intercept", "r2_held_out", "lam"):
+            assert np.array_equal(
+                resumed_store.array(f"probes/k/{hook}/{key}")[:],
+                ref.array(f"probes/k/{hook}/{key}")[:],
+            ), key
