@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import runtime
+from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.layout import acts_unit, safe_name, tokens_unit
 from pipeline.reader import STORED_DTYPE, encode_for_store
@@ -61,24 +62,6 @@ class ActivationsConfig:
     """torch device; ``auto`` picks cuda, then mps, then cpu."""
     batch_seqs: int = runtime(16, "sequences per forward pass")
     progress: bool = runtime(True, "show a progress bar")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def find_blocks(model: Any, n_layers: int) -> Any:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.config import runtime
+from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.layout import acts_unit, feats_unit, safe_name, tokens_unit
 from pipeline.reader import load_acts
@@ -81,16 +82,6 @@ class FeaturesConfig:
     """Store names of models B (same d_model and hook) to measure direct SAE transfer on."""
     batch_tokens: int = runtime(4096, "tokens per sae.encode call")
     progress: bool = runtime(True, "show a progress bar")
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def load_sae(cfg: FeaturesConfig, device: str) -> Any:
@@ -146,7 +137,7 @@ class FeaturesStage(Stage):
             self.sae_name = f"{cfg.sae}--{cfg.sae_id}"
         self.unit = feats_unit(cfg.corpus, self.sae_name)
         self.tokens = tokens_unit(cfg.corpus)
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self._sae = None
         self.k: int | None = None
 

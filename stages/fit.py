@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import runtime
+from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
 from pipeline.lstsq import SufficientStats, solve_ridge
@@ -62,13 +63,6 @@ class FitConfig:
     progress: bool = runtime(True, "show a progress bar")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def held_out_sequences(n_seq: int, fraction: float, seed: int) -> np.ndarray:
     """[n_seq] bool: which sequences are held out. Same (n_seq, fraction, seed), same split."""
     if not 0.0 <= fraction < 1.0:
@@ -85,7 +79,7 @@ class Fit:
         self.tokens = tokens_unit(cfg.corpus)
         self.feats = feats_unit(cfg.corpus, cfg.features)
         self.acts = {hook: acts_unit(cfg.corpus, safe_name(cfg.model), hook) for hook in cfg.hooks}
-        self.device = resolve_device(cfg.device)
+        self.device = torch.device(resolve_device(cfg.device))
         self.dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
 
     def validate(self) -> dict[str, Any]:
