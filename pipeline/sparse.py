@@ -6,9 +6,12 @@ The features unit ``feats/<corpus>/<sae>`` holds fixed-width top-K rows aligned 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 
+from pipeline.layout import feats_unit
 from pipeline.store import Store
 
 
@@ -36,3 +39,14 @@ def select_rows(
     new_index = torch.cumsum(keep.to(torch.int64), 0) - 1
     mask = keep[rows]
     return new_index[rows[mask]], cols[mask], vals[mask]
+
+
+def iter_sparse(
+    store: Store, corpus: str, sae_name: str, chunks: Iterable[int] | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A features unit chunk by chunk as ``(index, rows, cols, vals)`` (see :func:`load_sparse`)."""
+    unit = feats_unit(corpus, sae_name)
+    info = store.info(unit)
+    n_chunks = info.get("n_chunks") or info.get("n_chunks_planned")
+    for index in range(n_chunks) if chunks is None else chunks:
+        yield (index, *load_sparse(store, unit, index))

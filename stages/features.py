@@ -29,7 +29,7 @@ residual vectors in the provenance (``transfer``). Explained variance is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -483,19 +483,3 @@ def run(cfg: FeaturesConfig, store: Store, force: bool = False) -> dict[str, Any
     from pipeline.runner import run_stage
 
     return run_stage(FeaturesStage(cfg), store, force=force, progress=cfg.progress)
-
-
-def iter_sparse(
-    store: Store, corpus: str, sae_name: str, chunks: Iterable[int] | None = None
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Stored features chunk by chunk as COO: ``(index, rows, cols, vals)``, where ``rows`` is the
-    token offset within the chunk, ``cols`` the feature index, padding skipped. An unwritten
-    chunk raises XprobeError."""
-    unit = feats_unit(corpus, sae_name)
-    info = store.info(unit)
-    n_chunks = info.get("n_chunks") or info.get("n_chunks_planned")
-    for index in range(n_chunks) if chunks is None else chunks:
-        idx = store.read_chunk(f"{unit}/idx", index)
-        val = store.read_chunk(f"{unit}/val", index)
-        rows, slots = np.nonzero(idx >= 0)
-        yield index, rows.astype(np.int64), idx[rows, slots].astype(np.int64), val[rows, slots]

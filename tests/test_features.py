@@ -16,10 +16,11 @@ import torch
 from sae_lens import SAE
 
 from pipeline.errors import XprobeError
+from pipeline.sparse import iter_sparse
 from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
-from stages.features import FeaturesConfig, iter_sparse, run
+from stages.features import FeaturesConfig, run
 from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
 
@@ -167,7 +168,7 @@ def test_stored_features_equal_sae_encode_and_stats(store_path, sae_dir):
     coo = np.zeros_like(ref)
     rows_per_chunk = 4 * 32
     for index, rows, cols, vals in iter_sparse(store, "c", "sae"):
-        coo[index * rows_per_chunk + rows, cols] = vals
+        coo[index * rows_per_chunk + rows.numpy(), cols.numpy()] = vals.numpy()
     np.testing.assert_array_equal(coo, _dense(store, 256))
 
 
