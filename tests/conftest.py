@@ -146,3 +146,22 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return _save_model(
         LlamaForCausalLM(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("llama")
     )
+
+
+def wait_for_markers(done_dir: Path, n: int, timeout: float = 60.0) -> int:
+    """Wait until `done_dir` holds at least `n` committed chunk markers; return how many it holds.
+
+    Only `<i>.json` counts: a marker being written is a hidden temp file until it is renamed.
+    """
+    import os
+    import time
+
+    deadline = time.time() + timeout
+    count = 0
+    while time.time() < deadline:
+        if done_dir.is_dir():
+            count = sum(1 for f in os.listdir(done_dir) if f.endswith(".json") and f[0] != ".")
+            if count >= n:
+                break
+        time.sleep(0.005)
+    return count

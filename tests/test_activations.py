@@ -7,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for_markers
 from transformers import AutoModelForCausalLM
 
 from pipeline.errors import XprobeError
@@ -238,9 +238,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus_jsonl, tokenizer_
         cwd=Path(__file__).parents[1],
     )
     done_dir = tmp_path / "killed/acts/c/m/blocks.1.hook_resid_post/_done"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (done_dir.is_dir() and os.listdir(done_dir)):
-        time.sleep(0.01)
+    wait_for_markers(done_dir, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     units = ["acts/c/m/blocks.0.hook_resid_post", "acts/c/m/blocks.1.hook_resid_post"]

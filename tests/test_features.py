@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import wait_for_markers
 from sae_fixtures import save_standard_sae, save_topk_sae  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
@@ -240,9 +239,7 @@ def test_sigkill_then_resume_is_bit_identical(store_path, base_store, sae_dir, t
         cwd=Path(__file__).parents[1],
     )
     done_dir = store_path / UNIT / "_done"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (done_dir.is_dir() and os.listdir(done_dir)):
-        time.sleep(0.01)
+    wait_for_markers(done_dir, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = Store(store_path)

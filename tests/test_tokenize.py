@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,7 @@ run(TokenizeConfig(corpus="c", source=(sys.argv[2],), tokenizer=sys.argv[3], ctx
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
-    from conftest import make_documents
+    from conftest import make_documents, wait_for_markers
 
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=5)))
@@ -140,9 +139,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
         cwd=Path(__file__).parents[1],
     )
     done_dir = killed / "tokens/c/_done"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (done_dir.is_dir() and len(os.listdir(done_dir)) >= 20):
-        time.sleep(0.01)
+    wait_for_markers(done_dir, 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = Store(killed)
