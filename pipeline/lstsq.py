@@ -2,7 +2,7 @@
 
 For one (layer, split), :class:`SufficientStats` accumulates, chunk by chunk, the centred sums
 
-    n, mean_x [d], mean_y [n_feat], cxx [d, d], cxy [d, n_feat], syy [n_feat], n_active [n_feat]
+    n, mean_x [d], mean_y [n_feat], cxx [d, d], cyx [n_feat, d], syy [n_feat], n_active [n_feat]
 
 of activations x [n_tok, d] and targets y [n_tok, n_feat] given sparsely in COO form.
 :func:`solve_ridge` fits ``y ≈ x·w + b`` for every feature and every λ of a grid from these
@@ -10,18 +10,19 @@ statistics alone, picks λ per feature on held-out error (also from statistics: 
 over the data) and returns directions, intercepts and scores. Memory is independent of n_tok;
 nothing of size [n_tok, n_feat] is ever built.
 
-Precision. All running statistics are float64. Per chunk, the mean of x is taken in float64 and x
-is centred in float64; only the d×d product ``xcᵀ xc`` runs in ``compute_dtype`` (float32 by
-default: tensor cores are not used, and TF32 must stay off, which is torch's default; pass
-float64 for reference-exact statistics, e.g. on CPU) over row blocks whose results are summed
-in float64. The cross term and the y sums are float64 sparse scatters costing O(nnz·d) and
-O(nnz). Chunks and accumulators are merged with Chan's parallel formula in float64, so
-``XᵀX − n·μμᵀ`` is never formed. On CUDA, ``index_add_`` uses atomics: results are reproducible
-to float64 round-off, not bit for bit.
+Precision. All running statistics are float64. Per chunk, the mean of x is summed in float64
+and x is centred in float64, one row block at a time; only the d×d product ``xcᵀ xc`` runs in
+``compute_dtype`` (float32 by default: tensor cores are not used, and TF32 must stay off, which
+is torch's default; pass float64 for reference-exact statistics), its blocks summed in float64.
+The cross term is a float64 sparse × dense product (``torch.sparse.mm``) costing O(nnz·d), and
+the y sums are O(nnz) scatters. Chunks and accumulators are merged with Chan's parallel formula
+in float64, so ``XᵀX − n·μμᵀ`` is never formed. On CUDA, scatters use atomics: results are
+reproducible to float64 round-off, not bit for bit.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,14 +45,14 @@ STATUS_NAMES = {
 }
 
 _BLOCK_ELEMS = 1 << 24  # elements of one float64 scratch block (128 MiB)
-_FIELDS = ("mean_x", "mean_y", "cxx", "cxy", "syy", "n_active")
+_FIELDS = ("mean_x", "mean_y", "cxx", "cyx", "syy", "n_active")
 
 
 class SufficientStats:
     """Centred first and second moments of (x, y) for one (layer, split), in float64 on ``device``.
 
     Attributes: ``n`` (tokens seen), ``mean_x [d]``, ``mean_y [n_feat]``,
-    ``cxx [d, d] = Σ (x-μx)(x-μx)ᵀ``, ``cxy [d, n_feat] = Σ (x-μx)(y-μy)ᵀ``,
+    ``cxx [d, d] = Σ (x-μx)(x-μx)ᵀ``, ``cyx [n_feat, d] = Σ (y-μy)(x-μx)ᵀ``,
     ``syy [n_feat] = Σ (y-μy)²`` and ``n_active [n_feat]`` (int64: tokens where y != 0).
     """
 
@@ -74,7 +75,7 @@ class SufficientStats:
         self.mean_x = torch.zeros(d, **f64)
         self.mean_y = torch.zeros(n_feat, **f64)
         self.cxx = torch.zeros(d, d, **f64)
-        self.cxy = torch.zeros(d, n_feat, **f64)
+        self.cyx = torch.zeros(n_feat, d, **f64)  # row f: feature f's cross term
         self.syy = torch.zeros(n_feat, **f64)
         self.n_active = torch.zeros(n_feat, dtype=torch.int64, device=self.device)
 
@@ -86,7 +87,7 @@ class SufficientStats:
         ``rows [nnz]`` (int64, index into x), ``cols [nnz]`` (int64, feature) and ``vals [nnz]``
         list the stored entries of Y; absent entries are 0. Each (row, col) pair appears at most
         once. Explicit zeros are allowed and do not count as active. Cost: O(n·d²) for the x
-        product, O(nnz·d) for the cross term, plus one in-place rank-1 update of ``cxy``
+        product, O(nnz·d) for the cross term, plus one in-place rank-1 update of ``cyx``
         (O(d·n_feat), memory-bound) for the merge.
         """
         if x.ndim != 2 or x.shape[1] != self.d:
@@ -101,14 +102,7 @@ class SufficientStats:
         vals = vals.to(self.device, torch.float64)
 
         mean_x = self._chunk_mean_x(x)
-        cxx = self._chunk_cxx(x, mean_x)
-        # Σ_t (x_t - m_x)(y_t - m_y)ᵀ = Σ_t (x_t - m_x) y_tᵀ since the centred x sums to zero.
-        step = max(1, _BLOCK_ELEMS // self.d)
-        for start in range(0, rows.numel(), step):
-            part = slice(start, start + step)
-            xc = x[rows[part]].to(torch.float64) - mean_x
-            # a contiguous [d, nnz] source scatters ~2x faster than a transposed view
-            self.cxy.index_add_(1, cols[part], (xc * vals[part, None]).T.contiguous())
+        cxx = self._chunk_products(x, mean_x, rows, cols, vals)
 
         mean_y = torch.zeros_like(self.mean_y).index_add_(0, cols, vals) / n_b
         stored = torch.bincount(cols, minlength=self.n_feat)
@@ -133,7 +127,7 @@ class SufficientStats:
             other.mean_x.to(dev),
             other.mean_y.to(dev),
             other.cxx.to(dev),
-            other.cxy.to(dev),
+            other.cyx.to(dev),
             other.syy.to(dev),
             other.n_active.to(dev),
         )
@@ -153,7 +147,7 @@ class SufficientStats:
         compute_dtype: torch.dtype = torch.float32,
     ) -> SufficientStats:
         """Rebuild an accumulator from :meth:`state_dict` output (torch or numpy values), exactly."""
-        d, n_feat = torch.as_tensor(state["cxy"]).shape
+        n_feat, d = torch.as_tensor(state["cyx"]).shape
         stats = cls(d, n_feat, device, compute_dtype)
         stats.n = int(state["n"])
         for name in _FIELDS:
@@ -167,21 +161,62 @@ class SufficientStats:
             setattr(stats, name, value)
         return stats
 
-    def _chunk_mean_x(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of ``x [n, d]`` in float64, converting one row block at a time."""
-        step = max(1, _BLOCK_ELEMS // self.d)
-        total = torch.zeros(self.d, dtype=torch.float64, device=self.device)
-        for start in range(0, x.shape[0], step):
-            total += x[start : start + step].to(torch.float64).sum(0)
-        return total / x.shape[0]
+    def _add_cross(
+        self,
+        xc: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+    ) -> None:
+        """``cyx += Yᵀ xc`` for one row block ``xc [n, d]`` (float64, centred on the chunk mean).
 
-    def _chunk_cxx(self, x: torch.Tensor, mean_x: torch.Tensor) -> torch.Tensor:
-        """``Σ (x - m)(x - m)ᵀ [d, d]``: centred in float64, product in compute_dtype per block."""
+        Σ_t (y_t - m_y)(x_t - m_x)ᵀ = Σ_t y_t (x_t - m_x)ᵀ since the centred x sums to zero, so
+        only stored entries of Y contribute: a sparse × dense product (MKL / cuSPARSE) costing
+        O(nnz·d). Features are taken in contiguous ranges whose [range, d] float64 result fits
+        one scratch block, so extra memory never grows with n_feat.
+        """
+        n_rows, d = xc.shape
+        width = max(1, _BLOCK_ELEMS // d)
+        for first in range(0, self.n_feat, width):
+            last = min(first + width, self.n_feat)
+            if first == 0 and last == self.n_feat:
+                r, c, v = rows, cols, vals
+            else:
+                keep = (cols >= first) & (cols < last)
+                if not bool(keep.any()):
+                    continue
+                r, c, v = rows[keep], cols[keep] - first, vals[keep]
+            with warnings.catch_warnings():  # "sparse invariant checks are disabled"
+                warnings.simplefilter("ignore", UserWarning)
+                y_t = torch.sparse_coo_tensor(torch.stack([c, r]), v, (last - first, n_rows))
+            self.cyx[first:last] += torch.sparse.mm(y_t, xc)
+
+    def _chunk_mean_x(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of ``x [n, d]``, summed in float64."""
+        return x.sum(0, dtype=torch.float64) / x.shape[0]
+
+    def _chunk_products(
+        self,
+        x: torch.Tensor,
+        mean_x: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+    ) -> torch.Tensor:
+        """One pass over row blocks of x, centred in float64: returns ``Σ (x - m)(x - m)ᵀ [d, d]``
+        (product in compute_dtype, summed in float64) and adds the cross term into ``cyx``."""
         step = max(1, _BLOCK_ELEMS // self.d)
         cxx = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
         for start in range(0, x.shape[0], step):
-            xc = (x[start : start + step].to(torch.float64) - mean_x).to(self.compute_dtype)
-            cxx += (xc.T @ xc).to(torch.float64)
+            stop = min(start + step, x.shape[0])
+            xc = x[start:stop].to(torch.float64) - mean_x
+            low = xc.to(self.compute_dtype)
+            cxx += (low.T @ low).to(torch.float64)
+            if start == 0 and stop == x.shape[0]:
+                self._add_cross(xc, rows, cols, vals)
+            else:
+                keep = (rows >= start) & (rows < stop)
+                self._add_cross(xc, rows[keep] - start, cols[keep], vals[keep])
         return cxx
 
     def _absorb(
@@ -190,11 +225,11 @@ class SufficientStats:
         mean_x: torch.Tensor,
         mean_y: torch.Tensor,
         cxx: torch.Tensor,
-        cxy: torch.Tensor | None,
+        cyx: torch.Tensor | None,
         syy: torch.Tensor,
         n_active: torch.Tensor,
     ) -> None:
-        """Chan's merge of a block b's centred statistics (``cxy=None``: already added in place)."""
+        """Chan's merge of a block b's centred statistics (``cyx=None``: already added in place)."""
         n_a, n = self.n, self.n + n_b
         dx, dy = mean_x - self.mean_x, mean_y - self.mean_y
         weight = n_a * n_b / n
@@ -202,9 +237,9 @@ class SufficientStats:
         self.mean_y += dy * (n_b / n)
         self.cxx += cxx
         self.cxx.addr_(dx, dx, alpha=weight)
-        if cxy is not None:
-            self.cxy += cxy
-        self.cxy.addr_(dx, dy, alpha=weight)  # in place: no [d, n_feat] temporary
+        if cyx is not None:
+            self.cyx += cyx
+        self.cyx.addr_(dy, dx, alpha=weight)  # in place: no [n_feat, d] temporary
         self.syy += syy + weight * dy * dy
         self.n_active += n_active
         self.n = n
@@ -232,7 +267,7 @@ def solve_ridge(
 ) -> dict[str, np.ndarray]:
     """Centred ridge for all features, λ chosen per feature on held-out squared error.
 
-    For each λ, ``w(λ) = (cxx + λI)⁺ cxy`` and ``b = μy − μxᵀw``: the same solution as
+    For each λ, ``w(λ) = (cxx + λI)⁺ cyxᵀ`` and ``b = μy − μxᵀw``: the same solution as
     ``sklearn.linear_model.Ridge(alpha=λ, fit_intercept=True)``; λ = 0 is least squares with
     the minimum-norm solution when columns are collinear (eigenvalues of cxx below
     ``s_max·d·eps64`` count as zero). Without held-out statistics the smallest λ is used.
@@ -333,10 +368,10 @@ def _solve_block(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Fit the features in ``block`` (B of them) for every λ and keep the held-out best.
 
-    Works in the eigenbasis: ``z = Vᵀw = diag(1/(s+λ)) Vᵀ cxy``. Returns per-feature tensors
+    Works in the eigenbasis: ``z = Vᵀw = diag(1/(s+λ)) Vᵀ cyxᵀ``. Returns per-feature tensors
     (``direction`` as [d, B]) and the held-out R² of every λ, [L, B] (zeros without held-out).
     """
-    proj = basis.eigvecs.T @ train.cxy[:, block]  # [d, B]
+    proj = basis.eigvecs.T @ train.cyx[block].T  # [d, B]
     mean_y, syy = train.mean_y[block], train.syy[block]
     n_active = train.n_active[block]
     status = torch.full_like(n_active, STATUS_OK, dtype=torch.int8)
@@ -346,11 +381,11 @@ def _solve_block(
     if held_out is None:
         choice = torch.full((width,), int(grid.argmin()), device=proj.device)
     else:
-        held_proj = basis.eigvecs.T @ held_out.cxy[:, block]  # [d, B]
+        held_proj = basis.eigvecs.T @ held_out.cyx[block].T  # [d, B]
         held_syy = held_out.syy[block]
         status[held_syy <= 0] = STATUS_CONSTANT_HELD_OUT
         sse = torch.empty_like(r2_per_lambda)
-        cross = torch.empty_like(r2_per_lambda)  # wᵀ cxy_h
+        cross = torch.empty_like(r2_per_lambda)  # wᵀ cyx_hᵀ
         quad = torch.empty_like(r2_per_lambda)  # wᵀ cxx_h w
         for i in range(n_lambdas):
             z = basis.inverse[:, i : i + 1] * proj

@@ -161,7 +161,7 @@ def test_moments_match_numpy_and_merge_equals_single_pass():
         "mean_x": x.astype(np.float64).mean(0),
         "mean_y": y.mean(0),
         "cxx": centred_x.T @ centred_x,
-        "cxy": centred_x.T @ centred_y,
+        "cyx": centred_y.T @ centred_x,
         "syy": (centred_y**2).sum(0),
     }
     for name, value in moments.items():
@@ -191,7 +191,7 @@ def test_moments_match_numpy_and_merge_equals_single_pass():
             if name != "n":
                 assert torch.equal(getattr(copy, name), value)
         feed(copy, x[:100], y[:100], [100])
-        for name in ("mean_x", "mean_y", "cxx", "cxy", "syy", "n_active"):
+        for name in ("mean_x", "mean_y", "cxx", "cyx", "syy", "n_active"):
             assert torch.equal(getattr(copy, name), getattr(whole, name))
 
 
@@ -272,5 +272,5 @@ def test_bfloat16_input_is_centred_in_float64():
     y = sparse_targets(rng, x.double().numpy(), 4, noise=0.5)
     from_bf16 = fitted(x, y, [200, 300], compute_dtype=torch.float64)
     from_f64 = fitted(x.double().numpy(), y, [200, 300], compute_dtype=torch.float64)
-    for name in ("mean_x", "cxx", "cxy", "syy"):
+    for name in ("mean_x", "cxx", "cyx", "syy"):
         assert torch.equal(getattr(from_bf16, name), getattr(from_f64, name))
