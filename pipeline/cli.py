@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import sys
 import typing
@@ -34,8 +36,21 @@ def _store_path(config: dict[str, Any], override: str | None) -> str:
     return path
 
 
+def _open_store(config: dict[str, Any], override: str | None, cache: tuple[str, ...]) -> Store:
+    """The local store to write, with the read-only caches from ``--cache`` or ``cache = ...``."""
+    caches = list(cache) or config.get("cache") or []
+    if isinstance(caches, str):
+        caches = [caches]
+    return Store(_store_path(config, override), mode="a", cache=caches)
+
+
+_CACHE_HELP = (
+    "Read-only store (path or URL) to read missing inputs from (repeatable; overrides `cache`)."
+)
+
+
 def _unknown_sections(config: dict[str, Any]) -> None:
-    known = {"store"} | {s.name for s in STAGES}
+    known = {"store", "cache"} | {s.name for s in STAGES}
     unknown = sorted(set(config) - known)
     if unknown:
         raise XprobeError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
@@ -50,31 +65,66 @@ def cli() -> None:
 @cli.command()
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @click.option("--store", "store_path", help="Store path (overrides `store` in the config).")
+@click.option("--cache", multiple=True, help=_CACHE_HELP)
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
 @click.option("--force", is_flag=True, help="Start the selected stages' outputs over.")
-def run(config_path: str, store_path: str | None, only: tuple[str, ...], force: bool) -> None:
+@click.option(
+    "--scheduler",
+    help="Run activations, features and fit on this dask cluster (address or scheduler file).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="Start one local dask cluster of N worker processes for the run (one per GPU where "
+    "CUDA is visible; 0 = every GPU).",
+)
+def run(
+    config_path: str,
+    store_path: str | None,
+    cache: tuple[str, ...],
+    only: tuple[str, ...],
+    force: bool,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
     """Run every stage configured in CONFIG_PATH in order, skipping finished work."""
     config = load_toml(config_path)
     _unknown_sections(config)
-    store = Store(_store_path(config, store_path), mode="a")
+    store = _open_store(config, store_path, cache)
     ran = 0
-    for entry in STAGES:
-        if only and entry.name not in only:
-            continue
-        cfg_cls, run_fn = (None, None)
-        for i, section in enumerate(_sections(config, entry.name)):
-            if cfg_cls is None:
-                cfg_cls, run_fn = entry.load()
-            cfg = from_dict(cfg_cls, section, where=entry.name if i == 0 else f"{entry.name}.{i}")
-            summary = run_fn(cfg, store, force=force)
-            _print_summary(summary)
-            ran += 1
+    with contextlib.ExitStack() as stack:
+        if workers is not None:
+            if scheduler:
+                raise XprobeError("give --scheduler (an existing cluster) or --workers, not both")
+            from pipeline.cluster import local_cluster
+
+            scheduler = stack.enter_context(local_cluster(workers)).scheduler_address
+        for entry in STAGES:
+            if only and entry.name not in only:
+                continue
+            cfg_cls, run_fn = (None, None)
+            for i, section in enumerate(_sections(config, entry.name)):
+                if cfg_cls is None:
+                    cfg_cls, run_fn = entry.load()
+                if scheduler and "scheduler" in {f.name for f in dataclasses.fields(cfg_cls)}:
+                    section = {**section, "scheduler": scheduler}  # the flag wins over the TOML
+                    section.pop("workers", None)
+                where = entry.name if i == 0 else f"{entry.name}.{i}"
+                summary = run_fn(from_dict(cfg_cls, section, where=where), store, force=force)
+                _print_summary(summary)
+                ran += 1
     if ran == 0:
         raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    if summary.get("already_complete"):
+    if summary.get("message"):  # a stage that prints its own summary (the report)
+        click.echo(summary["message"])
+    elif summary.get("cache"):
+        click.echo(
+            f"{summary['stage']}: already complete in the cache {summary['cache']} ({', '.join(summary['units'])})"
+        )
+    elif summary.get("already_complete"):
         click.echo(f"{summary['stage']}: already complete ({', '.join(summary['units'])})")
     else:
         click.echo(
@@ -107,7 +157,12 @@ def _stage_command(entry: StageEntry) -> click.Command:
     """``xprobe <stage>``: run one stage from a TOML section and/or flags."""
 
     def callback(
-        config_path: str | None, store_path: str | None, force: bool, index: int, **flags: Any
+        config_path: str | None,
+        store_path: str | None,
+        cache: tuple[str, ...],
+        force: bool,
+        index: int,
+        **flags: Any,
     ) -> None:
         config = load_toml(config_path) if config_path else {}
         sections = _sections(config, entry.name)
@@ -121,7 +176,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
                 values[key] = list(value) if isinstance(value, tuple) else value
         cfg_cls, run_fn = entry.load()
         cfg = from_dict(cfg_cls, values, where=entry.name)
-        store = Store(_store_path(config, store_path), mode="a")
+        store = _open_store(config, store_path, cache)
         _print_summary(run_fn(cfg, store, force=force))
 
     params: list[click.Parameter] = [
@@ -133,6 +188,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
         click.Option(
             ["--store", "store_path"], help="Store path (overrides `store` in the config)."
         ),
+        click.Option(["--cache"], multiple=True, help=_CACHE_HELP),
         click.Option(["--force"], is_flag=True, help="Delete this stage's outputs and start over."),
         click.Option(
             ["--index"], type=int, default=0, help="Which section, if the config has several."
@@ -222,6 +278,33 @@ def info(store_path: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("store_path")
+@click.option("--repair", is_flag=True, help="Drop bad chunks' markers so a rerun recomputes them.")
+def verify(store_path: str, repair: bool) -> None:
+    """Check every recorded chunk of STORE_PATH against its crc32 (and activations for nan/inf)."""
+    from pipeline.verify import verify_store
+
+    store = Store(store_path, mode="a" if repair else "r")
+    problems = verify_store(store, repair=repair)
+    for p in problems:
+        click.echo(f"{p.unit}  chunk {p.chunk}  {p.array or '-'}: {p.what}")
+    if not problems:
+        click.echo(f"{store_path}: every recorded chunk matches its checksum")
+        return
+    units = sorted({p.unit for p in problems})
+    if repair:
+        click.echo(
+            f"dropped {len(problems)} bad chunk marker(s); rerun the stages that wrote "
+            f"{', '.join(units)} to recompute them"
+        )
+    else:
+        raise XprobeError(
+            f"{len(problems)} bad chunk(s) in {', '.join(units)}; run `xprobe verify {store_path} "
+            "--repair`, then rerun the stages that wrote them"
+        )
+
+
+@cli.command()
+@click.argument("store_path")
 @click.argument("out", type=click.Path(dir_okay=False))
 def pack(store_path: str, out: str) -> None:
     """Pack STORE_PATH into one zip file OUT to share (opens read-only: `xprobe info OUT`)."""
@@ -233,16 +316,31 @@ def pack(store_path: str, out: str) -> None:
 @click.option(
     "--path", "root", default="xprobe-demo", show_default=True, help="Where the demo writes."
 )
-@click.pass_context
-def demo(ctx: click.Context, root: str) -> None:
-    """Run the offline demo (stdlib corpus, locally trained tokenizer) and show the store."""
-    from pipeline.demo import run_demo
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, exists=True),
+    help="Demo models to use (default: the ones shipped in pipeline/demo_data).",
+)
+@click.option("--max-tokens", default=250_000, show_default=True, help="Corpus size in tokens.")
+def demo(root: str, data: str | None, max_tokens: int) -> None:
+    """Run the whole pipeline on small models shipped with xprobe (offline) and print what it finds."""
+    import time
 
-    store = run_demo(Path(root))
-    ctx.invoke(info, store_path=str(store.url), as_json=False)
+    from pipeline.demo import DEMO_DATA, format_numbers, run_demo
+
+    start = time.time()
+    data_dir = Path(data) if data else DEMO_DATA
+    result = run_demo(Path(root), data_dir, max_tokens=max_tokens, on_summary=_print_summary)
+    click.echo(format_numbers(result.numbers, data_dir))
+    click.echo(f"\nconfig: {Path(root) / 'xprobe.toml'} (rerun with `xprobe run`)")
+    if result.report_html:
+        click.echo(f"report: {result.report_html}")
+    click.echo(f"done in {time.time() - start:.0f} s")
 
 
-def _human(n: int) -> str:
+def _human(n: int | None) -> str:
+    if n is None:
+        return "? B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -262,6 +360,11 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        click.echo(f"error: the disk is full ({e}); free some space and rerun to resume", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo(
             "interrupted; completed chunks are kept, rerun the same command to resume", err=True

@@ -34,3 +34,7 @@ def feats_unit(corpus: str, sae: str) -> str:
 
 def probes_unit(name: str) -> str:
     return f"probes/{safe_name(name)}"
+
+
+def matches_unit(name: str) -> str:
+    return f"matches/{safe_name(name)}"

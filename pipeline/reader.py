@@ -34,17 +34,24 @@ def encode_for_store(acts: torch.Tensor, where: str, ctx: int) -> np.ndarray:
 
     Non-finite values (float16 overflow, a broken model) are an error that says where they are.
     """
-    finite = torch.isfinite(acts)
-    if not bool(finite.all()):
-        row = int((~finite.all(dim=1)).nonzero()[0])
-        raise XprobeError(
-            f"non-finite activation (nan/inf) in {where}: sequence {row // ctx} of the chunk, position "
-            f'{row % ctx}. With float16 this is overflow: use dtype = "bfloat16" or "float32".'
-        )
+    check_finite(
+        acts, where, ctx, 'With float16 this is overflow: use dtype = "bfloat16" or "float32".'
+    )
     acts = acts.contiguous()
     if acts.dtype == torch.bfloat16:
         return acts.view(torch.int16).numpy().view(np.uint16)
     return acts.numpy()
+
+
+def check_finite(acts: torch.Tensor, where: str, ctx: int, advice: str) -> None:
+    """Raise, naming the first bad token row (sequence and position), if ``acts`` [n_tok, d] holds nan/inf."""
+    finite = torch.isfinite(acts)
+    if not bool(finite.all()):
+        row = int((~finite.all(dim=1)).nonzero()[0])
+        raise XprobeError(
+            f"non-finite activation (nan/inf) in {where}: token row {row} of the chunk = sequence "
+            f"{row // ctx} of the chunk, position {row % ctx}. {advice}"
+        )
 
 
 def decode_from_store(data: np.ndarray, dtype: str) -> torch.Tensor:
@@ -55,13 +62,24 @@ def decode_from_store(data: np.ndarray, dtype: str) -> torch.Tensor:
     return tensor
 
 
-def load_acts(store: Store, unit: str, index: int, verify: bool = False) -> torch.Tensor:
+def load_acts(store: Store, unit: str, index: int, verify: bool = True) -> torch.Tensor:
     """Chunk ``index`` of an activations unit as ``[n_tok_chunk, d_model]`` in its dtype.
 
-    An unwritten chunk raises the store's XprobeError; ``verify`` checks the chunk's crc32.
+    An unwritten or corrupted chunk (crc32 checked unless ``verify`` is False) and one holding
+    nan/inf raise XprobeError, the latter naming the chunk, token row, sequence and position.
     """
     data = store.read_chunk(f"{unit}/x", index, verify=verify)
-    return decode_from_store(data, store.info(unit)["dtype"])
+    info = store.info(unit)
+    acts = decode_from_store(data, info["dtype"])
+    ctx = int(info.get("ctx") or 1)
+    first = index * int(info.get("chunk_seqs") or 0)
+    check_finite(
+        acts,
+        f"{unit} chunk {index} (corpus sequences from {first})",
+        ctx,
+        "The stored activations are unusable: recompute this unit with the activations stage (--force).",
+    )
+    return acts
 
 
 @dataclass

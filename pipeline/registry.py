@@ -43,6 +43,18 @@ STAGES: list[StageEntry] = [
         "Encode stored activations with an SAE (sparse top-K).",
     ),
     StageEntry("fit", "stages.fit", "FitConfig", "Fit every feature's probe from B's activations."),
+    StageEntry(
+        "match",
+        "stages.match",
+        "MatchConfig",
+        "Match A's SAE features to B's SAE features by activation correlation.",
+    ),
+    StageEntry(
+        "report",
+        "stages.report",
+        "ReportConfig",
+        "Presence scores against the controls: a per-feature table and an HTML report.",
+    ),
 ]
 
 

@@ -62,13 +62,22 @@ class Stage(ABC):
         """Tokens left to process, for the progress bar (None if unknown)."""
         return None
 
+    def load_prepared(self, store: Store) -> None:
+        """Restore, without writing, what ``prepare`` set on this instance (a dask worker computes
+        chunks of a stage that the coordinating process prepared)."""
+
     def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
         """After all chunks are written: extra provenance (must include n_chunks if it was None)."""
         return {}
 
 
 def check_config(store: Store, stage: Stage, units: dict[str, dict[str, Any]], force: bool) -> bool:
-    """Refuse (or with ``force`` clear) units written with another config. True if all complete."""
+    """Refuse (or with ``force`` clear) units written with another config. True if all complete.
+
+    The units are claimed for the local store: a unit of the same name in a read-only cache is
+    shadowed, never written or compared here.
+    """
+    store.claim(list(units))
     new_fp = fingerprint(stage.cfg)
     all_complete = True
     for unit in units:
@@ -152,33 +161,58 @@ class _Writer:
             return
         e = self.error
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise XprobeError(
-                f"the disk holding {self.store.url} is full. Chunks already recorded are intact; "
-                "free some space and run the same command again to resume."
-            ) from e
+            raise disk_full(self.store) from e
         raise e
 
 
+def disk_full(store: Store) -> XprobeError:
+    return XprobeError(
+        f"the disk holding {store.url} is full. Chunks already recorded are intact; "
+        "free some space and run the same command again to resume."
+    )
+
+
 def run_stage(
-    stage: Stage, store: Store, force: bool = False, progress: bool = True
+    stage: Stage, store: Store, force: bool = False, progress: bool = True, client: Any = None
 ) -> dict[str, Any]:
-    """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary."""
+    """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary.
+
+    With a dask ``client``, chunks are computed and written by the cluster's workers
+    (``pipeline.distributed``); this process still holds the locks, prepares and finalizes.
+    """
     stage.validate(store)
     unit_provs = stage.units(store)
     units = list(unit_provs)
+    if not force and (cache := store.cached_complete(units, fingerprint(stage.cfg))):
+        return {
+            "stage": stage.name,
+            "units": units,
+            "chunks_written": 0,
+            "already_complete": True,
+            "cache": cache,
+        }
     locked: list[str] = []
     try:
         for unit in units:
             store.acquire_lock(unit, stage.name)
             locked.append(unit)
-        return _run_locked(stage, store, unit_provs, force, progress)
+        return _run_locked(stage, store, unit_provs, force, progress, client)
+    except OSError as e:  # metadata, side files and locks can hit a full disk too
+        if e.errno == errno.ENOSPC:
+            raise disk_full(store) from e
+        raise
     finally:
         for unit in locked:
             store.release_lock(unit)
 
 
 def _run_locked(
-    stage: Stage, store: Store, unit_provs: dict[str, dict[str, Any]], force: bool, progress: bool
+    stage: Stage,
+    store: Store,
+    unit_provs: dict[str, dict[str, Any]],
+    force: bool,
+    progress: bool,
+    client: Any = None,
 ) -> dict[str, Any]:
     units = list(unit_provs)
     if check_config(store, stage, unit_provs, force):
@@ -208,15 +242,28 @@ def _run_locked(
         bar.update(result.n_tok)
         bar.set_postfix(chunk=result.index, refresh=False)
 
-    writer = _Writer(store, units, on_written)
-    try:
-        for result in stage.compute(store, lambda i: i not in done):
-            writer.put(result)
-    finally:
+    if client is not None:
+        if n_chunks is None:
+            raise XprobeError(
+                f"stage {stage.name} cannot run on dask: its chunk count is not known"
+            )
+        from pipeline.distributed import run_chunks
+
+        todo = [i for i in range(n_chunks) if i not in done]
         try:
-            writer.close()
+            run_chunks(client, stage, store, units, todo, on_written)
         finally:
             bar.close()
+    else:
+        writer = _Writer(store, units, on_written)
+        try:
+            for result in stage.compute(store, lambda i: i not in done):
+                writer.put(result)
+        finally:
+            try:
+                writer.close()
+            finally:
+                bar.close()
     extras = stage.finalize(store, n_chunks)
     n_chunks = extras.pop("n_chunks", n_chunks)
     if n_chunks is None:

@@ -14,6 +14,9 @@ after the chunk's data files are fsynced) only once chunk ``i`` of every array i
 disk. A chunk without a marker does not exist as far as readers are concerned.
 
 A store is written only at a local path; any fsspec URL (http, s3, gs, zip...) opens read-only.
+A local store may name read-only *caches* (``Store(path, cache=[url])``): a unit missing locally
+is read from the first cache holding it, after checking that its corpus and tokenizer fingerprints
+match those of ``tokens/<corpus>`` as this store resolves it. Writes always go to the local store.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import shutil
 import socket
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,22 @@ warnings.filterwarnings(
 
 FORMAT_VERSION = 1
 DONE_DIR = "_done"
+UNIT_DEPTH = {"tokens": 2, "acts": 4, "feats": 3, "probes": 2, "matches": 2, "report": 2}
+"""Path components that name a unit, by top-level group (``acts/<corpus>/<model>/<hook>``: 4)."""
+FSSPEC_EXTRAS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "hf": "huggingface_hub",
+}
+"""The package fsspec needs for each URL scheme beyond http(s)."""
+
+
+def unit_of(path: str) -> str:
+    """The unit a store path belongs to: ``acts/c/m/blocks.1.hook_resid_post/x`` -> its first 4 parts."""
+    parts = path.strip("/").split("/")
+    return "/".join(parts[: UNIT_DEPTH.get(parts[0], len(parts))])
 
 
 def xprobe_version() -> str:
@@ -82,6 +101,23 @@ def _pid_alive(pid: int) -> bool:
     return pid > 0
 
 
+def _remove_stale_lock(path: Path, holder: dict[str, Any]) -> None:
+    """Delete the lock ``path`` if it still names ``holder``. Two runs that find the same stale
+    lock take turns here, so the second cannot delete the fresh lock the first just took."""
+    import fcntl
+
+    with open(path.with_name(f".{path.name}"), "a") as guard:  # ".<unit>.lock": not packed
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            current = json.loads(path.read_text() or "{}")
+        except FileNotFoundError:
+            return
+        except (OSError, json.JSONDecodeError):
+            current = {}
+        if current == holder:
+            path.unlink(missing_ok=True)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -105,9 +141,18 @@ def _atomic_write(path: Path, text: str) -> None:
 class Store:
     """A Zarr v3 group at ``url``. ``mode="a"`` (local paths only) creates and writes; ``"r"`` reads."""
 
-    def __init__(self, url: str | Path, mode: str = "a", storage_options: dict | None = None):
+    def __init__(
+        self,
+        url: str | Path,
+        mode: str = "a",
+        storage_options: dict | None = None,
+        cache: Sequence[str | Path] = (),
+    ):
         url = str(url)
         self.url = url
+        self.caches = [Store(c, mode="r", storage_options=storage_options) for c in cache]
+        self._claimed: set[str] = set()  # units this process writes: never read from a cache
+        self._resolved: dict[str, Store] = {}  # units found in a cache (fingerprints checked)
         self.zip_path = Path(url) if url.endswith(".zip") and "://" not in url else None
         is_local = ("://" not in url or url.startswith("file://")) and self.zip_path is None
         self.local_path = Path(url.removeprefix("file://")).resolve() if is_local else None
@@ -135,6 +180,17 @@ class Store:
             raise XprobeError(
                 f"no xprobe store at {url} ({e}); run a stage first to create one"
             ) from None
+        except ImportError as e:
+            scheme = url.split("://", 1)[0]
+            package = FSSPEC_EXTRAS.get(scheme, "the fsspec implementation for this URL")
+            extra = {"s3fs": " (or xprobe[s3])", "gcsfs": " (or xprobe[gcs])"}.get(package, "")
+            raise XprobeError(
+                f"reading {scheme}:// stores needs {package}: pip install {package}{extra} ({e})"
+            ) from None
+        except Exception as e:  # network errors, permissions, a server that is not a store
+            if is_local and not isinstance(e, OSError):
+                raise
+            raise XprobeError(f"cannot open the store {url}: {type(e).__name__}: {e}") from None
         if mode != "r":
             if "xprobe_store" not in self.root.attrs:
                 self.root.attrs["xprobe_store"] = FORMAT_VERSION
@@ -145,8 +201,81 @@ class Store:
                 "upgrade xprobe"
             )
 
+    # ---- read-only caches --------------------------------------------------------------------
+    def _source(self, path: str) -> Store:
+        """The store that holds ``path``'s unit: this one, or the first cache that has it."""
+        if not self.caches:
+            return self
+        unit = unit_of(path)
+        if unit in self._claimed or self._local_has(unit):
+            return self
+        if unit not in self._resolved:
+            for cache in self.caches:
+                if cache.has(unit):
+                    self._resolved[unit] = cache
+                    self._check_cached(unit, cache)
+                    break
+            else:
+                return self
+        return self._resolved[unit]
+
+    def _local_has(self, unit: str) -> bool:
+        try:
+            self.root[unit]
+            return True
+        except KeyError:
+            return False
+
+    def _check_cached(self, unit: str, cache: Store) -> None:
+        """Refuse a cached unit computed on other tokens than this store's ``tokens/<corpus>``."""
+        info = cache.group(unit).attrs.get("xprobe") or {}
+        corpus = info.get("corpus")
+        if unit.startswith("tokens/") or corpus is None:
+            return
+        from pipeline.layout import tokens_unit
+
+        tokens = tokens_unit(corpus)
+        source = self._source(tokens)
+        if not source.has(tokens):
+            return
+        tinfo = source.group(tokens).attrs.get("xprobe") or {}
+        for key in ("corpus_fingerprint", "tokenizer_fingerprint"):
+            if tinfo.get(key) and info.get(key) and tinfo[key] != info[key]:
+                del self._resolved[unit]
+                raise XprobeError(
+                    f"{unit} in the cache {cache.url} was computed on tokens with {key} {info[key]}, "
+                    f"but {tokens} in {source.url} has {tinfo[key]}: the two stores hold different "
+                    f"token streams for corpus {corpus!r}. Read the cache's {tokens} (remove or rename "
+                    "the local one) or compute this unit locally."
+                )
+
+    def claim(self, units: Sequence[str]) -> None:
+        """Mark ``units`` as written by this process: from now on they resolve to the local store."""
+        self._claimed.update(units)
+        for unit in units:
+            self._resolved.pop(unit, None)
+
+    def has_local(self, path: str) -> bool:
+        """Whether ``path`` exists in this store itself (not in a cache)."""
+        return self._local_has(path)
+
+    def cached_complete(self, units: Sequence[str], config_fingerprint: str) -> str | None:
+        """URL of the cache(s) holding every one of ``units`` complete with this config, else None."""
+        if not self.caches or not units or any(self._local_has(u) for u in units):
+            return None
+        sources = [self._source(u) for u in units]
+        if any(src is self for src in sources):
+            return None
+        for unit, src in zip(units, sources, strict=True):
+            info = src.group(unit).attrs.get("xprobe") or {}
+            if not info.get("complete") or info.get("config_fingerprint") != config_fingerprint:
+                return None
+        return ", ".join(dict.fromkeys(src.url for src in sources))
+
     # ---- nodes --------------------------------------------------------------------------
     def has(self, path: str) -> bool:
+        if (src := self._source(path)) is not self:
+            return src.has(path)
         try:
             self.root[path]
             return True
@@ -154,6 +283,8 @@ class Store:
             return False
 
     def group(self, path: str) -> zarr.Group:
+        if (src := self._source(path)) is not self:
+            return src.group(path)
         try:
             node = self.root[path]
         except KeyError:
@@ -165,6 +296,8 @@ class Store:
         return node
 
     def array(self, path: str) -> zarr.Array:
+        if (src := self._source(path)) is not self:
+            return src.array(path)
         try:
             node = self.root[path]
         except KeyError:
@@ -173,7 +306,10 @@ class Store:
             ) from None
         if not isinstance(node, zarr.Array):
             raise XprobeError(f"{path} in {self.url} is a group, expected an array")
-        return node
+        # zarr does not persist write_empty_chunks: without it, a chunk equal to the fill value
+        # (all tokens masked, say) would get no file and could not be fsynced or told apart
+        # from a missing one
+        return node.with_config({"write_empty_chunks": True})
 
     def info(self, unit: str) -> dict[str, Any]:
         """A unit's provenance (``attrs["xprobe"]``); an error if the unit was never started."""
@@ -185,13 +321,21 @@ class Store:
         return dict(info)
 
     def units(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every unit in the store with its provenance, depth first."""
+        """Every unit in the store (and, not shadowed, in its caches) with its provenance."""
         members = sorted(self.root.members(max_depth=None), key=lambda m: m[0])
+        seen = set()
         for path, node in members:
             if isinstance(node, zarr.Group) and "xprobe" in node.attrs:
+                seen.add(path)
                 yield path, dict(node.attrs["xprobe"])
+        for cache in self.caches:
+            for path, info in cache.units():
+                if path not in seen and self._source(path) is cache:
+                    seen.add(path)
+                    yield path, info
 
     def create_unit(self, unit: str, prov: dict[str, Any]) -> zarr.Group:
+        self.claim([unit])
         group = self.root.require_group(unit)
         group.attrs["xprobe"] = prov
         return group
@@ -237,10 +381,24 @@ class Store:
         if target.exists():
             shutil.rmtree(target)
 
-    def nbytes_stored(self, path: str = "") -> int:
-        """Bytes on disk under ``path`` (local stores; 0 when unknown)."""
+    def nbytes_stored(self, path: str = "") -> int | None:
+        """Bytes stored under ``path``: on disk, in the zip, or as the remote lists them (None: unknown)."""
+        if (src := self._source(path)) is not self:
+            return src.nbytes_stored(path)
+        if self.zip_path is not None:
+            import zipfile
+
+            prefix = f"{path.strip('/')}/" if path else ""
+            with zipfile.ZipFile(self.zip_path) as zf:
+                return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(prefix))
         if self.local_path is None:
-            return 0
+            import fsspec
+
+            try:
+                fs, root = fsspec.core.url_to_fs(self.url)
+                return int(fs.du(f"{root.rstrip('/')}/{path}".rstrip("/")))
+            except Exception:  # http servers cannot list: size unknown
+                return None
         total = 0
         for dirpath, _, files in os.walk(self.local_path / path):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
@@ -253,6 +411,8 @@ class Store:
 
     def read_text(self, path: str) -> str | None:
         """A side file's text, or None if it does not exist (local or remote)."""
+        if (src := self._source(path)) is not self:
+            return src.read_text(path)
         if self.local_path is not None:
             target = self.local_path / path
             return target.read_text() if target.exists() else None
@@ -294,7 +454,7 @@ class Store:
                 except (OSError, json.JSONDecodeError):
                     holder = {}
                 if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
-                    path.unlink(missing_ok=True)  # stale: its process is gone
+                    _remove_stale_lock(path, holder)  # its process is gone
                     continue
                 raise XprobeError(
                     f"{unit} is being written by another run (stage {holder.get('stage')!r}, pid {holder.get('pid')} "
@@ -317,6 +477,8 @@ class Store:
 
     def done_chunks(self, unit: str) -> set[int]:
         """Indices of the chunks of ``unit`` that are recorded complete."""
+        if (src := self._source(unit)) is not self:
+            return src.done_chunks(unit)
         info = self.group(unit).attrs.get("xprobe", {})
         if info.get("complete"):
             return set(range(info["n_chunks"]))
@@ -403,13 +565,22 @@ class Store:
                 "xprobe never reads an unwritten chunk"
             )
 
-    def read_chunk(self, array_path: str, index: int, verify: bool = False) -> np.ndarray:
-        """Rows of chunk ``index`` of an array, refusing chunks its unit has not recorded complete."""
+    def read_chunk(self, array_path: str, index: int, verify: bool = True) -> np.ndarray:
+        """Rows of chunk ``index`` of an array, refusing chunks its unit has not recorded complete.
+
+        ``verify`` (the default; crc32 runs at several GB/s) checks the rows against the crc32 in
+        the chunk's marker, so a corrupted file is never read as data.
+        """
         unit = array_path.rsplit("/", 1)[0]
         self.require_chunk(unit, index)
         arr = self.array(array_path)
         rows = arr.chunks[0]
-        data = arr[index * rows : min((index + 1) * rows, arr.shape[0])]
+        try:
+            data = arr[index * rows : min((index + 1) * rows, arr.shape[0])]
+        except (RuntimeError, ValueError) as e:  # a truncated or garbled file fails to decode
+            raise XprobeError(
+                self._corrupt(array_path, index, f"it cannot be decoded: {e}")
+            ) from None
         if verify:
             record = self.chunk_record(unit, index)
             name = array_path.rsplit("/", 1)[1]
@@ -419,7 +590,19 @@ class Store:
                 and checksum(data) != record["crc32"][name]
             ):
                 raise XprobeError(
-                    f"chunk {index} of {array_path} does not match its checksum (corrupted file); "
-                    "delete its marker _done/{index}.json and resume the stage to recompute it"
+                    self._corrupt(array_path, index, "it does not match its checksum")
                 )
         return data
+
+    def _corrupt(self, array_path: str, index: int, why: str) -> str:
+        src = self._source(array_path)
+        if src.local_path is not None:
+            todo = (
+                f"run `xprobe verify {src.url} --repair` (it drops the markers of bad chunks), then "
+                "rerun the stage that wrote it to recompute them"
+            )
+        else:
+            todo = (
+                f"the copy at {src.url} is damaged: fetch it again or ask its author to re-share it"
+            )
+        return f"chunk {index} of {array_path} is corrupted ({why}); {todo}"

@@ -3,16 +3,16 @@
 Reads ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_model]`` (and ``tokens/<corpus>/mask``),
 encodes it with a sae-lens SAE (``sae.encode``, any architecture sae-lens loads) and writes
 ``feats/<corpus>/<sae>``:
-    idx  [n_tok, K] int32    feature indices of each token's K largest |activations|, -1 = padding
-    val  [n_tok, K] float32  their activations (0 in padding), sorted by decreasing |value|
+    idx  [n_tok, K] int32    ids of each token's active features, ascending, -1 = padding
+    val  [n_tok, K] float32  their activations (0 in padding)
 chunked ``(chunk_seqs * ctx, K)``, so feature chunk i is token chunk i. Masked positions
 (``mask`` False: BOS, padding) are stored as all padding: no features.
 A token with more than K active features keeps its K largest; the dropped mass
 (sum |dropped| / sum |all|, over counted tokens) is recorded per chunk in the manifest and in
 the final provenance, and a chunk past ``max_dropped_fraction`` stops the run.
 
-Per-feature statistics over counted tokens, from the dense ``sae.encode`` output (so exact even
-when top-K drops something), written at finalize:
+Per-feature statistics over counted tokens, from every non-zero of ``sae.encode``'s output
+before the width limit (so exact even when top-K drops something), written at finalize:
     stats/{count, frequency, mean, max, sum, sum_sq, dead}  [n_feat]
 ``mean`` is over all counted tokens (zeros included); ``max`` is 0 for a feature that never fires.
 They are summed from per-chunk partials ``chunk_stats [n_chunks, 4, n_feat]`` (float64) stored
@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
@@ -47,6 +48,8 @@ from pipeline.store import Store
 
 STATS = ("count", "sum", "sum_sq", "max")
 """Rows of ``chunk_stats``: per-feature partial statistics of one chunk (float64)."""
+CALIBRATION_TOKENS = 16384
+"""Counted tokens of chunk 0 whose largest L0 sets the default top-K width."""
 PAIR = ("sum_b", "sum_bb", "sum_ab")
 """Rows of ``chunk_transfer/<B>/pair``: per-feature partial sums for the A/B correlation."""
 SCALARS = ("n", "sse_a", "sse_b", "sumsq_a", "sumsq_b", "sum_cos")
@@ -70,8 +73,8 @@ class FeaturesConfig:
     hook: str | None = None
     """Hook whose activations to encode; default the SAE's ``cfg.metadata.hook_name``."""
     k: int | None = None
-    """Features kept per token; default the TopK SAE's k, else calibrated on the first chunk
-    (1.5 x its largest L0, rounded up to a multiple of 8)."""
+    """Features kept per token; default the TopK SAE's k, else calibrated on chunk 0 (1.5 x the
+    largest L0 of its first 16,384 counted tokens, rounded up to a multiple of 8)."""
     device: str = "auto"
     """torch device; ``auto`` picks cuda, then mps, then cpu."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -82,6 +85,8 @@ class FeaturesConfig:
     """Store names of models B (same d_model and hook) to measure direct SAE transfer on."""
     batch_tokens: int = runtime(4096, "tokens per sae.encode call")
     progress: bool = runtime(True, "show a progress bar")
+    scheduler: str | None = scheduler_field()
+    workers: int | None = workers_field()
 
 
 def load_sae(cfg: FeaturesConfig, device: str) -> Any:
@@ -100,17 +105,57 @@ def load_sae(cfg: FeaturesConfig, device: str) -> Any:
     return sae.eval()
 
 
-def top_k(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's ``k`` largest |activations| of ``feats`` [n, n_feat]: ``(idx, val, dropped)``
-    with ``idx`` -1 and ``val`` 0 where a row has fewer than k non-zeros; ``dropped`` [n] is the
-    |mass| left out."""
-    mag, idx = feats.abs().topk(k, dim=1, sorted=True)
-    val = feats.gather(1, idx)
-    empty = mag == 0
-    idx = idx.masked_fill(empty, -1)
-    val = val.masked_fill(empty, 0)
-    dropped = feats.abs().sum(1, dtype=torch.float64) - mag.sum(1, dtype=torch.float64)
-    return idx, val, dropped.clamp_min(0)
+def pack_sparse(
+    feats: torch.Tensor, keep: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed-width sparse form of ``feats [n, n_feat]`` (rows where ``keep`` is False dropped).
+
+    Returns ``idx [n, k]`` (int64, -1 = padding) and ``val [n, k]``: each kept row's non-zero
+    features in ascending id order; a row with more than ``k`` keeps its ``k`` largest
+    |activations| (still in id order). Also returns every kept non-zero entry, before the
+    width limit, as ``(cols, vals)`` with ``rows``: the exact statistics come from those. Cost
+    is one pass over ``feats`` plus O(nnz); ``topk`` runs only on overflowing rows.
+    """
+    n = feats.shape[0]
+    rows, cols = feats.nonzero(as_tuple=True)  # row-major order
+    kept = keep[rows]
+    rows, cols = rows[kept], cols[kept]
+    vals = feats[rows, cols]
+    counts = torch.bincount(rows, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=feats.device) - starts[rows]
+    idx = torch.full((n, k), -1, dtype=torch.int64, device=feats.device)
+    val = torch.zeros((n, k), dtype=feats.dtype, device=feats.device)
+    fits = counts[rows] <= k
+    idx[rows[fits], slot[fits]] = cols[fits]
+    val[rows[fits], slot[fits]] = vals[fits]
+    over = (counts > k).nonzero(as_tuple=True)[0]
+    if len(over):
+        dense = feats[over]
+        top = dense.abs().topk(k, dim=1).indices.sort(dim=1).values
+        idx[over], val[over] = top, dense.gather(1, top)
+    return idx, val, rows, cols, vals
+
+
+def add_feature_stats(
+    stats: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_counted: int
+) -> None:
+    """Add a batch's exact per-feature ``STATS`` rows from its non-zero entries (float64).
+
+    ``max`` is over all counted tokens, zeros included, as a dense ``amax`` would give: a
+    feature that is zero on some counted token has a max of at least 0.
+    """
+    n_feat = stats.shape[1]
+    count = torch.bincount(cols, minlength=n_feat).double()
+    stats[0] += count
+    stats[1].index_add_(0, cols, vals)
+    stats[2].index_add_(0, cols, vals * vals)
+    if n_counted == 0:
+        return
+    peak = torch.full((n_feat,), -math.inf, dtype=torch.float64)
+    peak.scatter_reduce_(0, cols, vals, reduce="amax")
+    peak = torch.where(count < n_counted, peak.clamp_min(0.0), peak)
+    torch.maximum(stats[3], peak, out=stats[3])
 
 
 class FeaturesStage(Stage):
@@ -243,8 +288,9 @@ class FeaturesStage(Stage):
         if sae_k is not None:
             return min(int(sae_k), self.n_feat)
         acts, mask = self._chunk_inputs(store, self.cfg.model, 0)
+        sample = acts[mask][:CALIBRATION_TOKENS]
         l0 = max(
-            (int(self._encode(a).ne(0).sum(1).max()) for a in self._batches(acts[mask])), default=1
+            (int(self._encode(a).ne(0).sum(1).max()) for a in self._batches(sample)), default=1
         )
         return min(self.n_feat, max(8, math.ceil(1.5 * l0 / 8) * 8))
 
@@ -283,6 +329,9 @@ class FeaturesStage(Stage):
                 info,
             )
         return n_chunks
+
+    def load_prepared(self, store: Store) -> None:
+        self.k = int(store.array(f"{self.unit}/idx").shape[1])  # fixed by prepare()
 
     def tokens_todo(self, store: Store, done: set[int]) -> int | None:
         info = store.info(self.unit)
@@ -330,22 +379,16 @@ class FeaturesStage(Stage):
         for start in range(0, n, bs):
             keep = mask[start : start + bs].to(self.device)
             x = acts[start : start + bs].to(self.device, self.sae.dtype)
-            feats = self._encode(x) * keep[:, None]  # masked positions: no features
-            i, v, drop = top_k(feats, k)
-            idx[start : start + len(x)], val[start : start + len(x)] = (
-                i.cpu().numpy(),
-                v.cpu().numpy(),
-            )
-            dropped += float(drop.sum())
-            total += float(feats.abs().sum(dtype=torch.float64))
-            counted = feats[keep]
-            stats[0] += counted.ne(0).sum(0).double().cpu()
-            stats[1] += counted.sum(0, dtype=torch.float64).cpu()
-            stats[2] += counted.double().square().sum(0).cpu()
-            if len(counted):
-                stats[3] = torch.maximum(stats[3], counted.amax(0).double().cpu())
+            feats = self._encode(x)
+            i, v, _, cols, vals = pack_sparse(feats, keep, k)
+            stop = start + len(x)
+            idx[start:stop], val[start:stop] = i.cpu().numpy(), v.cpu().numpy()
+            magnitude = vals.abs().double()
+            total += float(magnitude.sum())
+            dropped += float(magnitude.sum()) - float(v.abs().double().sum())
+            add_feature_stats(stats, cols.cpu(), vals.double().cpu(), int(keep.sum()))
             for b, b_acts in b_inputs.items():
-                xb = b_acts[start : start + bs].to(self.device, self.sae.dtype)
+                xb = b_acts[start:stop].to(self.device, self.sae.dtype)
                 self._transfer_sums(x, feats, xb, keep, pair[b], scalars[b])
         fraction = dropped / total if total > 0 else 0.0
         if fraction > self.cfg.max_dropped_fraction:
@@ -482,4 +525,7 @@ class FeaturesStage(Stage):
 def run(cfg: FeaturesConfig, store: Store, force: bool = False) -> dict[str, Any]:
     from pipeline.runner import run_stage
 
-    return run_stage(FeaturesStage(cfg), store, force=force, progress=cfg.progress)
+    with client_for(cfg) as client:  # None unless scheduler / workers is set
+        return run_stage(
+            FeaturesStage(cfg), store, force=force, progress=cfg.progress, client=client
+        )

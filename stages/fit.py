@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
@@ -31,6 +32,7 @@ from pipeline.lstsq import SufficientStats, solve_ridge
 from pipeline.reader import load_acts
 from pipeline.runner import check_config
 from pipeline.sparse import load_sparse, select_rows
+from pipeline.split import held_out_sequences
 from pipeline.store import Store, provenance
 
 CHECKPOINT = "_checkpoint.pt"
@@ -61,13 +63,8 @@ class FitConfig:
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(8, "chunks between checkpoints")
     progress: bool = runtime(True, "show a progress bar")
-
-
-def held_out_sequences(n_seq: int, fraction: float, seed: int) -> np.ndarray:
-    """[n_seq] bool: which sequences are held out. Same (n_seq, fraction, seed), same split."""
-    if not 0.0 <= fraction < 1.0:
-        raise XprobeError(f"held_out_fraction must be in [0, 1), got {fraction}")
-    return np.random.default_rng(seed).random(n_seq) < fraction
+    scheduler: str | None = scheduler_field()
+    workers: int | None = workers_field()
 
 
 class Fit:
@@ -121,7 +118,7 @@ class Fit:
         }
 
     # ---- accumulation with checkpoints --------------------------------------------------------
-    def _fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
+    def fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
         return {
             hook: {
                 split: SufficientStats(d, n_feat, self.device, self.dtype)
@@ -133,7 +130,7 @@ class Fit:
     def _load_checkpoint(self, d: int, n_feat: int) -> tuple[list[int], dict]:
         path = self.store.local_path / self.unit / CHECKPOINT
         if not path.exists():
-            return [], self._fresh_stats(d, n_feat)
+            return [], self.fresh_stats(d, n_feat)
         state = torch.load(path, map_location="cpu", weights_only=False)
         stats = {
             hook: {
@@ -157,15 +154,51 @@ class Fit:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def accumulate(self, d: int, n_feat: int) -> dict:
+    def held_out_mask(self) -> torch.Tensor:
+        """[n_seq] bool: the held-out sequences of this fit's corpus."""
+        tokens = self.store.info(self.tokens)
+        return torch.from_numpy(
+            held_out_sequences(tokens["n_seq"], self.cfg.held_out_fraction, self.cfg.split_seed)
+        )
+
+    def add_chunk(self, stats: dict, index: int, held: torch.Tensor) -> None:
+        """Add chunk ``index`` (every hook, train and held-out tokens) to ``stats``."""
+        store = self.store
+        tokens = store.info(self.tokens)
+        ctx, chunk_seqs = tokens["ctx"], tokens["chunk_seqs"]
+        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
+        rows, cols, vals = load_sparse(store, self.feats, index)
+        splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
+        for hook, unit in self.acts.items():
+            x = load_acts(store, unit, index)
+            for split, keep in splits.items():
+                if bool(keep.any()):
+                    r, c, v = select_rows(rows, cols, vals, keep)
+                    stats[hook][split].update(
+                        x[keep].to(self.device),
+                        r.to(self.device),
+                        c.to(self.device),
+                        v.to(self.device),
+                    )
+
+    def accumulate(self, d: int, n_feat: int, client: Any = None) -> dict:
+        """Statistics of every chunk, resuming from the checkpoint; with a dask ``client`` the
+        missing chunks are partition tasks on its workers, summed by a tree of merges."""
         store, cfg = self.store, self.cfg
         tokens = store.info(self.tokens)
         ctx, chunk_seqs, n_chunks = tokens["ctx"], tokens["chunk_seqs"], tokens["n_chunks"]
-        held = torch.from_numpy(
-            held_out_sequences(tokens["n_seq"], cfg.held_out_fraction, cfg.split_seed)
-        )
+        held = self.held_out_mask()
         consumed, stats = self._load_checkpoint(d, n_feat)
         todo = [i for i in range(n_chunks) if i not in set(consumed)]
+        if client is not None and todo:
+            from pipeline.distributed import accumulate_fit
+
+            for hook, splits in accumulate_fit(client, self, todo, d, n_feat).items():
+                for split, part in splits.items():
+                    stats[hook][split].merge(part)
+            self._save_checkpoint(consumed + todo, stats)
+            return stats
         n_rows = [min(chunk_seqs, tokens["n_seq"] - i * chunk_seqs) * ctx for i in todo]
         bar = tqdm(
             total=sum(n_rows),
@@ -177,21 +210,7 @@ class Fit:
         )
         try:
             for n, index in enumerate(todo):
-                mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
-                seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
-                rows, cols, vals = load_sparse(store, self.feats, index)
-                splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
-                for hook, unit in self.acts.items():
-                    x = load_acts(store, unit, index)
-                    for split, keep in splits.items():
-                        if bool(keep.any()):
-                            r, c, v = select_rows(rows, cols, vals, keep)
-                            stats[hook][split].update(
-                                x[keep].to(self.device),
-                                r.to(self.device),
-                                c.to(self.device),
-                                v.to(self.device),
-                            )
+                self.add_chunk(stats, index, held)
                 consumed.append(index)
                 bar.update(n_rows[n])
                 if len(consumed) % cfg.checkpoint_every == 0 or n == len(todo) - 1:
@@ -291,7 +310,8 @@ def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:
             }
         if not store.has(fit.unit) or "xprobe" not in store.group(fit.unit).attrs:
             store.create_unit(fit.unit, provenance("fit", cfg, **extra))
-        stats = fit.accumulate(extra["d_model"], extra["n_feat"])
+        with client_for(cfg) as client:  # None unless scheduler / workers is set
+            stats = fit.accumulate(extra["d_model"], extra["n_feat"], client)
         summary = fit.solve_and_write(stats, extra["n_feat"])
         n_chunks = extra["n_chunks_planned"]
         store.mark_complete(

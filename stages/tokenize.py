@@ -203,7 +203,7 @@ class TokenizeStage(Stage):
 
     def validate(self, store: Store) -> None:
         self._special()
-        if store.has(self.unit) and "xprobe" in store.group(self.unit).attrs:
+        if store.has_local(self.unit) and "xprobe" in store.group(self.unit).attrs:
             info = store.info(self.unit)
             if not info.get("complete") and info.get("source_fingerprint") != source_fingerprint(
                 self.paths

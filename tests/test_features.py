@@ -24,7 +24,12 @@ from stages.tokenize import run as tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for_markers
-from sae_fixtures import save_standard_sae, save_topk_sae  # noqa: E402
+from sae_fixtures import (  # noqa: E402
+    save_gated_sae,
+    save_jumprelu_sae,
+    save_standard_sae,
+    save_topk_sae,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 UNIT = "feats/c/sae"
@@ -184,6 +189,21 @@ def test_topk_sae_keeps_its_k_exactly(store_path, tmp_path):
     assert np.all((idx >= 0).sum(1)[mask] == 8) and np.all(idx[~mask] == -1)
 
 
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated"])
+def test_jumprelu_and_gated_saes_equal_their_encode(store_path, tmp_path, architecture):
+    save = {"jumprelu": save_jumprelu_sae, "gated": save_gated_sae}[architecture]
+    sae_dir = save(tmp_path / architecture)
+    store = Store(store_path)
+    run(_cfg(sae_dir), store)
+    info = store.info(UNIT)
+    assert info["sae_architecture"] == architecture and info["dropped_mass"] == 0
+    _, _, ref, mask = _reference(store, sae_dir)
+    l0 = (ref[mask] != 0).sum(1)
+    assert 2 < l0.mean() < 150, f"the test {architecture} SAE must have a moderate L0"
+    ref[~mask] = 0
+    np.testing.assert_array_equal(_dense(store, 256), ref)
+
+
 def test_mismatches_refused_before_writing(store_path, tmp_path, sae_dir):
     store = Store(store_path)
     narrow_sae = save_standard_sae(tmp_path / "narrow", d_in=32)
@@ -208,7 +228,8 @@ def test_overflow_records_dropped_mass_and_refuses_past_limit(store_path, sae_di
     record = store.chunk_record(UNIT, 0)
     assert 0 < record["dropped_fraction"] <= 1 and record["dropped_mass"] > 0
     # the kept values are each token's 2 largest
-    np.testing.assert_allclose(np.abs(store.array(f"{UNIT}/val")[:][mask]), mags[:, :2], rtol=0)
+    kept = -np.sort(-np.abs(store.array(f"{UNIT}/val")[:][mask]), axis=1)
+    np.testing.assert_allclose(kept, mags[:, :2], rtol=0)
     with pytest.raises(XprobeError, match=r"drops .* of the activation mass.*larger k"):
         run(_cfg(sae_dir, name="tight", k=2, max_dropped_fraction=1e-6), store)
     assert not store.done_chunks("feats/c/tight")

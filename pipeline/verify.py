@@ -1,0 +1,70 @@
+"""Checking a whole store against its chunk manifests, and repairing what can be recomputed.
+
+Every chunk marker ``_done/<i>.json`` holds the crc32 of each array's rows. ``verify_store`` reads
+every recorded chunk back, compares, and scans activations for non-finite values. With
+``repair``, the marker of each bad chunk is dropped and its unit is marked incomplete, so that
+rerunning the stage that wrote it recomputes exactly those chunks (the runner resumes by
+markers). Stages also verify each chunk they read, so a corrupted chunk is never used as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import XprobeError
+from pipeline.store import DONE_DIR, Store
+
+
+@dataclass(frozen=True)
+class Problem:
+    unit: str
+    chunk: int
+    array: str
+    what: str
+
+
+def verify_unit(store: Store, unit: str) -> list[Problem]:
+    """Every recorded chunk of ``unit`` read back and checked; an empty list if all are sound."""
+    info = store.info(unit)
+    problems = []
+    for index in sorted(store.done_chunks(unit)):
+        record = store.chunk_record(unit, index)
+        if record is None:  # a complete unit whose markers were lost: nothing to check against
+            problems.append(Problem(unit, index, "", "its chunk marker is missing"))
+            continue
+        for name in sorted(record.get("crc32", {})):
+            try:
+                data = store.read_chunk(f"{unit}/{name}", index, verify=True)
+            except XprobeError as e:
+                problems.append(Problem(unit, index, name, str(e).split(";")[0]))
+                continue
+            if name == "x" and info.get("dtype") in ("float32", "float16") and data.size:
+                finite = np.isfinite(data).all(axis=1)
+                if not finite.all():
+                    row = int(np.flatnonzero(~finite)[0])
+                    ctx = int(info.get("ctx") or 1)
+                    problems.append(
+                        Problem(
+                            unit,
+                            index,
+                            name,
+                            f"non-finite value at token row {row} of the chunk "
+                            f"(sequence {row // ctx} of the chunk, position {row % ctx})",
+                        )
+                    )
+    return problems
+
+
+def verify_store(store: Store, repair: bool = False) -> list[Problem]:
+    """Check every unit of ``store``; with ``repair`` (local stores) drop bad chunks' markers."""
+    problems = [p for unit, _ in store.units() for p in verify_unit(store, unit)]
+    if repair and problems:
+        if store.local_path is None:
+            raise XprobeError(f"{store.url} is read-only; repair a local copy of it")
+        for unit in sorted({p.unit for p in problems}):
+            for index in sorted({p.chunk for p in problems if p.unit == unit}):
+                (store.local_path / unit / DONE_DIR / f"{index}.json").unlink(missing_ok=True)
+            store.update_info(unit, complete=False)
+    return problems

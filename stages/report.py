@@ -1,0 +1,562 @@
+"""Report stage: presence scores against controls, a per-feature table and one HTML page.
+
+Reads the fits ``probes/<fit>/<hook>/{r2_held_out,status,...}`` of the models B, of the ceiling
+(A → A at the SAE's hook) and of the floor (a randomly initialised model), A's features
+``feats/<corpus>/<sae>/{idx,val,stats/*,transfer/*}`` and the tokens ``tokens/<corpus>``.
+One pass over tokens and features (no activations) accumulates the token baseline and each
+feature's top-activating tokens (see pipeline/presence.py); it is cached in ``report/<name>/``:
+    token_r2 [F] float64, top_value [F, n_contexts] float64, top_token [F, n_contexts] int64
+and redone only when the features, the split or n_contexts change. Everything else is rebuilt
+on every run (seconds): ``table.parquet``, ``table.csv`` (one row per feature) and
+``report.html`` (self-contained) in ``out_dir`` (default ``STORE/report/<name>/``). With
+``matches``, each named match stage result ``matches/<name>/{best_idx,best_corr,mutual}`` [F]
+(A's side: these features; B's side: the SAE of one of the models B) is put beside the probes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import canonical, fingerprint, runtime
+from pipeline.errors import XprobeError
+from pipeline.layout import feats_unit, matches_unit, probes_unit, safe_name, tokens_unit
+from pipeline.lstsq import STATUS_NAMES, STATUS_OK
+from pipeline.matches import AGREEMENT, agreement, match_table
+from pipeline.presence import (
+    CLASSES,
+    TokenBaseline,
+    TopActivations,
+    classify,
+    feature_status,
+    presence,
+)
+from pipeline.sparse import load_sparse
+from pipeline.split import held_out_sequences
+from pipeline.store import Store, provenance
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    corpus: str
+    """Corpus the fits were computed on (``tokens/<corpus>``)."""
+    features: str
+    """Store name of A's SAE features (``feats/<corpus>/<features>``)."""
+    fits: tuple[str, ...]
+    """Fits of the models B to report (``probes/<fit>``), in display order."""
+    ceiling: str | None = None
+    """Fit of A on itself at the SAE's hook (the ceiling). Default: the one fit in the store with
+    A's model, these features and the SAE's hook."""
+    floor: str | None = None
+    """Fit of a randomly initialised model with B's architecture (the floor); optional."""
+    name: str = "main"
+    """Name of the report (``report/<name>`` in the store)."""
+    token_baseline: bool = True
+    """Score against the token baseline (per-token-id mean); off: presence = R²_B / R²_ceiling."""
+    present_at: float = 0.7
+    """Presence score at or above which a feature counts as present."""
+    partial_at: float = 0.3
+    """Presence score at or above which (and below present_at) a feature counts as partial."""
+    min_headroom: float = 0.05
+    """Score a feature only where R²_ceiling exceeds max(R²_token, 0) by at least this much."""
+    encoder_cosine: bool = True
+    """Load the SAE and record the cosine of each ceiling direction with its encoder row."""
+    n_shown: int = 8
+    """Features shown with contexts in the HTML, for each B: the most and the least present."""
+    n_contexts: int = 4
+    """Top-activating contexts kept per feature."""
+    matches: tuple[str, ...] = ()
+    """Match stage results to set beside the probes (``matches/<name>``; its ``features_a`` must be
+    these features): ``"NAME"`` pairs it with the fit in ``fits`` of the model that B's SAE was
+    run on, ``"NAME:FIT"`` names that fit (needed when no fit, or several, probe that model)."""
+    match_at: float = 0.5
+    """Best-match correlation at or above which a feature counts as matched by B's SAE."""
+    context_before: int = runtime(12, "tokens shown before the activating token")
+    context_after: int = runtime(4, "tokens shown after the activating token")
+    out_dir: str | None = runtime(None, "folder for table.parquet/csv and report.html")
+    html: str | None = runtime(None, "path of the HTML report (default OUT_DIR/report.html)")
+    progress: bool = runtime(True, "show a progress bar")
+
+
+@dataclass
+class Role:
+    """One fit as the report uses it."""
+
+    label: str  # column prefix: the fit name, or "ceiling" / "floor"
+    fit: str
+    model: str
+    hooks: list[str]
+
+
+@dataclass
+class MatchRole:
+    """One match stage result (A's SAE against B's SAE) and the fit of that B it is compared with."""
+
+    name: str  # column prefix and matches/<name>
+    unit: str
+    role: Role  # the B fit it is paired with
+    features_b: str  # feats/<corpus>/<sae> of B's SAE
+    model_b: str | None  # the model B's SAE was run on (None: its features unit is not here)
+    paired: str  # how the fit was chosen, for the reader
+    info: dict[str, Any]  # the match unit's provenance (config, summary)
+
+
+class Report:
+    def __init__(self, cfg: ReportConfig, store: Store):
+        if not 0 <= cfg.partial_at <= cfg.present_at <= 1:
+            raise XprobeError(
+                f"need 0 <= partial_at <= present_at <= 1, got {cfg.partial_at}, {cfg.present_at}"
+            )
+        if not 0 < cfg.match_at <= 1:
+            raise XprobeError(f"match_at must be in (0, 1], got {cfg.match_at}")
+        if cfg.n_contexts < 1 or cfg.n_shown < 0:
+            raise XprobeError("n_contexts must be >= 1 and n_shown >= 0")
+        self.cfg, self.store = cfg, store
+        self.unit = f"report/{safe_name(cfg.name)}"
+        self.tokens = tokens_unit(cfg.corpus)
+        self.feats = feats_unit(cfg.corpus, cfg.features)
+        self.writable = store.local_path is not None and store.mode != "r"  # caches go here
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _fit_info(self, fit: str) -> dict[str, Any]:
+        unit = probes_unit(fit)
+        if not self.store.has(unit) or not self.store.info(unit).get("complete"):
+            raise XprobeError(f"{unit} is not in the store or not complete; run the fit {fit!r}")
+        info = self.store.info(unit)
+        config = info["config"]
+        if config["corpus"] != self.cfg.corpus or config["features"] != self.cfg.features:
+            raise XprobeError(
+                f"fit {fit!r} probes features {config['features']!r} on corpus {config['corpus']!r}, "
+                f"but the report is for {self.cfg.features!r} on {self.cfg.corpus!r}"
+            )
+        return info
+
+    def _find_ceiling(self, a_model: str, sae_hook: str) -> str:
+        if self.cfg.ceiling:
+            return self.cfg.ceiling
+        found = [
+            unit.removeprefix("probes/")
+            for unit, info in self.store.units()
+            if info.get("stage") == "fit"
+            and info["config"]["corpus"] == self.cfg.corpus
+            and info["config"]["features"] == self.cfg.features
+            and safe_name(info["config"]["model"]) == safe_name(a_model)
+            and sae_hook in info["config"]["hooks"]
+        ]
+        if len(found) != 1:
+            raise XprobeError(
+                (f"several fits could be the ceiling ({found}); set ceiling = NAME in [report]")
+                if found
+                else "the report needs the ceiling, a fit of A on itself at the SAE's hook. Add\n"
+                f'  [[fit]]\n  name = "ceiling"\n  corpus = "{self.cfg.corpus}"\n'
+                f'  features = "{self.cfg.features}"\n  model = "{a_model}"\n'
+                f'  hooks = ["{sae_hook}"]\nto the config (same split as the other fits) and run it.'
+            )
+        return found[0]
+
+    def validate(self) -> dict[str, Any]:
+        store, cfg = self.store, self.cfg
+        for unit, what in [(self.tokens, "tokenize"), (self.feats, "features")]:
+            if not store.has(unit) or not store.info(unit).get("complete"):
+                raise XprobeError(f"{unit} is not in the store or not complete; run {what} first")
+        if not cfg.fits:
+            raise XprobeError("the report needs at least one fit of a model B (fits = [...])")
+        feats = store.info(self.feats)
+        a_model, sae_hook = feats["model"], feats["hook"]
+        ceiling = self._find_ceiling(a_model, sae_hook)
+        cinfo = self._fit_info(ceiling)
+        if (
+            safe_name(cinfo["config"]["model"]) != safe_name(a_model)
+            or sae_hook not in (cinfo["config"]["hooks"])
+        ):
+            raise XprobeError(
+                f"the ceiling fit {ceiling!r} must probe A ({a_model!r}) at the SAE's hook "
+                f"{sae_hook!r}; it probes {cinfo['config']['model']!r} at {cinfo['config']['hooks']}"
+            )
+        split = (cinfo["config"]["held_out_fraction"], cinfo["config"]["split_seed"])
+        roles = [Role("ceiling", ceiling, a_model, [sae_hook])]
+        named = [(fit, fit) for fit in cfg.fits if fit not in (ceiling, cfg.floor)]
+        if cfg.floor:
+            named.append(("floor", cfg.floor))
+        for label, fit in named:
+            info = self._fit_info(fit)
+            if (info["config"]["held_out_fraction"], info["config"]["split_seed"]) != split:
+                raise XprobeError(
+                    f"fit {fit!r} uses another held-out split than the ceiling {ceiling!r} "
+                    f"(held_out_fraction, split_seed = {split}); refit it with the same split"
+                )
+            roles.append(Role(label, fit, info["config"]["model"], list(info["config"]["hooks"])))
+        if len(roles) == 1:
+            raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
+        self.roles, self.split = roles, split
+        self.match_roles = [self._match(spec, int(feats["n_feat"])) for spec in cfg.matches]
+        if len({m.name for m in self.match_roles}) < len(self.match_roles):
+            raise XprobeError(f"matches names a match twice: {list(cfg.matches)}")
+        tokens = store.info(self.tokens)
+        return {
+            "corpus": cfg.corpus,
+            "sae": cfg.features,
+            "model": a_model,
+            "hook": sae_hook,
+            "n_feat": int(feats["n_feat"]),
+            "fits": {r.label: r.fit for r in roles},
+            "matches": {m.name: m.role.fit for m in self.match_roles},
+            "held_out_fraction": split[0],
+            "split_seed": split[1],
+            "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
+            "corpus_fingerprint": tokens["corpus_fingerprint"],
+        }
+
+    def _match(self, spec: str, n_feat: int) -> MatchRole:
+        """Check one entry of ``matches`` ("NAME" or "NAME:FIT") and pair it with a B fit."""
+        store = self.store
+        name, _, fit = (part.strip() for part in spec.partition(":"))
+        unit = matches_unit(name)
+        if not store.has(unit) or not store.info(unit).get("complete"):
+            raise XprobeError(
+                f"{unit} is not in the store or not complete; run the match stage "
+                f'([[match]] with name = "{name}") before the report'
+            )
+        info = store.info(unit)
+        config = info["config"]
+        feats_a = feats_unit(config["corpus"], config["features_a"])
+        if feats_a != self.feats or int(info["n_feat_a"]) != n_feat:
+            raise XprobeError(
+                f"{unit} matches the SAE features {feats_a} against B's SAE, but this report is "
+                f"about {self.feats}: a match's features_a must be the report's features. Run a "
+                f'match with features_a = "{self.cfg.features}" (corpus "{self.cfg.corpus}")'
+            )
+        feats_b = feats_unit(config.get("corpus_b") or config["corpus"], config["features_b"])
+        model_b = store.info(feats_b).get("model") if store.has(feats_b) else None
+        for feats in (feats_a, feats_b):
+            if store.has(feats) and store.info(feats).get("created", "") > info.get("created", ""):
+                raise XprobeError(
+                    f"{feats} was rewritten after {unit} was computed; rerun the match with "
+                    "--force so that it matches the current features"
+                )
+        candidates = [r for r in self.roles[1:] if r.label != "floor"]
+        if fit:
+            role = next((r for r in candidates if r.fit == fit), None)
+            if role is None:
+                raise XprobeError(
+                    f"matches entry {spec!r} names the fit {fit!r}, which is not one of the "
+                    f"report's fits of a model B: {[r.fit for r in candidates]}"
+                )
+            paired = "as configured"
+        else:
+            same = [r for r in candidates if model_b and safe_name(r.model) == safe_name(model_b)]
+            if len(same) != 1:
+                which = (
+                    f"model {model_b!r}" if model_b else f"an unknown model ({feats_b} is not here)"
+                )
+                found = (
+                    f"the fits {[r.fit for r in same]} all probe it"
+                    if same
+                    else "no fit in fits probes it"
+                )
+                raise XprobeError(
+                    f"{unit}: B's SAE ({feats_b}) was run on {which} and {found}; say which fit it "
+                    f'belongs to as "{name}:FIT" in matches (one of {[r.fit for r in candidates]})'
+                )
+            role = same[0]
+            paired = f"its SAE was run on {model_b}, the model of that fit"
+        return MatchRole(name, unit, role, feats_b, model_b, paired, info)
+
+    # ---- the one pass over tokens and features (cached) -----------------------------------------
+    def _scan_key(self) -> str:
+        feats = self.store.info(self.feats)
+        return fingerprint(
+            {
+                "features": [feats["config_fingerprint"], feats["created"]],  # --force renews
+                "corpus": feats["corpus_fingerprint"],
+                "split": list(self.split),
+                "n_contexts": self.cfg.n_contexts,
+                "token_baseline": self.cfg.token_baseline,
+            }
+        )
+
+    def scan(self, extra: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        """Token baseline R² and top activations, from the cache or one pass; (arrays, chunks read)."""
+        store, key = self.store, self._scan_key()
+        names = ("token_r2", "top_value", "top_token")
+        if (
+            store.has(self.unit)
+            and store.info(self.unit).get("scan_key") == key
+            and all(store.has(f"{self.unit}/{n}") for n in names)
+        ):
+            return {n: store.array(f"{self.unit}/{n}")[:] for n in names}, 0
+        arrays, n_chunks = self._scan_pass(extra["n_feat"])
+        if self.writable:
+            if store.has(self.unit):
+                store.delete(self.unit)
+            prov = provenance("report", self.cfg, **extra, scan_key=key)
+            store.create_unit(self.unit, prov)
+            for name, value in arrays.items():
+                arr = store.create_array(
+                    f"{self.unit}/{name}", value.shape, value.shape, value.dtype, prov
+                )
+                arr[...] = value
+        return arrays, n_chunks
+
+    def _scan_pass(self, n_feat: int) -> tuple[dict[str, np.ndarray], int]:
+        from tqdm.auto import tqdm
+
+        store, tokens = self.store, self.store.info(self.tokens)
+        ctx, chunk_seqs, n_chunks = tokens["ctx"], tokens["chunk_seqs"], tokens["n_chunks"]
+        held = held_out_sequences(tokens["n_seq"], *self.split)
+        baseline = TokenBaseline(n_feat)
+        top = TopActivations(n_feat, self.cfg.n_contexts)
+        for index in tqdm(
+            range(n_chunks), desc="report", unit="chunk", disable=not self.cfg.progress
+        ):
+            ids = store.read_chunk(f"{self.tokens}/ids", index).reshape(-1)
+            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))
+            first_token = index * chunk_seqs * ctx
+            top.update(first_token + rows, cols, vals)
+            if not self.cfg.token_baseline:
+                continue
+            is_held = held[index * chunk_seqs + np.arange(len(ids)) // ctx]
+            for split, keep in (("train", mask & ~is_held), ("held_out", mask & is_held)):
+                new_row = np.cumsum(keep) - 1
+                sel = keep[rows]
+                baseline.update(split, ids[keep], new_row[rows[sel]], cols[sel], vals[sel])
+        token_r2 = baseline.r2_held_out() if self.cfg.token_baseline else np.zeros(n_feat)
+        return {"token_r2": token_r2, "top_value": top.value, "top_token": top.token}, n_chunks
+
+    # ---- the table --------------------------------------------------------------------------------
+    def _probe(self, fit: str, hook: str, key: str) -> np.ndarray:
+        return self.store.array(f"{probes_unit(fit)}/{hook}/{key}")[:]
+
+    def cached_cosine(self, ceiling: Role) -> tuple[np.ndarray | None, str]:
+        """:meth:`encoder_cosine`, kept in ``report/<name>/encoder_cosine`` until the ceiling fit
+        or the features change (loading sae-lens alone takes seconds)."""
+        store, path = self.store, f"{self.unit}/encoder_cosine"
+        cinfo = store.info(probes_unit(ceiling.fit))
+        key = fingerprint(
+            [cinfo["config_fingerprint"], cinfo["created"], store.info(self.feats)["created"]]
+        )
+        if store.has(path) and store.array(path).attrs.get("xprobe", {}).get("cosine_key") == key:
+            return store.array(path)[:], ""
+        cosine, why = self.encoder_cosine(ceiling)
+        if cosine is not None and self.writable and store.has(self.unit):
+            prov = {**store.info(self.unit), "cosine_key": key}
+            if store.has(path):
+                store.delete(path)
+            store.create_array(path, cosine.shape, cosine.shape, cosine.dtype, prov)[...] = cosine
+        return cosine, why
+
+    def encoder_cosine(self, ceiling: Role) -> tuple[np.ndarray | None, str]:
+        """Cosine of each ceiling direction with the SAE's encoder row W_enc[:, f] ([F] or None)."""
+        from sae_lens import SAE
+
+        config = self.store.info(self.feats)["config"]
+        try:
+            if config.get("sae_path"):
+                sae = SAE.load_from_disk(config["sae_path"], device="cpu")
+            else:
+                sae = SAE.from_pretrained(config["sae"], config["sae_id"], device="cpu")
+        except Exception as e:  # a shared cache may not come with its SAE: report, don't fail
+            return None, f"SAE not loadable ({type(e).__name__}: {e})"
+        w_enc = sae.W_enc.detach()  # [d_in, F], converted a block at a time (F may be 10⁶)
+        direction = self.store.array(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/direction")
+        out = np.full(w_enc.shape[1], np.nan)
+        step = direction.chunks[0]
+        for start in range(0, direction.shape[0], step):
+            d = direction[start : start + step].astype(np.float64)
+            e = w_enc[:, start : start + step].T.double().cpu().numpy()
+            norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[start : start + step] = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
+        return out, ""
+
+    def table(self, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+        import pandas as pd
+
+        cfg, store = self.cfg, self.store
+        stats = f"{self.feats}/stats"
+        n_feat = len(scan["token_r2"])
+        ceiling = self.roles[0]
+        ceiling_r2 = self._probe(ceiling.fit, ceiling.hooks[0], "r2_held_out")
+        ceiling_status = self._probe(ceiling.fit, ceiling.hooks[0], "status")
+        token_r2 = scan["token_r2"]
+        status = feature_status(ceiling_status, ceiling_r2, token_r2, cfg.min_headroom)
+        cols: dict[str, Any] = {
+            "feature": np.arange(n_feat),
+            "status": status,
+            "frequency": store.array(f"{stats}/frequency")[:],
+            "count": store.array(f"{stats}/count")[:],
+            "max_activation": store.array(f"{stats}/max")[:],
+            "token_r2": token_r2 if cfg.token_baseline else np.full(n_feat, np.nan),
+            "ceiling_r2": ceiling_r2,
+            "ceiling_fit_status": [STATUS_NAMES[int(s)] for s in ceiling_status],
+        }
+        notes: dict[str, Any] = {}
+        if cfg.encoder_cosine:
+            cosine, why = self.cached_cosine(ceiling)
+            if cosine is not None:
+                cols["encoder_cosine"] = np.where(ceiling_status == STATUS_OK, cosine, np.nan)
+            else:
+                notes["encoder_cosine"] = why
+        transfer = store.info(self.feats).get("transfer") or {}
+        for role in self.roles[1:]:
+            r2_hooks = np.stack([self._probe(role.fit, h, "r2_held_out") for h in role.hooks])
+            fit_status = np.stack([self._probe(role.fit, h, "status") for h in role.hooks])
+            best = store.array(f"{probes_unit(role.fit)}/best_hook")[:].astype(np.int64)
+            r2 = np.take_along_axis(r2_hooks, best[None], 0)[0]
+            own = np.take_along_axis(fit_status, best[None], 0)[0]
+            raw, score = presence(
+                r2, own, ceiling_r2, token_r2 if cfg.token_baseline else 0 * r2, status
+            )
+            p = role.label
+            cols[f"{p}_r2"] = r2
+            cols[f"{p}_best_hook"] = np.asarray(role.hooks, dtype=object)[best]
+            cols[f"{p}_fit_status"] = [STATUS_NAMES[int(s)] for s in own]
+            cols[f"{p}_presence"] = score
+            cols[f"{p}_presence_raw"] = raw
+            cols[f"{p}_class"] = classify(score, cfg.present_at, cfg.partial_at)
+            if len(role.hooks) > 1:
+                for hook, values in zip(role.hooks, r2_hooks, strict=True):
+                    cols[f"{p}_r2@{hook}"] = values
+            b_name = safe_name(role.model)
+            if store.has(f"{self.feats}/transfer/{b_name}/corr"):
+                cols[f"{p}_transfer_corr"] = store.array(f"{self.feats}/transfer/{b_name}/corr")[:]
+                notes.setdefault("transfer", {})[p] = next(
+                    (v for k, v in transfer.items() if safe_name(k) == b_name), {}
+                )
+        for m in self.match_roles:
+            matched = match_table(store, m.name)
+            cols[f"{m.name}_best_match"] = matched["best_match"].to_numpy()
+            cols[f"{m.name}_best_corr"] = matched["best_corr"].to_numpy()
+            cols[f"{m.name}_mutual"] = matched["mutual"].to_numpy()
+        df = pd.DataFrame(cols)
+        for col in ["status", *(c for c in df.columns if c.endswith("_class"))]:
+            df[col] = df[col].astype(str)
+        return df, notes
+
+    # ---- summary ------------------------------------------------------------------------------------
+    def summary_text(self, df: Any) -> str:
+        cfg = self.cfg
+        token = "max(R²_token, 0)" if cfg.token_baseline else "0"
+        lines = [
+            f"presence = (R²_B − {token}) / (R²_ceiling − {token}), clipped to [0, 1]",
+            f"present: ≥ {cfg.present_at:g}   partial: ≥ {cfg.partial_at:g}   absent: < {cfg.partial_at:g}"
+            f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
+            "features: "
+            + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+            + f" (of {len(df)})",
+        ]
+        width = max(len(self._display(r)) for r in self.roles[1:])
+        lines.append(f"  {'':<{width}}" + "".join(f"{c:>10}" for c in CLASSES))
+        floor_present = (
+            df["floor_class"] == "present" if "floor_class" in df else np.zeros(len(df), bool)
+        )
+        for role in self.roles[1:]:
+            counts = df[f"{role.label}_class"].value_counts()
+            row = f"  {self._display(role):<{width}}" + "".join(
+                f"{int(counts.get(c, 0)):>10}" for c in CLASSES
+            )
+            if role.label != "floor" and "floor_class" in df:
+                both = int(((df[f"{role.label}_class"] == "present") & floor_present).sum())
+                row += f"   ({both} of its present features are present in the floor too)"
+            lines.append(row)
+        for m in self.match_roles:
+            lines.append(self.agreement_line(df, m))
+        return "\n".join(lines)
+
+    def agreement_counts(self, df: Any, m: MatchRole) -> dict[str, int]:
+        """Scored features of ``m``'s B per :data:`AGREEMENT` category."""
+        category = agreement(
+            df[f"{m.role.label}_class"], df[f"{m.name}_best_corr"], self.cfg.match_at
+        )
+        return {c: int((category == c).sum()) for c in AGREEMENT}
+
+    def agreement_line(self, df: Any, m: MatchRole) -> str:
+        counts = self.agreement_counts(df, m)
+        return (
+            f"SAE match {m.name} vs {m.role.fit} (matched: best corr ≥ {self.cfg.match_at:g}), "
+            f"of {sum(counts.values())} scored: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+        )
+
+    @staticmethod
+    def _display(role: Role) -> str:
+        return f"{role.fit} (floor)" if role.label == "floor" else role.fit
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is below it (shorter to read)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def run(cfg: ReportConfig, store: Store, force: bool = False) -> dict[str, Any]:
+    """Build the report; ``force`` also redoes the cached pass over tokens and features."""
+    from stages.report_html import render_html
+
+    report = Report(cfg, store)
+    extra = report.validate()
+    local = report.writable
+    if cfg.out_dir is None and not local:
+        raise XprobeError(f"store {store.url} is read-only: set out_dir for the report's files")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else store.local_path / report.unit
+    html_path = Path(cfg.html) if cfg.html else out_dir / "report.html"
+    if local:
+        if hasattr(store, "claim"):  # with read-only caches: this unit is always written here
+            store.claim([report.unit])
+        store.acquire_lock(report.unit, "report")
+    try:
+        if force and local and store.has(report.unit):
+            store.delete(report.unit)
+        scan, n_read = report.scan(extra)
+        df, notes = report.table(scan)
+        text = report.summary_text(df)
+        _write_atomic(out_dir / "table.parquet", lambda p: df.to_parquet(p, index=False))
+        _write_atomic(out_dir / "table.csv", lambda p: df.to_csv(p, index=False))
+        notes["table"] = str(out_dir / "table.parquet")
+        page = render_html(report, df, scan, notes, text)
+        _write_atomic(html_path, lambda p: p.write_text(page, encoding="utf-8"))
+        if local:
+            store.update_info(
+                report.unit,
+                complete=True,
+                n_chunks=int(store.info(report.tokens)["n_chunks"]),
+                **extra,
+                config=canonical(cfg),
+                config_fingerprint=fingerprint(cfg),
+                outputs=[
+                    str(out_dir / "table.parquet"),
+                    str(out_dir / "table.csv"),
+                    str(html_path),
+                ],
+            )
+    finally:
+        if local:
+            store.release_lock(report.unit)
+    message = (
+        f"report: {_shown(html_path)}\n        {_shown(out_dir / 'table.parquet')} (and table.csv)"
+        + (" [token baseline and contexts from the cache]" if n_read == 0 else "")
+        + "\n"
+        + text
+    )
+    return {
+        "stage": "report",
+        "units": [report.unit],
+        "chunks_written": n_read,
+        "already_complete": False,
+        "message": message,
+        "html": str(html_path),
+        "table": str(out_dir / "table.parquet"),
+    }

@@ -1,0 +1,455 @@
+"""Report stage: a tiny pipeline end to end, the token baseline against numpy, presence edge cases."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from sae_lens import SAE
+
+from pipeline import presence as presence_module
+from pipeline.cli import cli
+from pipeline.errors import XprobeError
+from pipeline.lstsq import STATUS_CONSTANT_HELD_OUT, STATUS_DEAD, STATUS_OK, STATUS_RARE
+from pipeline.presence import TokenBaseline, TopActivations, classify, feature_status, presence
+from pipeline.split import held_out_sequences
+from pipeline.store import Store
+from stages.activations import ActivationsConfig
+from stages.activations import run as activations
+from stages.features import FeaturesConfig
+from stages.features import run as features
+from stages.fit import FitConfig
+from stages.fit import run as fit
+from stages.report import ReportConfig
+from stages.report import run as report
+from stages.tokenize import TokenizeConfig
+from stages.tokenize import run as tokenize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sae_fixtures import save_standard_sae  # noqa: E402
+
+HOOK = "blocks.1.hook_resid_post"
+HOOKS_B = ("blocks.0.hook_resid_post", HOOK)
+
+
+def _fit(name: str, model: str, hooks: tuple[str, ...], **kw) -> FitConfig:
+    base = dict(
+        name=name,
+        corpus="c",
+        features="sae",
+        model=model,
+        hooks=hooks,
+        held_out_fraction=0.25,
+        lambdas=(0.0, 1e-3, 1e-1),
+        compute_dtype="float64",
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return FitConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir) -> Path:
+    """tokenize -> activations of A, B (A + 10% noise), random -> A's SAE features (with direct
+    transfer to B) -> fits of B (two layers), random (the floor) and A itself (the ceiling)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("report")
+    torch.manual_seed(3)
+    b = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * p.std() * torch.randn_like(p))
+    rand = GPT2LMHeadModel(b.config)  # same architecture, fresh initialisation
+    for name, model in (("b_model", b), ("random_model", rand)):
+        model.eval().save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / name)
+    sae = save_standard_sae(root / "sae", d_sae=96, hook=HOOK, bias=-1.5)
+    loaded = SAE.load_from_disk(str(sae), device="cpu")
+    with torch.no_grad():
+        loaded.b_enc[-2:] = -1e4  # two features that never fire
+    loaded.save_model(str(sae))
+    store = Store(root / "store")
+    tokenize(
+        TokenizeConfig(
+            corpus="c",
+            source=(str(corpus_jsonl),),
+            tokenizer=str(tokenizer_dir),
+            ctx=32,
+            chunk_seqs=4,
+            max_tokens=4000,
+            progress=False,
+        ),
+        store,
+    )
+    for name, path, layers in (
+        ("A", gpt2_dir, (1,)),
+        ("B", root / "b_model", (0, 1)),
+        ("random", root / "random_model", (1,)),
+    ):
+        activations(
+            ActivationsConfig(
+                corpus="c", model=str(path), name=name, layers=layers, device="cpu", progress=False
+            ),
+            store,
+        )
+    features(
+        FeaturesConfig(
+            corpus="c",
+            model="A",
+            sae_path=str(sae),
+            name="sae",
+            transfer_models=("B",),
+            device="cpu",
+            progress=False,
+        ),
+        store,
+    )
+    fit(_fit("B", "B", HOOKS_B), store)
+    fit(_fit("random", "random", (HOOK,)), store)
+    fit(_fit("ceiling", "A", (HOOK,)), store)
+    return root / "store"
+
+
+def _report_cfg(**kw) -> ReportConfig:
+    base = dict(corpus="c", features="sae", fits=("B",), floor="random", progress=False)
+    base.update(kw)
+    return ReportConfig(**base)
+
+
+def _dense_features(store: Store) -> np.ndarray:
+    idx, val = store.array("feats/c/sae/idx")[:], store.array("feats/c/sae/val")[:]
+    n_feat = store.info("feats/c/sae")["n_feat"]
+    y = np.zeros((len(idx), n_feat))
+    rows, slots = np.nonzero(idx >= 0)
+    y[rows, idx[rows, slots]] = val[rows, slots]
+    return y
+
+
+def test_report_end_to_end(pipeline_store):
+    store = Store(pipeline_store)
+    out = report(_report_cfg(), store)
+    df = pd.read_parquet(out["table"])
+    csv = pd.read_csv(Path(out["table"]).with_suffix(".csv"))
+    assert list(csv.columns) == list(df.columns)
+    np.testing.assert_allclose(csv["B_presence"], df["B_presence"], rtol=1e-12)
+    n_feat = store.info("feats/c/sae")["n_feat"]
+    assert list(df["feature"]) == list(range(n_feat))
+    # the ceiling was found without being named, and the table carries its R²
+    np.testing.assert_array_equal(
+        df["ceiling_r2"], store.array(f"probes/ceiling/{HOOK}/r2_held_out")[:]
+    )
+    for col in (
+        "frequency",
+        "token_r2",
+        "B_r2",
+        "B_presence",
+        "floor_presence",
+        "encoder_cosine",
+        "B_transfer_corr",
+        f"B_r2@{HOOKS_B[0]}",
+        "B_best_hook",
+    ):
+        assert col in df, col
+    # a score exists exactly where the feature is scored, and is then in [0, 1]
+    for label in ("B", "floor"):
+        score, cls = df[f"{label}_presence"], df[f"{label}_class"]
+        assert (score.notna() == (df["status"] == "scored")).all()
+        assert (cls == "unscored").eq(score.isna()).all()
+        assert score.dropna().between(0, 1).all()
+        assert (cls[score >= 0.7] == "present").all() and (cls[score < 0.3] == "absent").all()
+    assert (df["status"] == "scored").sum() >= 20
+    dead = store.array("feats/c/sae/stats/dead")[:]
+    assert dead.sum() == 2 and (df["status"][dead] == "dead").all()
+    # B is A plus 10% noise: it has A's features; the random model has far fewer
+    assert df["B_presence"].median() > 0.8
+    assert df["B_presence"].median() > df["floor_presence"].median() + 0.2
+    # best layer is B's probed hook with the larger held-out R²
+    r2_by_hook = np.stack([df[f"B_r2@{h}"] for h in HOOKS_B])
+    ok = df["B_fit_status"] == "ok"
+    assert (df["B_best_hook"][ok] == np.asarray(HOOKS_B)[r2_by_hook.argmax(0)][ok]).all()
+    # calibration: the A -> A probe points along the SAE's encoder row
+    sae = SAE.load_from_disk(store.info("feats/c/sae")["config"]["sae_path"], device="cpu")
+    w = sae.W_enc.detach().double().numpy()
+    direction = store.array(f"probes/ceiling/{HOOK}/direction")[:].astype(np.float64)
+    f = int(df.index[df["status"] == "scored"][0])
+    expect = direction[f] @ w[:, f] / np.linalg.norm(direction[f]) / np.linalg.norm(w[:, f])
+    assert abs(df["encoder_cosine"][f] - expect) < 1e-9
+    assert df["encoder_cosine"][df["status"] == "scored"].median() > 0.5
+    # top contexts: the first is the feature's largest stored activation
+    y = _dense_features(store)
+    top_value = store.array("report/main/top_value")[:]
+    top_token = store.array("report/main/top_token")[:]
+    fires = y.max(0) > 0
+    np.testing.assert_allclose(top_value[fires, 0], y.max(0)[fires])
+    assert (y[top_token[fires, 0], np.nonzero(fires)[0]] == y.max(0)[fires]).all()
+    # the HTML stands alone: plots embedded, contexts with the activating token outlined
+    page = Path(out["html"]).read_text()
+    assert page.count("data:image/png;base64,") >= 4
+    assert page.count('class="feature"') >= 2 and "peak" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    # the terminal summary shows the thresholds and the table's counts
+    counts = df["B_class"].value_counts()
+    line = next(s for s in out["message"].splitlines() if s.strip().startswith("B "))
+    assert line.split()[1:5] == [
+        str(int(counts.get(c, 0))) for c in ("present", "partial", "absent", "unscored")
+    ]
+    assert "present: ≥ 0.7" in out["message"] and "partial: ≥ 0.3" in out["message"]
+
+
+def test_token_baseline_equals_numpy(pipeline_store):
+    store = Store(pipeline_store)
+    report(_report_cfg(name="tb", n_shown=0), store)
+    got = store.array("report/tb/token_r2")[:]
+    info = store.info("tokens/c")
+    ids = store.array("tokens/c/ids")[:].reshape(-1)
+    mask = store.array("tokens/c/mask")[:].reshape(-1)
+    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    train, test = mask & ~held, mask & held
+    y = _dense_features(store)
+    global_mean = y[train].mean(0)
+    pred = np.empty((test.sum(), y.shape[1]))
+    for row, token in enumerate(ids[test]):
+        same = train & (ids == token)
+        pred[row] = y[same].mean(0) if same.any() else global_mean
+    sst = ((y[test] - y[test].mean(0)) ** 2).sum(0)
+    sse = ((y[test] - pred) ** 2).sum(0)
+    defined = sst > 0
+    assert defined.sum() >= 20 and (~defined).any()  # both cases occur
+    np.testing.assert_allclose(got[defined], 1 - sse[defined] / sst[defined], rtol=1e-9, atol=1e-9)
+    assert np.isnan(got[~defined]).all()
+
+
+def test_token_baseline_sparse_merges_and_unseen_tokens(monkeypatch):
+    """Many small chunks with forced merges, token ids absent from training, against numpy."""
+    monkeypatch.setattr(presence_module, "_MERGE_AT", 8)
+    rng = np.random.default_rng(0)
+    n_tok, n_feat, vocab = 600, 7, 30
+    ids = rng.integers(0, vocab, n_tok)
+    y = np.where(
+        rng.random((n_tok, n_feat)) < 0.3, rng.random((n_tok, n_feat)) + ids[:, None] / vocab, 0
+    )
+    held = rng.random(n_tok) < 0.3
+    held[ids >= vocab - 3] = True  # these token ids never occur in training
+    acc = TokenBaseline(n_feat)
+    for start in range(0, n_tok, 50):
+        for split, keep in (("train", ~held), ("held_out", held)):
+            part = np.zeros(n_tok, bool)
+            part[start : start + 50] = keep[start : start + 50]
+            rows, cols = np.nonzero(y[part])
+            acc.update(split, ids[part], rows, cols, y[part][rows, cols])
+    means = {v: y[~held & (ids == v)].mean(0) for v in set(ids[~held])}
+    pred = np.stack([means.get(v, y[~held].mean(0)) for v in ids[held]])
+    sst = ((y[held] - y[held].mean(0)) ** 2).sum(0)
+    expect = 1 - ((y[held] - pred) ** 2).sum(0) / sst
+    np.testing.assert_allclose(acc.r2_held_out(), expect, rtol=1e-10)
+
+
+def test_top_activations_keeps_largest_per_feature():
+    rng = np.random.default_rng(1)
+    top = TopActivations(n_feat=5, n_top=3)
+    cols, vals = rng.integers(0, 4, 200), rng.random(200)  # feature 4 never fires
+    for start in range(0, 200, 37):
+        part = slice(start, start + 37)
+        top.update(np.arange(200)[part], cols[part], vals[part])
+    for f in range(4):
+        order = np.argsort(-vals[cols == f])[:3]
+        np.testing.assert_array_equal(top.value[f], vals[cols == f][order])
+        np.testing.assert_array_equal(top.token[f], np.nonzero(cols == f)[0][order])
+    assert (top.token[4] == -1).all() and np.isneginf(top.value[4]).all()
+
+
+def test_presence_edge_cases():
+    #            ok   ok    ok    ok    ok   dead  rare  const  ok
+    ceiling_status = np.array(
+        [STATUS_OK] * 5 + [STATUS_DEAD, STATUS_RARE, STATUS_CONSTANT_HELD_OUT, STATUS_OK]
+    )
+    ceiling_r2 = np.array([0.8, 0.8, 0.30, 0.6, 0.5, 0.0, 0.0, 0.0, -0.2])
+    token_r2 = np.array([0.2, 0.2, 0.28, -0.5, np.nan, 0.0, 0.0, np.nan, -0.3])
+    r2_b = np.array([0.5, -0.4, 0.3, 0.9, 0.25, 0.0, 0.0, 0.0, 0.1])
+    fit_status = np.array([STATUS_OK] * 9)
+    status = feature_status(ceiling_status, ceiling_r2, token_r2, min_headroom=0.05)
+    assert list(status) == [
+        "scored",
+        "scored",
+        "no headroom",
+        "scored",
+        "scored",
+        "dead",
+        "too rare",
+        "constant",
+        "no headroom",  # negative ceiling R²: nothing to score against
+    ]
+    raw, score = presence(r2_b, fit_status, ceiling_r2, token_r2, status)
+    assert raw[0] == pytest.approx(0.5)  # (0.5 - 0.2) / (0.8 - 0.2)
+    assert raw[1] == pytest.approx(-1.0) and score[1] == 0.0  # negative R² of B: absent, not NaN
+    assert (
+        raw[3] == pytest.approx(1.5) and score[3] == 1.0
+    )  # negative token R² counts as 0; clipped
+    assert raw[4] == pytest.approx(0.5)  # no token baseline (NaN): reference 0
+    assert np.isnan(score[[2, 5, 6, 7, 8]]).all()
+    assert list(classify(score, 0.7, 0.3)) == [
+        "partial",
+        "absent",
+        "unscored",
+        "present",
+        "partial",
+        "unscored",
+        "unscored",
+        "unscored",
+        "unscored",
+    ]
+    # B's own fit failing where the ceiling's did not: unscored for B, never a number
+    own = fit_status.copy()
+    own[0] = STATUS_RARE
+    assert np.isnan(presence(r2_b, own, ceiling_r2, token_r2, status)[1][0])
+
+
+def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
+    store = Store(pipeline_store)
+    report(_report_cfg(name="cli"), store)
+    table = pd.read_parquet(pipeline_store / "report/cli/table.parquet")
+    config = tmp_path / "xprobe.toml"
+    config.write_text(
+        f'store = "{pipeline_store}"\n\n[report]\nname = "cli"\ncorpus = "c"\nfeatures = "sae"\n'
+        f'fits = ["B"]\nfloor = "random"\npresent_at = 0.9\nprogress = false\n'
+        f'html = "{tmp_path / "r.html"}"\n'
+    )
+    result = CliRunner().invoke(cli, ["run", str(config), "--only", "report"])
+    assert result.exit_code == 0, result.output
+    assert "from the cache" in result.output and "present: ≥ 0.9" in result.output
+    cached = store.array("report/cli/encoder_cosine")[:]  # the SAE is loaded once, then cached
+    np.testing.assert_array_equal(
+        np.where(table["ceiling_fit_status"] == "ok", cached, np.nan), table["encoder_cosine"]
+    )
+    assert (tmp_path / "r.html").exists()
+    again = pd.read_parquet(pipeline_store / "report/cli/table.parquet")
+    np.testing.assert_array_equal(again["B_presence"], table["B_presence"])  # same scores ...
+    assert (again["B_class"] == classify(again["B_presence"].to_numpy(), 0.9, 0.3)).all()  # new cut
+    # refusals name what to do
+    with pytest.raises(XprobeError, match="ceiling"):
+        report(_report_cfg(name="x", ceiling="B"), store)
+    fit(_fit("other_split", "B", (HOOK,), split_seed=1), store)
+    with pytest.raises(XprobeError, match="another held-out split"):
+        report(_report_cfg(name="x", fits=("other_split",)), store)
+    with pytest.raises(XprobeError, match="partial_at <= present_at"):
+        report(_report_cfg(name="x", present_at=0.2), store)
+
+
+def test_report_from_read_only_zip(pipeline_store, tmp_path):
+    """A shared (packed, read-only) store: nothing is cached in it, the files go to out_dir."""
+    local = report(_report_cfg(name="zip", n_shown=1), Store(pipeline_store))
+    packed = Store(pipeline_store).pack(tmp_path / "store.zip")
+    with pytest.raises(XprobeError, match="set out_dir"):
+        report(_report_cfg(name="zip", n_shown=1), Store(packed, mode="r"))
+    remote = report(
+        _report_cfg(name="zip2", n_shown=1, out_dir=str(tmp_path / "out")), Store(packed, mode="r")
+    )
+    assert remote["chunks_written"] > 0  # the pass ran: there was no cache to read
+    a, b = pd.read_parquet(local["table"]), pd.read_parquet(remote["table"])
+    pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def matched_store(pipeline_store) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The pipeline plus B's own SAE and the match of A's SAE against it. B's SAE is A's with its
+    features permuted and 10% noise on the encoder, except a quarter of them whose encoder rows are
+    redrawn: those A features are still in B (the probes find them) but no longer in B's SAE.
+    Returns (store path, permutation, redrawn A features)."""
+    from stages.match import MatchConfig
+    from stages.match import run as match
+
+    root = pipeline_store.parent
+    sae = SAE.load_from_disk(str(root / "sae"), device="cpu")
+    n_feat = sae.W_enc.shape[1]
+    rng = np.random.default_rng(5)
+    perm = rng.permutation(n_feat)
+    redrawn = rng.choice(n_feat - 2, n_feat // 4, replace=False)  # not the two dead features
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        w_enc = sae.W_enc + 0.1 * sae.W_enc.std() * torch.randn(sae.W_enc.shape, generator=g)
+        w_enc[:, redrawn] = sae.W_enc.std() * torch.randn((len(redrawn), w_enc.shape[0])).T
+        sae.W_enc[:, perm] = w_enc
+        sae.b_enc[perm] = sae.b_enc.clone()
+        sae.W_dec[perm] = sae.W_dec.clone()
+    sae.save_model(str(root / "sae_b"))
+    store = Store(pipeline_store)
+    features(
+        FeaturesConfig(
+            corpus="c",
+            model="B",
+            sae_path=str(root / "sae_b"),
+            name="sae_b",
+            device="cpu",
+            progress=False,
+        ),
+        store,
+    )
+    for name, a, b in (("a-vs-b", "sae", "sae_b"), ("b-vs-a", "sae_b", "sae")):
+        match(
+            MatchConfig(
+                name=name, corpus="c", features_a=a, features_b=b, device="cpu", progress=False
+            ),
+            store,
+        )
+    return pipeline_store, perm, redrawn
+
+
+def test_report_with_sae_match(matched_store):
+    from pipeline.matches import match_table
+
+    path, perm, redrawn = matched_store
+    store = Store(path)
+    report(_report_cfg(name="m", n_shown=2), store)
+    out = report(_report_cfg(name="m", n_shown=2, matches=("a-vs-b",)), store)
+    assert out["chunks_written"] == 0  # naming a match does not redo the cached pass
+    df = pd.read_parquet(out["table"])
+    expect = match_table(store, "a-vs-b")
+    for col in ("best_match", "best_corr", "mutual"):
+        np.testing.assert_array_equal(df[f"a-vs-b_{col}"], expect[col])
+    # the match itself found B's SAE: the kept features' permuted twins, not the redrawn ones
+    kept = np.setdiff1d(np.nonzero(df["count"] >= 20)[0], redrawn)
+    assert len(kept) > 20
+    assert (df["a-vs-b_best_match"][kept] == perm[kept]).mean() > 0.9
+    # agreement counts in the terminal summary, recomputed from the table
+    present = (df["B_class"] == "present").to_numpy()
+    absent = (df["B_class"] == "absent").to_numpy()
+    matched = df["a-vs-b_best_corr"].to_numpy() >= 0.5
+    line = next(s for s in out["message"].splitlines() if s.startswith("SAE match a-vs-b vs B "))
+    counts = {
+        "present & matched": present & matched,
+        "present & unmatched": present & ~matched,
+        "absent & matched": absent & matched,
+        "absent & unmatched": absent & ~matched,
+    }
+    for name, sel in counts.items():
+        assert f"{name} {int(sel.sum())}," in line + ",", (name, line)
+    # B has the redrawn features (the probes say present) but its SAE does not: disagreements
+    assert (present & ~matched)[redrawn].sum() >= 5
+    page = Path(out["html"]).read_text()
+    assert "<h2>Probes vs SAE matching</h2>" in page
+    assert "present by the probe, unmatched" in page and "SAE match a-vs-b: B feature" in page
+    assert page.count("data:image/png;base64,") >= 6  # + best-corr histogram and scatter
+    assert "compared with fit &#x27;B&#x27; (its SAE was run on B" in page
+    # naming the fit explicitly gives the same table; the floor or another SAE's match is refused
+    named = report(_report_cfg(name="m", n_shown=0, matches=("a-vs-b:B",)), store)
+    pd.testing.assert_frame_equal(pd.read_parquet(named["table"]), df)
+    with pytest.raises(XprobeError, match="not one of the report's fits of a model B"):
+        report(_report_cfg(name="m", matches=("a-vs-b:random",)), store)
+
+
+def test_report_refuses_match_of_another_sae(matched_store):
+    store = Store(matched_store[0])
+    with pytest.raises(XprobeError, match="features_a must be the report's features"):
+        report(_report_cfg(name="m2", matches=("b-vs-a",)), store)
+    with pytest.raises(XprobeError, match="matches/nope is not in the store"):
+        report(_report_cfg(name="m2", matches=("nope",)), store)
+    with pytest.raises(XprobeError, match="match_at"):
+        report(_report_cfg(name="m2", matches=("a-vs-b",), match_at=0.0), store)
