@@ -125,9 +125,12 @@ def presence_corr_figure(
             linewidths=0,
             label=f"{name} ({int(sel.sum())})",
         )
+    grey = dict(color="#59636e", fontsize=7.5)
     ax.axvline(match_at, color="#59636e", linewidth=1, linestyle=":")
-    for level in (partial_at, present_at):
+    ax.text(match_at, 0.02, f" matched ≥ {match_at:g}", transform=ax.get_xaxis_transform(), **grey)
+    for level, name in ((partial_at, "partial"), (present_at, "present")):
         ax.axhline(level, color="#59636e", linewidth=1, linestyle=":")
+        ax.text(0.0, level, f"{name} ≥ {level:g}", va="bottom", **grey)
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(labels[0])

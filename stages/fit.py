@@ -16,6 +16,7 @@ and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,7 +62,12 @@ class FitConfig:
     """Dtype of the per-chunk products (accumulation is always float64)."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
-    checkpoint_every: int = runtime(8, "chunks between checkpoints")
+    checkpoint_every: int = runtime(
+        64, "chunks between accumulator checkpoints (also taken every checkpoint_seconds)"
+    )
+    checkpoint_seconds: float = runtime(
+        600.0, "seconds between checkpoints: the statistics of a wide SAE are tens of GB"
+    )
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
     workers: int | None = workers_field()
@@ -208,13 +214,16 @@ class Fit:
             disable=not cfg.progress,
             mininterval=1.0,
         )
+        last_checkpoint = time.monotonic()
         try:
             for n, index in enumerate(todo):
                 self.add_chunk(stats, index, held)
                 consumed.append(index)
                 bar.update(n_rows[n])
-                if len(consumed) % cfg.checkpoint_every == 0 or n == len(todo) - 1:
+                due = time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds
+                if due or len(consumed) % cfg.checkpoint_every == 0 or n == len(todo) - 1:
                     self._save_checkpoint(consumed, stats)
+                    last_checkpoint = time.monotonic()
         finally:
             bar.close()
         return stats

@@ -479,7 +479,8 @@ class Report:
         counts = self.agreement_counts(df, m)
         return (
             f"SAE match {m.name} vs {m.role.fit} (matched: best corr ≥ {self.cfg.match_at:g}), "
-            f"of {sum(counts.values())} scored: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+            f"{sum(counts.values())} scored features:\n  "
+            + ", ".join(f"{c} {n}" for c, n in counts.items())
         )
 
     @staticmethod

@@ -365,7 +365,7 @@ def _counts_table(report: Any, df: Any, m: Any) -> str:
     cls = df[f"{m.role.label}_class"].to_numpy()
     matched = df[f"{m.name}_best_corr"].to_numpy() >= t
     head = (
-        f"<tr><th>probe: {html.escape(m.role.fit)}</th><th>matched (corr ≥ {t:g})</th>"
+        f"<tr><th>probe class ({html.escape(m.role.fit)})</th><th>matched (corr ≥ {t:g})</th>"
         f"<th>unmatched (corr &lt; {t:g})</th><th>all</th></tr>"
     )
     rows = []
@@ -411,6 +411,7 @@ def _match_section(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
         hist = best_corr_figure(
             corr, dead=dead, title=f"{m.name}: {int((~dead).sum())} live A features"
         )
+        hist.axes[0].axvline(t, color="#59636e", linewidth=1, linestyle=":")
         scatter = presence_corr_figure(
             corr[scored],
             df[f"{label}_presence"].to_numpy()[scored],
@@ -420,12 +421,14 @@ def _match_section(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
             title=f"{int(scored.sum())} features scored for {m.role.fit}",
         )
         out += [
-            f"<h3>{name}: B's SAE {html.escape(m.features_b)} against the probes of "
+            f"<h3>{name}: B's SAE {html.escape(m.features_b.rsplit('/', 1)[-1])} against the probes of "
             f"{html.escape(m.role.fit)}</h3>",
             f'<div class="cols"><div>{_png(hist)}</div><div>{_png(scatter)}</div></div>',
             '<p class="caption">Left: each live A feature\'s best-match correlation (0: no B '
-            "feature correlates positively). Right: one point per scored feature; dotted lines: "
-            f"match_at ({t:g}) and the partial and present thresholds.</p>",
+            "feature correlates positively); dotted: match_at. Right: one point per feature "
+            f"scored for {html.escape(m.role.fit)}; dotted: match_at ({t:g}) and the probe's "
+            "partial and present thresholds. Shaded cells in the table: where the two methods "
+            "disagree.</p>",
             _counts_table(report, df, m),
         ]
         if contexts is None:
@@ -443,7 +446,7 @@ def _match_section(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
         contexts.prepare([int(f) for _, _, rows in picked for f in rows["feature"]], scan)
         for title, total, rows in picked:
             if rows.empty:
-                out.append(f"<p><b>{title}</b>: none.</p>")
+                out.append(f"<p><b>{name}: {title}</b>: none.</p>")
                 continue
             shown = (
                 f"the {len(rows)} largest disagreements of {total}"

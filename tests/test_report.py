@@ -422,7 +422,8 @@ def test_report_with_sae_match(matched_store):
     present = (df["B_class"] == "present").to_numpy()
     absent = (df["B_class"] == "absent").to_numpy()
     matched = df["a-vs-b_best_corr"].to_numpy() >= 0.5
-    line = next(s for s in out["message"].splitlines() if s.startswith("SAE match a-vs-b vs B "))
+    lines = out["message"].splitlines()
+    line = lines[lines.index(next(s for s in lines if s.startswith("SAE match a-vs-b vs B "))) + 1]
     counts = {
         "present & matched": present & matched,
         "present & unmatched": present & ~matched,
@@ -449,6 +450,10 @@ def test_report_refuses_match_of_another_sae(matched_store):
     store = Store(matched_store[0])
     with pytest.raises(XprobeError, match="features_a must be the report's features"):
         report(_report_cfg(name="m2", matches=("b-vs-a",)), store)
+    with pytest.raises(
+        XprobeError, match='no fit in fits probes it; say which fit .* "a-vs-b:FIT"'
+    ):
+        report(_report_cfg(name="m2", fits=("random",), floor=None, matches=("a-vs-b",)), store)
     with pytest.raises(XprobeError, match="matches/nope is not in the store"):
         report(_report_cfg(name="m2", matches=("nope",)), store)
     with pytest.raises(XprobeError, match="match_at"):
