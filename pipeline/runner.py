@@ -71,11 +71,12 @@ class Stage(ABC):
         return {}
 
 
-def check_config(store: Store, stage: Stage, units: dict[str, dict[str, Any]], force: bool) -> bool:
+def check_config(store: Store, stage: Any, units: dict[str, dict[str, Any]], force: bool) -> bool:
     """Refuse (or with ``force`` clear) units written with another config. True if all complete.
 
-    The units are claimed for the local store: a unit of the same name in a read-only cache is
-    shadowed, never written or compared here.
+    ``stage`` is anything with the stage's ``name`` and ``cfg``. The units are claimed for the
+    local store: a unit of the same name in a read-only cache is shadowed, never written or
+    compared here.
     """
     store.claim(list(units))
     new_fp = fingerprint(stage.cfg)
@@ -281,3 +282,41 @@ def _run_locked(
         "chunks_written": len(written),
         "already_complete": False,
     }
+
+
+@dataclass(frozen=True)
+class _Identity:
+    name: str
+    cfg: Any
+
+
+def run_whole_unit(
+    name: str,
+    cfg: Any,
+    store: Store,
+    unit: str,
+    extra: dict[str, Any],
+    force: bool,
+    work: Callable[[], tuple[int, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Run a stage that writes one unit from accumulated state (fit, match) rather than chunk by
+    chunk: lock the unit, refuse another config (or start over with ``force``), create it with
+    its provenance, then ``work()`` (which resumes from its own checkpoint) returns the chunk
+    count and the facts to record; the unit is marked complete only after that."""
+    store.acquire_lock(unit, name)
+    try:
+        if check_config(store, _Identity(name, cfg), {unit: extra}, force):
+            return {"stage": name, "units": [unit], "chunks_written": 0, "already_complete": True}
+        if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
+            store.create_unit(unit, provenance(name, cfg, **extra))
+        n_chunks, facts = work()
+        store.mark_complete(unit, n_chunks, **facts)
+        return {
+            "stage": name,
+            "units": [unit],
+            "chunks_written": n_chunks,
+            "already_complete": False,
+            "summary": facts.get("summary"),
+        }
+    finally:
+        store.release_lock(unit)

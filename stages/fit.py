@@ -31,10 +31,10 @@ from pipeline.errors import XprobeError
 from pipeline.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
 from pipeline.lstsq import SufficientStats, solve_ridge
 from pipeline.reader import load_acts
-from pipeline.runner import check_config
+from pipeline.runner import run_whole_unit
 from pipeline.sparse import load_sparse, select_rows
 from pipeline.split import held_out_sequences
-from pipeline.store import Store, provenance
+from pipeline.store import Store
 
 CHECKPOINT = "_checkpoint.pt"
 
@@ -291,51 +291,18 @@ class Fit:
 
 
 def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.runner import Stage
-
     fit = Fit(cfg, store)
     extra = fit.validate()
 
-    class _Named(Stage):  # check_config needs only a name and the config
-        name = "fit"
-
-        def units(self, store):  # pragma: no cover - unused
-            return {}
-
-        def prepare(self, store):  # pragma: no cover - unused
-            return None
-
-        def compute(self, store, todo):  # pragma: no cover - unused
-            return iter(())
-
-    store.acquire_lock(fit.unit, "fit")
-    try:
-        if check_config(store, _Named(cfg), {fit.unit: extra}, force):
-            return {
-                "stage": "fit",
-                "units": [fit.unit],
-                "chunks_written": 0,
-                "already_complete": True,
-            }
-        if not store.has(fit.unit) or "xprobe" not in store.group(fit.unit).attrs:
-            store.create_unit(fit.unit, provenance("fit", cfg, **extra))
+    def work() -> tuple[int, dict[str, Any]]:
         with client_for(cfg) as client:  # None unless scheduler / workers is set
             stats = fit.accumulate(extra["d_model"], extra["n_feat"], client)
         summary = fit.solve_and_write(stats, extra["n_feat"])
-        n_chunks = extra["n_chunks_planned"]
-        store.mark_complete(
-            fit.unit,
-            n_chunks,
-            summary=summary,
-            n_tok_train=int(stats[cfg.hooks[0]]["train"].n),
-            n_tok_held_out=int(stats[cfg.hooks[0]]["held_out"].n),
-        )
-        return {
-            "stage": "fit",
-            "units": [fit.unit],
-            "chunks_written": n_chunks,
-            "already_complete": False,
+        first = stats[cfg.hooks[0]]
+        return extra["n_chunks_planned"], {
             "summary": summary,
+            "n_tok_train": int(first["train"].n),
+            "n_tok_held_out": int(first["held_out"].n),
         }
-    finally:
-        store.release_lock(fit.unit)
+
+    return run_whole_unit("fit", cfg, store, fit.unit, extra, force, work)

@@ -48,9 +48,9 @@ from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.layout import feats_unit, matches_unit, tokens_unit
-from pipeline.runner import Stage, check_config
+from pipeline.runner import run_whole_unit
 from pipeline.sparse import load_sparse
-from pipeline.store import Store, provenance
+from pipeline.store import Store
 
 CHECKPOINT = "_checkpoint.pt"
 DENSE_BYTES_PER_PAIR = 16  # float64 Σab + int64 count
@@ -89,21 +89,6 @@ class MatchConfig:
     batch_tokens: int = runtime(8192, "tokens per sparse product")
     checkpoint_every: int = runtime(8, "chunks between accumulator checkpoints")
     progress: bool = runtime(True, "show a progress bar")
-
-
-class _Named(Stage):
-    """check_config needs only a stage name and the config."""
-
-    name = "match"
-
-    def units(self, store):  # pragma: no cover - unused
-        return {}
-
-    def prepare(self, store):  # pragma: no cover - unused
-        return None
-
-    def compute(self, store, todo):  # pragma: no cover - unused
-        return iter(())
 
 
 class Match:
@@ -434,27 +419,11 @@ class Match:
 def run(cfg: MatchConfig, store: Store, force: bool = False) -> dict[str, Any]:
     match = Match(cfg, store)
     extra = match.validate()
-    store.acquire_lock(match.unit, "match")
-    try:
-        if check_config(store, _Named(cfg), {match.unit: extra}, force):
-            return {
-                "stage": "match",
-                "units": [match.unit],
-                "chunks_written": 0,
-                "already_complete": True,
-            }
-        if not store.has(match.unit) or "xprobe" not in store.group(match.unit).attrs:
-            store.create_unit(match.unit, provenance("match", cfg, **extra))
+
+    def work() -> tuple[int, dict[str, Any]]:
         state = match.accumulate(extra["n_feat_a"], extra["n_feat_b"])
         summary = match.write(state)
-        store.mark_complete(match.unit, extra["n_chunks_planned"], summary=summary)
         match._checkpoint_path().unlink(missing_ok=True)  # the results are written: no resume left
-        return {
-            "stage": "match",
-            "units": [match.unit],
-            "chunks_written": extra["n_chunks_planned"],
-            "already_complete": False,
-            "summary": summary,
-        }
-    finally:
-        store.release_lock(match.unit)
+        return extra["n_chunks_planned"], {"summary": summary}
+
+    return run_whole_unit("match", cfg, store, match.unit, extra, force, work)
