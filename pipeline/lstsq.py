@@ -171,25 +171,28 @@ class SufficientStats:
         """``cyx += Yᵀ xc`` for one row block ``xc [n, d]`` (float64, centred on the chunk mean).
 
         Σ_t (y_t - m_y)(x_t - m_x)ᵀ = Σ_t y_t (x_t - m_x)ᵀ since the centred x sums to zero, so
-        only stored entries of Y contribute: a sparse × dense product (MKL / cuSPARSE) costing
-        O(nnz·d). Features are taken in contiguous ranges whose [range, d] float64 result fits
-        one scratch block, so extra memory never grows with n_feat.
+        only stored entries of Y contribute. The block's active features are renumbered
+        0..n_active-1 and taken in groups whose [group, d] float64 product fits one scratch
+        block; each group is one sparse × dense product (MKL / cuSPARSE) added to its rows of
+        ``cyx`` by a row-wise ``index_add_``. Cost O(nnz·d + n_active·d): in proportion to the
+        active features, never to n_feat.
         """
+        if cols.numel() == 0:
+            return
         n_rows, d = xc.shape
+        features, local = torch.unique(cols, return_inverse=True)
         width = max(1, _BLOCK_ELEMS // d)
-        for first in range(0, self.n_feat, width):
-            last = min(first + width, self.n_feat)
-            if first == 0 and last == self.n_feat:
-                r, c, v = rows, cols, vals
+        for first in range(0, features.numel(), width):
+            last = min(first + width, features.numel())
+            if first == 0 and last == features.numel():
+                r, c, v = rows, local, vals
             else:
-                keep = (cols >= first) & (cols < last)
-                if not bool(keep.any()):
-                    continue
-                r, c, v = rows[keep], cols[keep] - first, vals[keep]
+                keep = (local >= first) & (local < last)
+                r, c, v = rows[keep], local[keep] - first, vals[keep]
             with warnings.catch_warnings():  # "sparse invariant checks are disabled"
                 warnings.simplefilter("ignore", UserWarning)
                 y_t = torch.sparse_coo_tensor(torch.stack([c, r]), v, (last - first, n_rows))
-            self.cyx[first:last] += torch.sparse.mm(y_t, xc)
+            self.cyx.index_add_(0, features[first:last], torch.sparse.mm(y_t, xc))
 
     def _chunk_mean_x(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``x [n, d]``, summed in float64."""
