@@ -25,14 +25,16 @@ from benchmarks.common import Timer, build_model, corpus_and_tokenizer, device, 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _bare_forward(model_dir: Path, batches: list, p: dict) -> float:
-    """Seconds for the truncated forward over ``batches`` (after one warm-up batch)."""
+def _bare_forward(model_dir: Path, batches: list, p: dict) -> tuple[float, float]:
+    """Seconds for the truncated forward over ``batches`` (after one warm-up batch), and
+    seconds to load the model."""
     from transformers import AutoModelForCausalLM
 
     from stages.activations import find_blocks, forward_capture
 
     dev = device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[p["dtype"]]).to(dev)
+    with Timer() as load:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[p["dtype"]]).to(dev)
     model.eval()
     blocks = find_blocks(model, model.config.num_hidden_layers)
     wanted = [(p["layer"], "post")]
@@ -42,7 +44,7 @@ def _bare_forward(model_dir: Path, batches: list, p: dict) -> float:
             acts = forward_capture(model, blocks, ids.to(dev, non_blocking=True), wanted)
             assert acts[(p["layer"], "post")].shape[:2] == ids.shape
     del model
-    return t.s
+    return t.s, load.s
 
 
 def _saelens(model_dir: Path, ids, out: Path, p: dict) -> dict:
@@ -150,7 +152,7 @@ def bench_activations(work: Path, p: dict) -> dict:
         for s in range(0, chunk_seqs, batch)
         if c + s < n_seq
     ]
-    bare_s = _bare_forward(model_dir, batches, p)
+    bare_s, load_s = _bare_forward(model_dir, batches, p)
 
     cfg = ActivationsConfig(
         corpus="stdlib",
@@ -193,6 +195,9 @@ def bench_activations(work: Path, p: dict) -> dict:
         "bare_forward_s": round(bare_s, 3),
         "bare_forward_tokens_per_s": round(bare_tps),
         "ratio_stage_vs_bare_forward": round(stage_tps / bare_tps, 3),
+        "model_load_s": round(load_s, 3),
+        "note": "stage_s includes loading the model (model_load_s, timed separately) and "
+        "checking the tokenizer; bare_forward_s is the forward alone",
         "xprobe_bytes_per_token": round(x_bpt, 3),
         "saelens": sae,
     }

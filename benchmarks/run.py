@@ -43,12 +43,12 @@ SIZES: dict[str, dict[str, dict]] = {
             "shape": {"family": "gpt2", "n_layer": 4, "d_model": 256, "n_head": 4},
             "layer": 1,
             "ctx": 128,
-            "n_seq": 1536,
-            "saelens_n_seq": 1536,
+            "n_seq": 3072,  # 393k tokens: the model load is a small part of the stage's time
+            "saelens_n_seq": 3072,
             "batch_seqs": 32,
             "chunk_seqs": 64,
             "dtype": "float32",
-            "corpus_bytes": 2_000_000,
+            "corpus_bytes": 3_000_000,
         },
         "features": {
             "d_model": 256,
