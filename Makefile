@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xprobe-installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo demo-data test bench lint clean
 
 install: $(STAMP)
 
@@ -21,11 +21,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/xprobe demo
 
+# Rebuild the demo's committed models and SAE (pipeline/demo_data) from the stdlib: ~15 min, 1 thread.
+demo-data: install
+	$(PY) -m pipeline.demo_build
+
 test: install
 	$(PY) -m pytest -q
 
+# SIZE=cpu (default, minutes here) or SIZE=gpu (an H100-class GPU; see benchmarks/run.py)
+SIZE ?= cpu
 bench: install
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run --size $(SIZE)
 
 lint: install
 	$(VENV)/bin/ruff check pipeline stages tests

@@ -1,73 +1,323 @@
-"""``xprobe demo``: an offline run on material every machine has.
+"""``xprobe demo``: the whole pipeline on small models that ship with xprobe, offline.
 
-The corpus is the Python standard library found on this machine (its sources, one document per
-module); the tokenizer is a byte-level BPE trained on it with ``tokenizers``. Nothing is
-downloaded. The demo grows with the pipeline: today it runs every stage that exists and shows
-what the store holds.
+The models, tokenizer and SAE in ``pipeline/demo_data/`` were built by ``pipeline/demo_build.py``
+(trained on the Python standard library). The demo rebuilds a corpus from this machine's stdlib,
+skipping the text the models were trained on, writes the config it runs to ``DIR/xprobe.toml``
+and runs every stage on it into ``DIR/store``: tokenize, activations of A and of the models B, A's SAE features, the probes, and the report. Every stage skips finished work, so a
+second run only re-reads the results. Then it measures the method against what is known by
+construction: which SAE features were removed from ``b_ablated`` (their decoder directions
+projected out) and ``b_erased`` (trained to hide them), and a frequency-matched set that was kept.
 """
 
 from __future__ import annotations
 
 import json
-import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from pipeline.demo_corpus import stdlib_corpus, stdlib_jsonl, train_bpe  # noqa: F401
 from pipeline.store import Store
 
-
-def stdlib_corpus(out: Path, max_bytes: int) -> Path:
-    """Write the stdlib's top-level ``*.py`` sources (sorted, up to ``max_bytes``) as jsonl."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    total = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for path in sorted(lib.glob("*.py")):
-            text = path.read_text(errors="replace")
-            f.write(json.dumps({"text": text}) + "\n")
-            total += len(text)
-            if total >= max_bytes:
-                break
-    return out
+DEMO_DATA = Path(__file__).parent / "demo_data"
+CORPUS = "stdlib"
+SAE = "sae_a"
+FITS = {  # fit name -> (model folder, role)
+    "finetune": ("b_finetune", "A trained further on code only"),
+    "scratch": ("b_scratch", "same recipe, another seed"),
+    "ablated": ("b_ablated", "A minus {n_ablate} SAE directions"),
+    "erased": ("b_erased", "A trained to hide {n_ablate} features"),
+    "random": ("b_random", "untrained (the floor)"),
+}
 
 
-def train_bpe(corpus: Path, out: Path, vocab_size: int = 4096) -> Path:
-    """A byte-level BPE tokenizer trained on a jsonl corpus, saved as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [json.loads(line)["text"] for line in corpus.open()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
-    fast.save_pretrained(out)
-    return out
+@dataclass
+class DemoResult:
+    store: Store
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    report_html: str | None = None
 
 
-def run_demo(root: Path, max_bytes: int = 2_000_000) -> Store:
-    from stages.tokenize import TokenizeConfig, run
+def demo_config(root: Path, data: Path, corpus: Path, max_tokens: int) -> dict[str, Any]:
+    """The pipeline the demo runs, as the TOML tables ``xprobe run`` reads."""
+    build = json.loads((data / "build.json").read_text())
+    size = build["size"]
+    hook = f"blocks.{size['sae_layer']}.hook_resid_post"
+    every_layer = [f"blocks.{i}.hook_resid_post" for i in range(size["n_layer"])]
+    fit_common = {"corpus": CORPUS, "features": SAE, "held_out_fraction": 0.2}
+    model_a = str(data / "model_a")
+    return {
+        "store": str(root / "store"),
+        "tokenize": {
+            "corpus": CORPUS,
+            "source": [str(corpus)],
+            "tokenizer": model_a,
+            "ctx": size["ctx"],
+            "chunk_seqs": 64,
+            "max_tokens": max_tokens,
+        },
+        "activations": [
+            {"corpus": CORPUS, "model": model_a, "name": "A", "hooks": [hook], "dtype": "float32"}
+        ]
+        + [
+            {
+                "corpus": CORPUS,
+                "model": str(data / folder),
+                "name": folder,
+                "hooks": every_layer if name == "scratch" else [hook],
+                "dtype": "float32",
+            }
+            for name, (folder, _) in FITS.items()
+        ],
+        "features": {
+            "corpus": CORPUS,
+            "model": "A",
+            "sae_path": str(data / "sae"),
+            "name": SAE,
+            "transfer_models": ["b_finetune", "b_ablated", "b_erased"],
+        },
+        "fit": [{"name": "ceiling", "model": "A", "hooks": [hook], **fit_common}]
+        + [
+            {
+                "name": name,
+                "model": folder,
+                "hooks": every_layer if name == "scratch" else [hook],
+                **fit_common,
+            }
+            for name, (folder, _) in FITS.items()
+        ],
+        "report": {
+            "corpus": CORPUS,
+            "features": SAE,
+            "fits": ["finetune", "scratch", "ablated", "erased"],
+            "ceiling": "ceiling",
+            "floor": "random",
+            "name": "demo",
+        },
+    }
 
+
+def to_toml(config: dict[str, Any]) -> str:
+    """The demo config as TOML (strings, numbers, lists of strings: all it holds)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines = [f"store = {value(config['store'])}"]
+    for name, section in config.items():
+        if name == "store":
+            continue
+        for table in section if isinstance(section, list) else [section]:
+            lines.append(f"\n[[{name}]]" if isinstance(section, list) else f"\n[{name}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(
+    root: Path,
+    data: Path = DEMO_DATA,
+    max_tokens: int = 250_000,
+    skip_bytes: int | None = None,
+    on_summary: Callable[[dict[str, Any]], None] = lambda s: None,
+    progress: bool = True,
+) -> DemoResult:
+    """Run the demo pipeline into ``root`` and measure it; ``on_summary`` sees each stage's summary.
+
+    The corpus starts after the first ``skip_bytes`` of stdlib text (default: what the models
+    were trained on), so the features are measured on modules the models never saw.
+    """
+    from pipeline.config import from_dict
+    from pipeline.errors import XprobeError
+    from pipeline.registry import STAGES
+
+    if not (data / "build.json").exists():
+        raise XprobeError(f"no demo models in {data}; build them: python -m pipeline.demo_build")
+    build = json.loads((data / "build.json").read_text())
+    if skip_bytes is None:
+        skip_bytes = build["size"]["corpus_bytes"]
     root.mkdir(parents=True, exist_ok=True)
+    _check_same_models(root, data)
     corpus = root / "corpus" / "stdlib.jsonl"
     if not corpus.exists():
-        stdlib_corpus(corpus, max_bytes)
-    tok_dir = root / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        train_bpe(corpus, tok_dir)
-    store = Store(root / "store")
-    run(
-        TokenizeConfig(
-            corpus="stdlib", source=(str(corpus),), tokenizer=str(tok_dir), ctx=256, chunk_seqs=64
-        ),
-        store,
-    )
-    return store
+        # ~4 bytes of stdlib text per token; a little more, so max_tokens is the cap that binds
+        stdlib_jsonl(corpus, 5 * max_tokens, skip_bytes=skip_bytes)
+    config = demo_config(root, data, corpus, max_tokens)
+    (root / "xprobe.toml").write_text(to_toml(config))
+    result = DemoResult(Store(root / "store"))
+    for entry in STAGES:
+        section = config.get(entry.name)
+        if section is None:
+            continue
+        try:
+            cfg_cls, run_fn = entry.load()
+        except ImportError:  # a stage this checkout does not have yet
+            continue
+        for table in section if isinstance(section, list) else [section]:
+            summary = run_fn(from_dict(cfg_cls, {**table, "progress": progress}), result.store)
+            on_summary(summary)
+            result.summaries.append(summary)
+            result.report_html = summary.get("html", result.report_html)
+    result.numbers = measure(result.store, data, config)
+    return result
+
+
+def _check_same_models(root: Path, data: Path) -> None:
+    """Stages key their caches on the model paths, not the weights: refuse to reuse a demo folder
+    made with other demo models (a rebuilt ``demo_data``), instead of reading stale results."""
+    import hashlib
+
+    from pipeline.errors import XprobeError
+
+    digest = hashlib.sha256()
+    for name in ("build.json", "ablation.json"):
+        digest.update((data / name).read_bytes())
+    marker = root / "demo_models.sha256"
+    if marker.exists() and marker.read_text().strip() != digest.hexdigest():
+        raise XprobeError(
+            f"{root} was made with other demo models than {data}; delete it or use another --path"
+        )
+    marker.write_text(digest.hexdigest() + "\n")
+
+
+# ---- what the demo shows ----------------------------------------------------------------------
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney U statistic)."""
+    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    diff = positive[:, None] - negative[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def _best_r2(store: Store, fit: str) -> np.ndarray:
+    """Held-out R² of a fit at its best hook per feature ``[F]`` (0 where the probe failed)."""
+    info = store.info(f"probes/{fit}")
+    hooks = info["config"]["hooks"]
+    r2 = np.stack([store.array(f"probes/{fit}/{h}/r2_held_out")[:] for h in hooks])
+    return r2.max(0)
+
+
+GROUND_TRUTH = ("ablated", "erased")
+"""Models B built to lack the ablation.json "ablated" features and keep the "kept" ones."""
+
+
+def _separation(score: np.ndarray, ablated: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
+    return {
+        "auroc": auroc(score[kept], score[ablated]),
+        "kept": float(np.nanmedian(score[kept])),
+        "ablated": float(np.nanmedian(score[ablated])),
+        "n_kept": int(np.isfinite(score[kept]).sum()),
+        "n_ablated": int(np.isfinite(score[ablated]).sum()),
+    }
+
+
+def measure(store: Store, data: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The demo's numbers: how much each B keeps, and ablated vs kept features in the models
+    built without them (AUROC of the kept ones scoring higher)."""
+    ablation = json.loads((data / "ablation.json").read_text())
+    ablated, kept = np.array(ablation["ablated"]), np.array(ablation["kept"])
+    hook = ablation["hook"]
+    ceiling = store.array(f"probes/ceiling/{hook}/r2_held_out")[:]
+    ok = store.array(f"probes/ceiling/{hook}/status")[:] == 0
+    ratio = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name in FITS:
+            ratio[name] = np.where(ok & (ceiling > 0), _best_r2(store, name) / ceiling, np.nan)
+    out: dict[str, Any] = {
+        "n_feat": int(len(ceiling)),
+        "n_ceiling_ok": int(ok.sum()),
+        "ceiling_r2_median": float(np.median(ceiling[ok])),
+        "ratio_median": {n: float(np.nanmedian(r)) for n, r in ratio.items()},
+        "n_ablated": len(ablated),
+        "ratio_separation": {n: _separation(ratio[n], ablated, kept) for n in GROUND_TRUTH},
+    }
+    table = _report_table(store, config)
+    if table is None:
+        out["presence"] = None
+        return out
+    scored = (table["status"] == "scored").to_numpy()
+    presence = {n: table[f"{'floor' if n == 'random' else n}_presence"].to_numpy() for n in FITS}
+    token = np.maximum(np.nan_to_num(table["token_r2"].to_numpy()), 0)
+    token_level = ok & (token >= 0.5 * ceiling)
+    out["presence"] = {
+        "n_scored": int(scored.sum()),
+        "median": {n: float(np.nanmedian(p)) for n, p in presence.items()},
+        "present": {n: float(np.mean(p[scored] >= 0.7)) for n, p in presence.items()},
+        "separation": {n: _separation(presence[n], ablated, kept) for n in GROUND_TRUTH},
+        "n_token_level": int(token_level.sum()),
+        "random_ratio_token_level": float(np.nanmedian(ratio["random"][token_level])),
+        "random_ratio_contextual": float(np.nanmedian(ratio["random"][ok & ~token_level])),
+    }
+    return out
+
+
+def _report_table(store: Store, config: dict[str, Any]) -> Any:
+    name = config["report"]["name"]
+    path = store.local_path / "report" / name / "table.parquet" if store.local_path else None
+    if path is None or not path.exists():
+        return None
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+def format_numbers(n: dict[str, Any], data: Path = DEMO_DATA) -> str:
+    """The demo's findings as the lines ``xprobe demo`` prints."""
+    build = json.loads((data / "build.json").read_text())
+    size = build["size"]
+    p = n.get("presence")
+    lines = [
+        "",
+        f"xprobe demo: A is a {size['n_layer']}-layer GPT-2 (d_model {size['d_model']}) trained on "
+        f"stdlib docstrings and code;",
+        f"its SAE: {size['d_sae']} TopK features (k={size['sae_k']}) on "
+        f"blocks.{size['sae_layer']}.hook_resid_post. Ceiling A->A: median held-out R² "
+        f"{n['ceiling_r2_median']:.2f} over {n['n_ceiling_ok']} features.",
+        "",
+        f"  {'model B':<10} {'what it is':<34} {'R²/ceiling':>10}"
+        + (f" {'presence':>9} {'present':>8}" if p else ""),
+    ]
+    for name, (_, what) in FITS.items():
+        what = what.format(n_ablate=n["n_ablated"])
+        row = f"  {name:<10} {what:<34} {n['ratio_median'][name]:>10.2f}"
+        if p:
+            row += f" {p['median'][name]:>9.2f} {p['present'][name]:>8.0%}"
+        lines.append(row)
+    if p:
+        lines.append(
+            f"  (R²/ceiling: median over features; presence: the report's score, median; present:"
+            f" share of the {p['n_scored']} scored features with presence >= 0.7)"
+        )
+    lines += [
+        "",
+        f"Ground truth: {n['n_ablated']} SAE features removed vs {n['n_ablated']} kept "
+        "(frequency-matched); AUROC = P(a kept feature scores above a removed one):",
+    ]
+    for name in GROUND_TRUTH:
+        scores = [("R²/ceiling", n["ratio_separation"][name])]
+        if p:
+            scores.insert(0, ("presence", p["separation"][name]))
+        for label, sep in scores:
+            lines.append(
+                f"  {name:<8} {label:<10}  AUROC {sep['auroc']:.3f}   median {sep['kept']:.2f} kept"
+                f" vs {sep['ablated']:.2f} removed   (scored {sep['n_kept']} + {sep['n_ablated']})"
+            )
+    if p:
+        lines += [
+            "",
+            f"Random floor: R²/ceiling {p['random_ratio_token_level']:.2f} on the "
+            f"{p['n_token_level']} token-level features (the current token explains at least half"
+            f" the ceiling's R²) vs {p['random_ratio_contextual']:.2f} on the others; presence"
+            f" (beyond the token) median {p['median']['random']:.2f}.",
+        ]
+    else:
+        lines.append("(no report stage in this checkout: presence scores not computed)")
+    return "\n".join(lines)
