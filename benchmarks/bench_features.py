@@ -188,6 +188,6 @@ def _bench_width(work: Path, store, acts, mask, d_sae: int, p: dict) -> dict:
         "dense_float32_bytes_per_token": 4 * d_sae,
         "on_disk_vs_dense": round(on_disk / n_tok / (4 * d_sae), 4),
         "note": "stage_s includes loading the SAE, calibrating K (one extra encode of up to "
-        "16,384 tokens), reading activations from the store, writing and finalize; bare = "
+        "4,096 tokens), reading activations from the store, writing and finalize; bare = "
         "sae.encode only, inputs in RAM",
     }

@@ -53,7 +53,7 @@ SIZES: dict[str, dict[str, dict]] = {
         "features": {
             "d_model": 256,
             "widths": [4096],
-            "n_tok": 100_000,
+            "n_tok": 200_000,
             "l0": 45,
             "batch_tokens": 4096,
         },
