@@ -34,8 +34,8 @@ bench: install
 	$(PY) -m benchmarks.run --size $(SIZE)
 
 lint: install
-	$(VENV)/bin/ruff check pipeline stages tests
-	$(VENV)/bin/ruff format --check pipeline stages tests
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline stages tests benchmarks
 
 clean:
 	rm -rf $(VENV) xprobe-demo .pytest_cache
