@@ -324,7 +324,6 @@ def pack(store_path: str, out: str) -> None:
 @click.option("--max-tokens", default=250_000, show_default=True, help="Corpus size in tokens.")
 def demo(root: str, data: str | None, max_tokens: int) -> None:
     """Run the whole pipeline on small models shipped with xprobe (offline) and print what it finds."""
-    import os
     import time
 
     from pipeline.demo import DEMO_DATA, format_numbers, run_demo
@@ -335,7 +334,9 @@ def demo(root: str, data: str | None, max_tokens: int) -> None:
     click.echo(format_numbers(result.numbers, data_dir))
     click.echo(f"\nconfig: {Path(root) / 'xprobe.toml'} (rerun with `xprobe run`)")
     if result.report_html:
-        click.echo(f"report: {os.path.relpath(result.report_html)}")
+        html = Path(result.report_html).resolve()
+        shown = html.relative_to(Path.cwd()) if html.is_relative_to(Path.cwd()) else html
+        click.echo(f"report: {shown}")
     click.echo(f"done in {time.time() - start:.0f} s")
 
 
