@@ -56,9 +56,22 @@ def dir_bytes(path: Path) -> int:
 
 
 def corpus_and_tokenizer(work: Path, corpus_bytes: int, vocab_size: int) -> tuple[Path, Path]:
-    """The stdlib corpus (jsonl) and a BPE tokenizer trained on it, both built offline."""
+    """A jsonl corpus of at least ``corpus_bytes`` characters and a BPE tokenizer, offline.
+
+    The text is the stdlib's top-level sources (a few MB); a larger request repeats them
+    (throughput does not care, and the GPU size needs 10M tokens).
+    """
     corpus = stdlib_corpus(work / "stdlib.jsonl", corpus_bytes)
-    return corpus, train_bpe(corpus, work / "tok", vocab_size=vocab_size)
+    tok_dir = train_bpe(corpus, work / "tok", vocab_size=vocab_size)
+    lines = corpus.read_text().splitlines(keepends=True)
+    size = sum(len(line) for line in lines)
+    if size >= corpus_bytes or not lines:
+        return corpus, tok_dir
+    repeated = work / "stdlib-repeated.jsonl"
+    with repeated.open("w") as f:
+        for _ in range(-(-corpus_bytes // size)):
+            f.writelines(lines)
+    return repeated, tok_dir
 
 
 def build_model(shape: dict[str, Any], tok_dir: Path, out: Path, dtype: torch.dtype) -> Path:
