@@ -165,3 +165,24 @@ def wait_for_markers(done_dir: Path, n: int, timeout: float = 60.0) -> int:
                 break
         time.sleep(0.005)
     return count
+
+
+def tokenize_small(
+    store, corpus_jsonl: Path, tokenizer_dir: Path, max_tokens: int, corpus: str = "c"
+) -> None:
+    """Tokenize a jsonl corpus into ``store`` as ``tokens/<corpus>``: ctx 32, 4 sequences a chunk."""
+    from stages.tokenize import TokenizeConfig
+    from stages.tokenize import run as tokenize
+
+    tokenize(
+        TokenizeConfig(
+            corpus=corpus,
+            source=(str(corpus_jsonl),),
+            tokenizer=str(tokenizer_dir),
+            ctx=32,
+            chunk_seqs=4,
+            max_tokens=max_tokens,
+            progress=False,
+        ),
+        store,
+    )

@@ -34,10 +34,9 @@ from stages.features import FeaturesConfig
 from stages.features import run as features
 from stages.fit import CHECKPOINT, FitConfig
 from stages.fit import run as fit
-from stages.tokenize import TokenizeConfig
-from stages.tokenize import run as tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tokenize_small
 from sae_fixtures import save_standard_sae  # noqa: E402
 
 # the failure-injecting stages below must reach the workers by value, not by module name
@@ -69,18 +68,7 @@ def client(cluster):
 def tokens_store(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
     """A store holding only tokens: ctx 32, 4 sequences per chunk, 8 chunks."""
     root = tmp_path_factory.mktemp("dist") / "tokens"
-    tokenize(
-        TokenizeConfig(
-            corpus="c",
-            source=(str(corpus_jsonl),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=32 * 4 * N_CHUNKS,
-            progress=False,
-        ),
-        Store(root),
-    )
+    tokenize_small(Store(root), corpus_jsonl, tokenizer_dir, 32 * 4 * N_CHUNKS)
     assert Store(root, mode="r").info("tokens/c")["n_chunks"] == N_CHUNKS
     return root
 

@@ -19,11 +19,9 @@ from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.features import FeaturesConfig, run
-from stages.tokenize import TokenizeConfig
-from stages.tokenize import run as tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import wait_for_markers
+from conftest import tokenize_small, wait_for_markers
 from sae_fixtures import (  # noqa: E402
     save_gated_sae,
     save_jumprelu_sae,
@@ -69,18 +67,7 @@ def base_store(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir) -> Path:
         GPT2LMHeadModel(narrow_cfg).eval(), tokenizer_dir, root / "narrow_model"
     )
     store = Store(root / "store")
-    tokenize(
-        TokenizeConfig(
-            corpus="c",
-            source=(str(corpus_jsonl),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=2000,
-            progress=False,
-        ),
-        store,
-    )
+    tokenize_small(store, corpus_jsonl, tokenizer_dir, 2000)
     for name, model_dir in (("a", gpt2_dir), ("b", b_dir), ("narrow", narrow_dir)):
         activations(
             ActivationsConfig(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import tokenize_small
 
 from pipeline.errors import XprobeError
 from pipeline.runner import ChunkResult, Stage, run_stage
@@ -22,8 +23,6 @@ from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.fit import FitConfig, held_out_sequences
 from stages.fit import run as fit
-from stages.tokenize import TokenizeConfig
-from stages.tokenize import run as tokenize
 
 N_FEAT = 24
 
@@ -93,18 +92,7 @@ def fitted_store(
 ) -> tuple[Path, _FakeFeatures]:
     path = tmp_path_factory.mktemp("fit") / "store"
     store = Store(path)
-    tokenize(
-        TokenizeConfig(
-            corpus="c",
-            source=(str(corpus_jsonl),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=8000,
-            progress=False,
-        ),
-        store,
-    )
+    tokenize_small(store, corpus_jsonl, tokenizer_dir, 8000)
     activations(
         ActivationsConfig(
             corpus="c", model=str(gpt2_dir), name="A", layers=(0,), device="cpu", progress=False

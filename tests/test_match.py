@@ -12,13 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tokenize_small
 
 from pipeline.errors import XprobeError
 from pipeline.runner import ChunkResult, Stage, run_stage
 from pipeline.store import Store
 from stages.match import MatchConfig, run
-from stages.tokenize import TokenizeConfig
-from stages.tokenize import run as tokenize
 
 N_A, N_B, K_STORED = 40, 56, 24
 OUT = (
@@ -109,18 +108,7 @@ class _ToyFeatures(Stage):
 
 
 def _tokenize(store: Store, corpus: str, source: Path, tokenizer_dir: Path) -> None:
-    tokenize(
-        TokenizeConfig(
-            corpus=corpus,
-            source=(str(source),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=2000,
-            progress=False,
-        ),
-        store,
-    )
+    tokenize_small(store, source, tokenizer_dir, 2000, corpus=corpus)
 
 
 @pytest.fixture(scope="module")

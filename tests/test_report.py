@@ -27,10 +27,9 @@ from stages.fit import FitConfig
 from stages.fit import run as fit
 from stages.report import ReportConfig
 from stages.report import run as report
-from stages.tokenize import TokenizeConfig
-from stages.tokenize import run as tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tokenize_small
 from sae_fixtures import save_standard_sae  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
@@ -76,18 +75,7 @@ def pipeline_store(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir) -> P
         loaded.b_enc[-2:] = -1e4  # two features that never fire
     loaded.save_model(str(sae))
     store = Store(root / "store")
-    tokenize(
-        TokenizeConfig(
-            corpus="c",
-            source=(str(corpus_jsonl),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=4000,
-            progress=False,
-        ),
-        store,
-    )
+    tokenize_small(store, corpus_jsonl, tokenizer_dir, 4000)
     for name, path, layers in (
         ("A", gpt2_dir, (1,)),
         ("B", root / "b_model", (0, 1)),
