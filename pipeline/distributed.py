@@ -110,7 +110,6 @@ def chunk_task(
     stage_cls: type[Stage], cfg: Any, spec: tuple[str, list[str]], units: list[str], index: int
 ) -> dict:
     """On a worker: compute chunk ``index`` and write it to the store. Returns a small record."""
-    import zarr
 
     start = time.perf_counter()
     store = open_store(spec)
@@ -123,9 +122,7 @@ def chunk_task(
             f"when asked for chunk {index}"
         )
     _check_writable(store, results[0])
-    # arrays reopened here would skip all-fill chunks; every chunk must be a file (see Store)
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        write_chunk(store, units, results[0])
+    write_chunk(store, units, results[0])  # Store.array keeps write_empty_chunks: one file a chunk
     return {
         "index": index,
         "n_tok": results[0].n_tok,

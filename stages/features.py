@@ -108,13 +108,13 @@ def load_sae(cfg: FeaturesConfig, device: str) -> Any:
 
 def pack_sparse(
     feats: torch.Tensor, keep: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed-width sparse form of ``feats [n, n_feat]`` (rows where ``keep`` is False dropped).
 
     Returns ``idx [n, k]`` (int32, -1 = padding) and ``val [n, k]``: each kept row's non-zero
     features in ascending id order; a row with more than ``k`` keeps its ``k`` largest
     |activations| (still in id order). Also returns every kept non-zero entry, before the
-    width limit, as ``(cols, vals)`` with ``rows``: the exact statistics come from those. Cost
+    width limit, as ``(cols, vals)``: the exact statistics come from those. Cost
     is one pass over ``feats`` plus O(nnz); ``topk`` runs only on overflowing rows.
     """
     n, n_feat = feats.shape
@@ -142,7 +142,7 @@ def pack_sparse(
         dense = feats[over]
         top = dense.abs().topk(k, dim=1).indices.sort(dim=1).values
         idx[over], val[over] = top.to(torch.int32), dense.gather(1, top)
-    return idx, val, rows, cols, vals
+    return idx, val, cols, vals
 
 
 def add_feature_stats(
@@ -398,12 +398,12 @@ class FeaturesStage(Stage):
             keep = mask[start : start + bs].to(self.device)
             x = acts[start : start + bs].to(self.device, self.sae.dtype)
             feats = self._encode(x)
-            i, v, _, cols, vals = pack_sparse(feats, keep, k)
+            i, v, cols, vals = pack_sparse(feats, keep, k)
             stop = start + len(x)
             idx[start:stop], val[start:stop] = i.cpu().numpy(), v.cpu().numpy()
-            magnitude = vals.abs().double()
-            total += float(magnitude.sum())
-            dropped += float(magnitude.sum()) - float(v.abs().double().sum())
+            mass = float(vals.abs().double().sum())
+            total += mass
+            dropped += mass - float(v.abs().double().sum())
             add_feature_stats(stats, cols.cpu(), vals.double().cpu(), int(keep.sum()))
             for b, b_acts in b_inputs.items():
                 xb = b_acts[start:stop].to(self.device, self.sae.dtype)
