@@ -6,7 +6,8 @@ skipping the text the models were trained on, writes the config it runs to ``DIR
 and runs every stage on it into ``DIR/store``: tokenize, activations of A and of the models B, A's SAE features, the probes, and the report. Every stage skips finished work, so a
 second run only re-reads the results. Then it measures the method against what is known by
 construction: which SAE features were removed from ``b_ablated`` (their decoder directions
-projected out) and ``b_erased`` (trained to hide them), and a frequency-matched set that was kept.
+projected out) and ``b_erased`` (trained to apply their LEACE eraser), and a frequency-matched set
+that was kept (their linear information survives the eraser).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ FITS = {  # fit name -> (model folder, role)
     "finetune": ("b_finetune", "A trained further on code only"),
     "scratch": ("b_scratch", "same recipe, another seed"),
     "ablated": ("b_ablated", "A minus {n_ablate} SAE directions"),
-    "erased": ("b_erased", "A trained to hide {n_ablate} features"),
+    "erased": ("b_erased", "A + LEACE erasure of {n_ablate} features"),
     "random": ("b_random", "untrained (the floor)"),
 }
 
@@ -252,6 +253,10 @@ def measure(store: Store, data: Path, config: dict[str, Any]) -> dict[str, Any]:
         "median": {n: float(np.nanmedian(p)) for n, p in presence.items()},
         "present": {n: float(np.mean(p[scored] >= 0.7)) for n, p in presence.items()},
         "separation": {n: _separation(presence[n], ablated, kept) for n in GROUND_TRUTH},
+        "separation_all": {
+            n: _separation(presence[n], ablated, np.setdiff1d(np.flatnonzero(scored), ablated))
+            for n in GROUND_TRUTH
+        },
         "n_token_level": int(token_level.sum()),
         "random_ratio_token_level": float(np.nanmedian(ratio["random"][token_level])),
         "random_ratio_contextual": float(np.nanmedian(ratio["random"][ok & ~token_level])),
@@ -296,10 +301,17 @@ def format_numbers(n: dict[str, Any], data: Path = DEMO_DATA) -> str:
             f"  (R²/ceiling: median over features; presence: the report's score, median; present:"
             f" share of the {p['n_scored']} scored features with presence >= 0.7)"
         )
+    survive = size.get("min_survival")
     lines += [
         "",
         f"Ground truth: {n['n_ablated']} SAE features removed vs {n['n_ablated']} kept "
-        "(frequency-matched); AUROC = P(a kept feature scores above a removed one):",
+        "(frequency-matched"
+        + (
+            f"; each keeps >= {survive:.0%} of its R² beyond the token through the eraser, on the build corpus"
+            if survive
+            else ""
+        )
+        + "); AUROC = P(a kept feature scores above a removed one):",
     ]
     for name in GROUND_TRUTH:
         scores = [("R²/ceiling", n["ratio_separation"][name])]
@@ -311,6 +323,13 @@ def format_numbers(n: dict[str, Any], data: Path = DEMO_DATA) -> str:
                 f" vs {sep['ablated']:.2f} removed   (scored {sep['n_kept']} + {sep['n_ablated']})"
             )
     if p:
+        lines.append("  removed vs every other scored feature (no matching), by presence:")
+        for name in GROUND_TRUTH:
+            sep = p["separation_all"][name]
+            lines.append(
+                f"  {name:<8} {'presence':<10}  AUROC {sep['auroc']:.3f}   median {sep['kept']:.2f}"
+                f" others vs {sep['ablated']:.2f} removed   (scored {sep['n_kept']} + {sep['n_ablated']})"
+            )
         lines += [
             "",
             f"Random floor: R²/ceiling {p['random_ratio_token_level']:.2f} on the "

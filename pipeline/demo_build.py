@@ -14,8 +14,11 @@ What it makes (every model a plain HF folder with the shared tokenizer, weights 
                stream up to layer L: embeddings, attention and MLP out-projections of blocks <= L.
                Those features are absent from its layer-L residual by construction; which ones
                (and a frequency-matched "kept" set) is in ablation.json.
-  b_erased     A with its embeddings and blocks <= L trained to keep their layer-L residual close
-               to A's while the same features become linearly unpredictable from it
+  b_erased     A with its embeddings and blocks <= L trained to output A's layer-L residual with
+               the LEACE eraser of the same features applied: an affine map fitted on A's
+               cached activations after which no linear readout predicts those features
+  ablation.json  the removed features and a frequency-matched "kept" set whose linear
+               information (in-sample R²) survives that eraser by construction
   build.json   the size, seed, timings, held-out losses and SAE statistics of this build
 The corpus is rebuilt from the stdlib at build and demo time; no text is committed.
 """
@@ -39,8 +42,10 @@ import torch
 
 from pipeline.demo_corpus import stdlib_jsonl, train_bpe
 from pipeline.demo_lm import (
-    erase_features,
+    block_output,
+    distill_erased,
     eval_loss,
+    leace_eraser,
     log,
     pack_sequences,
     project_out,
@@ -81,18 +86,21 @@ class BuildSize:
     sae_steps: int = 1000
     sae_batch: int = 2048
     sae_lr: float = 1e-3
-    n_ablate: int = 16
-    """SAE features projected out of b_ablated (and as many frequency-matched kept ones)."""
+    n_ablate: int = 8
+    """SAE features removed from b_ablated and b_erased (and as many frequency-matched kept ones).
+    Not more: the eraser of 16 leaves the other candidates a median 7% of their headroom, so no
+    kept set would be kept (measured on this A; see the README)."""
     ablate_frequency: tuple[float, float] = (2e-3, 5e-2)
     """Firing-frequency band the ablated and kept features are drawn from."""
     min_headroom: float = 0.1
     """... and the least R² A's residual must add over the current token for them (see headroom)."""
-    erase_steps: int = 300
-    """Adam steps that teach b_erased to hide the ablated features (see demo_lm.erase_features)."""
+    min_survival: float = 0.8
+    """... and, for the kept ones, the least share of their headroom that must survive the eraser
+    of the ablated ones (see survival): kept by construction, not only by label."""
+    erase_steps: int = 800
+    """Adam steps that teach b_erased the eraser's output (see demo_lm.distill_erased)."""
     erase_batch: int = 16
-    erase_lr: float = 1e-3
-    erase_weight: float = 3.0
-    """Weight of the features' in-batch R² against the distance to A's residual."""
+    erase_lr: float = 2e-3
 
 
 SIZES = {
@@ -118,6 +126,7 @@ SIZES = {
         n_ablate=4,
         ablate_frequency=(1e-3, 0.3),
         min_headroom=0.0,
+        min_survival=0.3,
         erase_steps=30,
         erase_batch=8,
         erase_lr=1e-2,
@@ -261,50 +270,126 @@ def sae_stats(sae: Any, acts: torch.Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def headroom(sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> np.ndarray:
-    """[n_feat]: in-sample R² of a linear readout of each feature from ``acts`` minus that of the
-    per-token-id mean (floored at 0), i.e. what the residual predicts beyond the current token."""
-    n_feat, n = sae.cfg.d_sae, len(acts)
-    x = acts.double() - acts.double().mean(0)
+def linear_r2(x: torch.Tensor, sae: Any, acts: torch.Tensor) -> np.ndarray:
+    """[n_feat]: in-sample R² of a linear readout (with intercept) from ``x`` [n, d] of each
+    feature of ``sae.encode(acts)``; ``x`` may be ``acts`` itself or a transform of it."""
+    n = len(x)
+    mean = x.double().mean(0)
     xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    xty = torch.zeros(x.shape[1], n_feat, dtype=torch.float64)
-    per_token = torch.zeros(vocab_size, n_feat, dtype=torch.float64)
-    sum_y = torch.zeros(n_feat, dtype=torch.float64)
-    sum_yy = torch.zeros(n_feat, dtype=torch.float64)
+    xty = torch.zeros(x.shape[1], sae.cfg.d_sae, dtype=torch.float64)
+    sum_y = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    sum_yy = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, n, 8192):
-        xc, tok = x[start : start + 8192], ids[start : start + 8192].long()
+        xc = x[start : start + 8192].double() - mean
         y = sae.encode(acts[start : start + 8192]).double()
         xtx += xc.T @ xc
         xty += xc.T @ y
-        per_token.index_add_(0, tok, y)
         sum_y += y.sum(0)
         sum_yy += (y * y).sum(0)
     sst = (sum_yy - sum_y**2 / n).clamp_min(1e-12)
-    linear = (xty * (torch.linalg.pinv(xtx, hermitian=True) @ xty)).sum(0) / sst
+    return ((xty * (torch.linalg.pinv(xtx, hermitian=True) @ xty)).sum(0) / sst).numpy()
+
+
+@torch.no_grad()
+def token_r2(sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """[n_feat]: in-sample R² of the per-token-id mean of each feature of ``sae.encode(acts)``."""
+    n = len(acts)
+    per_token = torch.zeros(vocab_size, sae.cfg.d_sae, dtype=torch.float64)
+    sum_y = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    sum_yy = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for start in range(0, n, 8192):
+        y = sae.encode(acts[start : start + 8192]).double()
+        per_token.index_add_(0, ids[start : start + 8192].long(), y)
+        sum_y += y.sum(0)
+        sum_yy += (y * y).sum(0)
+    sst = (sum_yy - sum_y**2 / n).clamp_min(1e-12)
     count = torch.bincount(ids.long(), minlength=vocab_size).double().clamp_min(1)
-    token = ((per_token**2 / count[:, None]).sum(0) - sum_y**2 / n) / sst
-    return (linear - token.clamp_min(0)).numpy()
+    return (((per_token**2 / count[:, None]).sum(0) - sum_y**2 / n) / sst).numpy()
 
 
-def choose_ablation(
-    frequency: np.ndarray, room: np.ndarray, size: BuildSize, seed: int
-) -> tuple[list, list]:
-    """``n_ablate`` features drawn at random from the frequency band among those with headroom
-    beyond the token (the only ones a presence score can judge), and for each the unchosen such
-    feature nearest in log frequency (the matched "kept" set)."""
+def headroom(
+    sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int, x: torch.Tensor | None = None
+) -> np.ndarray:
+    """[n_feat]: in-sample R² of a linear readout of each feature (of ``sae.encode(acts)``) from
+    ``x`` (default ``acts``) minus that of the per-token-id mean (floored at 0), i.e. what the
+    residual predicts beyond the current token."""
+    token = np.maximum(token_r2(sae, acts, ids, vocab_size), 0)
+    return linear_r2(acts if x is None else x, sae, acts) - token
+
+
+@torch.no_grad()
+def fit_eraser(
+    sae: Any, acts: torch.Tensor, features: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LEACE eraser ``(M, c)`` of ``features`` of ``sae.encode(acts)`` from ``acts``."""
+    z = torch.cat([sae.encode(x)[:, features] for x in acts.split(8192)])
+    return leace_eraser(acts, z)
+
+
+def survival(
+    sae: Any,
+    acts: torch.Tensor,
+    ids: torch.Tensor,
+    vocab_size: int,
+    eraser: tuple[torch.Tensor, torch.Tensor],
+) -> np.ndarray:
+    """[n_feat]: the share of each feature's headroom (in-sample R² beyond the current token) that
+    is left after ``eraser``: <= 0 for the erased features, near 1 for features it leaves alone
+    (NaN where there is no headroom to keep). What the presence score measures, in-sample."""
+    m, c = eraser
+    erased = (acts.double() @ m.T + c).float()
+    before = headroom(sae, acts, ids, vocab_size)
+    after = headroom(sae, acts, ids, vocab_size, erased)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(before > 1e-6, after / before, np.nan)
+
+
+def ablation_band(frequency: np.ndarray, room: np.ndarray, size: BuildSize) -> np.ndarray:
+    """Features in the firing-frequency band with headroom beyond the token (the only ones a
+    presence score can judge)."""
     lo, hi = size.ablate_frequency
-    band = np.flatnonzero((frequency >= lo) & (frequency <= hi) & (room >= size.min_headroom))
+    return np.flatnonzero((frequency >= lo) & (frequency <= hi) & (room >= size.min_headroom))
+
+
+def choose_ablated(band: np.ndarray, size: BuildSize, seed: int) -> list[int]:
+    """``n_ablate`` features of ``band`` drawn at random."""
     if len(band) < 2 * size.n_ablate:
-        raise RuntimeError(f"only {len(band)} SAE features fire at {lo}..{hi} with headroom")
+        raise RuntimeError(f"only {len(band)} SAE features in the frequency band with headroom")
     rng = np.random.default_rng(seed)
-    ablated = sorted(rng.choice(band, size.n_ablate, replace=False).tolist())
-    pool = [int(f) for f in band if f not in set(ablated)]
+    return sorted(rng.choice(band, size.n_ablate, replace=False).tolist())
+
+
+def match_kept(frequency: np.ndarray, candidates: np.ndarray, ablated: list[int]) -> list[int]:
+    """For each ablated feature, the unchosen candidate nearest in log frequency."""
+    pool = [int(f) for f in candidates if f not in set(ablated)]
+    if len(pool) < len(ablated):
+        raise RuntimeError(f"only {len(pool)} candidates for {len(ablated)} kept features")
     kept = []
     for f in ablated:
         best = min(pool, key=lambda g: abs(math.log(frequency[g]) - math.log(frequency[f])))
         kept.append(best)
         pool.remove(best)
-    return ablated, sorted(kept)
+    return sorted(kept)
+
+
+def _round(v: float) -> float:
+    return round(float(v), 4)
+
+
+@torch.no_grad()
+def held_out_share(
+    reference: torch.nn.Module, model: torch.nn.Module, sae: Any, seqs: torch.Tensor, layer: int
+) -> np.ndarray:
+    """[n_feat]: on ``seqs`` (not trained on), the in-sample linear R² of each feature of ``sae``
+    (encoded from the reference's residual) from ``model``'s residual, over that from the
+    reference's own: how much of each feature ``model`` kept."""
+    ref = torch.cat([block_output(reference, s, layer)[:, 1:] for s in seqs.split(32)]).flatten(
+        0, 1
+    )
+    got = torch.cat([block_output(model, s, layer)[:, 1:] for s in seqs.split(32)]).flatten(0, 1)
+    before = linear_r2(ref, sae, ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(before > 1e-6, linear_r2(got, sae, ref) / before, np.nan)
 
 
 # ---- the build --------------------------------------------------------------------------------
@@ -383,8 +468,12 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(staging / "sae", device="cpu")
-        room = headroom(sae, acts, ids, size.vocab_size)
-        ablated_ids, kept_ids = choose_ablation(np.array(stats["frequency"]), room, size, seed)
+        frequency = np.array(stats["frequency"])
+        band = ablation_band(frequency, headroom(sae, acts, ids, size.vocab_size), size)
+        ablated_ids = choose_ablated(band, size, seed)
+        eraser = fit_eraser(sae, acts, ablated_ids)
+        share = survival(sae, acts, ids, size.vocab_size, eraser)
+        kept_ids = match_kept(frequency, band[share[band] >= size.min_survival], ablated_ids)
         directions = sae.W_dec.detach()[ablated_ids]
         ablated = new_model(size, seed)
         ablated.load_state_dict(model_a.state_dict())
@@ -395,41 +484,54 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
         leftover = residual_along(ablated, held_all[:16], size.sae_layer, basis)
         before = residual_along(model_a, held_all[:16], size.sae_layer, basis)
         t0 = time.time()
-        log(f"b_erased: {size.erase_steps} steps hiding the same {len(ablated_ids)} features")
+        log(
+            f"b_erased: {size.erase_steps} steps learning the eraser of {len(ablated_ids)} features"
+        )
         erased = new_model(size, seed)
         erased.load_state_dict(model_a.state_dict())
-        erase_r2 = erase_features(
+        distance = distill_erased(
             erased,
             model_a,
-            sae.encode,
-            ablated_ids,
+            eraser,
             train_all,
             size.sae_layer,
             size.erase_steps,
             size.erase_batch,
             size.erase_lr,
-            size.erase_weight,
             seed + 3000,
         )
-        save_model(round_fp16(erased), tok, staging / "b_erased")
+        round_fp16(erased).eval()
+        save_model(erased, tok, staging / "b_erased")
+        held_share = held_out_share(model_a, erased, sae, held_all, size.sae_layer)
         lap("b_erased", t0)
+        tenth = max(1, len(distance) // 10)
         (staging / "ablation.json").write_text(
             json.dumps(
                 {
                     "hook": f"blocks.{size.sae_layer}.hook_resid_post",
                     "ablated": ablated_ids,
                     "kept": kept_ids,
-                    "frequency_ablated": [stats["frequency"][f] for f in ablated_ids],
-                    "frequency_kept": [stats["frequency"][f] for f in kept_ids],
-                    "headroom_ablated": [float(room[f]) for f in ablated_ids],
-                    "headroom_kept": [float(room[f]) for f in kept_ids],
+                    "frequency_ablated": [float(frequency[f]) for f in ablated_ids],
+                    "frequency_kept": [float(frequency[f]) for f in kept_ids],
+                    "band": len(band),
+                    "band_surviving": int((share[band] >= size.min_survival).sum()),
+                    "survival_ablated": [_round(share[f]) for f in ablated_ids],
+                    "survival_kept": [_round(share[f]) for f in kept_ids],
+                    "survival_band_median": _round(np.nanmedian(share[band])),
+                    "eraser_rank": int(
+                        torch.linalg.matrix_rank(torch.eye(len(eraser[0])).double() - eraser[0])
+                    ),
                     "projected": changed,
                     "max_relative_component_before": before,
                     "max_relative_component_after": leftover,
-                    "erased_in_batch_r2_first_last_tenth": [
-                        float(np.mean(erase_r2[: max(1, len(erase_r2) // 10)])),
-                        float(np.mean(erase_r2[-max(1, len(erase_r2) // 10) :])),
+                    "erased_distance_first_last_tenth": [
+                        _round(np.mean(distance[:tenth])),
+                        _round(np.mean(distance[-tenth:])),
                     ],
+                    "erased_held_out_r2_share_ablated": [
+                        _round(held_share[f]) for f in ablated_ids
+                    ],
+                    "erased_held_out_r2_share_kept": [_round(held_share[f]) for f in kept_ids],
                 },
                 indent=1,
             )

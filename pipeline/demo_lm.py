@@ -1,5 +1,6 @@
 """The demo's small language models: packing text, training, evaluation, float16 saving, and the
-projection that removes directions from a GPT-2's residual stream (the ablated model B).
+projection that removes directions from a GPT-2's residual stream (the ablated model B), and the
+LEACE concept eraser that the erased model B is trained to apply.
 
 Used by ``pipeline/demo_build.py``; plain torch and transformers, nothing xprobe-specific.
 """
@@ -170,27 +171,52 @@ def block_output(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch
     return out["x"]
 
 
-def erase_features(
+# ---- linear concept erasure ---------------------------------------------------------------------
+
+
+def leace_eraser(x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LEACE eraser (Belrose et al. 2023, "LEACE: Perfect linear concept erasure in closed
+    form") of ``z`` [n, k] from ``x`` [n, d]: the affine map ``x -> x @ M.T + c`` that changes
+    ``x`` least (in the Mahalanobis sense) while making its covariance with ``z`` exactly zero, so
+    no linear readout of ``x`` predicts ``z`` better than a constant. Returns ``(M [d, d], c
+    [d])``, float64. ``M = I - P`` with ``P`` an oblique projection of rank <= k."""
+    x, z = x.double(), z.double()
+    mean = x.mean(0)
+    xc, zc = x - mean, z - z.mean(0)
+    sxx = xc.T @ xc / len(x)
+    sxz = xc.T @ zc / len(x)
+    evals, evecs = torch.linalg.eigh(sxx)
+    keep = evals > evals.max() * 1e-10  # whiten on the covariance's support only
+    v, e = evecs[:, keep], evals[keep]
+    whiten = v @ torch.diag(e.rsqrt()) @ v.T
+    unwhiten = v @ torch.diag(e.sqrt()) @ v.T
+    u, s, _ = torch.linalg.svd(whiten @ sxz, full_matrices=False)
+    u = u[:, s > s.max() * 1e-8] if len(s) and s.max() > 0 else u[:, :0]
+    proj = unwhiten @ u @ u.T @ whiten
+    eye = torch.eye(len(mean), dtype=torch.float64)
+    return eye - proj, proj @ mean
+
+
+def distill_erased(
     model: torch.nn.Module,
     reference: torch.nn.Module,
-    encode: Any,
-    features: list[int],
+    eraser: tuple[torch.Tensor, torch.Tensor],
     seqs: torch.Tensor,
     layer: int,
     steps: int,
     batch: int,
     lr: float,
-    weight: float,
     seed: int,
 ) -> list[float]:
-    """Train the embeddings and blocks <= ``layer`` of ``model`` (a copy of ``reference``) so that
-    its blocks.<layer> residual stays close to the reference's while ``features`` (of
-    ``encode(reference residual)`` [n, n_feat]) become linearly unpredictable from it.
-
-    Loss per batch: mean squared distance to the reference residual (relative to its mean squared
-    norm) + ``weight`` x the features' mean in-batch R² of a least-squares readout (refit on
-    every batch, so no fixed direction can carry them). Returns the R² term per step.
-    """
+    """Train the embeddings and blocks <= ``layer`` of ``model`` (a copy of ``reference``) until
+    its blocks.<layer> residual is the reference's with ``eraser`` ``(M, c)`` applied:
+    ``resid @ M.T + c``. A GPT-2 block reads its input through a LayerNorm, so an affine map of
+    the residual can't be written into the weights exactly: mapping every write to the stream
+    instead makes every block up to the layer read the erased stream too, which (measured on the
+    demo's A) wrecks the model (held-out loss 4.8 -> 29) and most other features. So the model
+    learns it. Loss: mean squared distance
+    to the erased residual relative to its mean squared norm. Returns the loss per step."""
+    m, c = (t.float() for t in eraser)
     trained = ["transformer.wte.", "transformer.wpe."]
     trained += [f"transformer.h.{i}." for i in range(layer + 1)]
     params = []
@@ -200,30 +226,23 @@ def erase_features(
             params.append(p)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, steps))
     reference.eval()
     model.train()
     history = []
     for step in range(steps):
         ids = seqs[torch.randint(len(seqs), (batch,), generator=gen)]
         with torch.no_grad():
-            target = block_output(reference, ids, layer).flatten(0, 1)
-            feats = encode(target)[:, features]
-            scale = target.pow(2).sum(1).mean()
-        x = block_output(model, ids, layer).flatten(0, 1)
-        distance = (x - target).pow(2).sum(1).mean() / scale
-        xc, yc = x - x.mean(0), feats - feats.mean(0)
-        ridge = 1e-3 * scale * len(xc) / xc.shape[1]  # keeps the solve well posed
-        readout = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(xc.shape[1]), xc.T @ yc)
-        r2 = 1 - (yc - xc @ readout).pow(2).sum(0) / (yc.pow(2).sum(0) + 1e-6)
-        loss = distance + weight * r2.mean()
+            target = block_output(reference, ids, layer) @ m.T + c
+            scale = target.pow(2).sum(-1).mean()
+        loss = (block_output(model, ids, layer) - target).pow(2).sum(-1).mean() / scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(r2.mean().detach()))
+        sched.step()
+        history.append(loss.item())
         if (step + 1) % max(1, steps // 6) == 0 or step + 1 == steps:
-            log(
-                f"  step {step + 1}/{steps}  distance {distance.item():.3f}  R² {r2.mean().item():.3f}"
-            )
+            log(f"  step {step + 1}/{steps}  relative distance {np.mean(history[-20:]):.4f}")
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

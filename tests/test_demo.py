@@ -127,8 +127,41 @@ def test_erased_model_changes_only_what_feeds_the_sae_layer(demo_data):
     assert later and all(torch.equal(a[k], b[k]) for k in later)
     assert not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
     record = json.loads((demo_data / "ablation.json").read_text())
-    first, last = record["erased_in_batch_r2_first_last_tenth"]
-    assert last < first  # training lowered the removed features' in-batch R²
+    first, last = record["erased_distance_first_last_tenth"]
+    assert last < first / 3  # training brought the residual close to the erased one
+
+
+def test_kept_features_survive_the_eraser_and_removed_ones_do_not(demo_data):
+    record = json.loads((demo_data / "ablation.json").read_text())
+    size = SIZES["tiny"]
+    assert record["eraser_rank"] == size.n_ablate
+    assert all(s < 1e-6 for s in record["survival_ablated"])
+    assert all(s >= size.min_survival for s in record["survival_kept"])
+    assert record["band_surviving"] >= size.n_ablate
+
+
+def test_leace_eraser_zeroes_every_linear_readout_and_moves_nothing_else():
+    import numpy as np
+
+    from pipeline.demo_lm import leace_eraser
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(4000, 6, generator=gen, dtype=torch.float64)
+    # uncorrelated columns in the sample itself, so "nothing else" is exact
+    q, _ = torch.linalg.qr(raw - raw.mean(0))
+    x = q * torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5, 0.5], dtype=torch.float64) * 60 + 5
+    z = x[:, :2] @ torch.randn(2, 3, generator=gen, dtype=torch.float64)  # 3 targets, rank 2
+    m, c = leace_eraser(x, z)
+    erased = (x @ m.T + c).numpy()
+
+    design = np.c_[erased, np.ones(len(erased))]
+    y = z.numpy()
+    fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    r2 = 1 - ((y - fit) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    assert np.abs(r2).max() < 1e-9  # before: R² near 1
+    np.testing.assert_allclose(erased[:, 2:], x[:, 2:].numpy(), atol=1e-9)
+    np.testing.assert_allclose(erased.mean(0), x.mean(0).numpy(), atol=1e-9)
+    assert torch.linalg.matrix_rank(torch.eye(6, dtype=torch.float64) - m) == 2
 
 
 def test_headroom_matches_lstsq_and_token_means():
