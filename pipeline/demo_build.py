@@ -12,13 +12,13 @@ What it makes (every model a plain HF folder with the shared tokenizer, weights 
   b_random     an untrained model of the same shape                           (the floor)
   b_ablated    A with some SAE decoder directions projected out of every write to the residual
                stream up to layer L: embeddings, attention and MLP out-projections of blocks <= L.
-               Those features are absent from its layer-L residual by construction; which ones
-               (and a frequency-matched "kept" set) is in ablation.json.
+               Those directions are absent from its layer-L residual by construction; the
+               features' linear information is not (measured: see the README).
   b_erased     A with its embeddings and blocks <= L trained to output A's layer-L residual with
                the LEACE eraser of the same features applied: an affine map fitted on A's
                cached activations after which no linear readout predicts those features
-  ablation.json  the removed features and a frequency-matched "kept" set whose linear
-               information (in-sample R²) survives that eraser by construction
+  ablation.json  the removed features and a frequency-matched "kept" set whose headroom
+               (in-sample R² beyond the current token) survives that eraser by construction
   build.json   the size, seed, timings, held-out losses and SAE statistics of this build
 The corpus is rebuilt from the stdlib at build and demo time; no text is committed.
 """
