@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +38,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.demo_ablation import (
+    ablation_band,
+    choose_ablated,
+    fit_eraser,
+    headroom,
+    held_out_share,
+    match_kept,
+    rounded,
+    survival,
+)
 from pipeline.demo_corpus import stdlib_jsonl, train_bpe
 from pipeline.demo_lm import (
-    block_output,
     distill_erased,
     eval_loss,
-    leace_eraser,
     log,
     pack_sequences,
     project_out,
@@ -55,6 +61,7 @@ from pipeline.demo_lm import (
     split_held_out,
     train_lm,
 )
+from pipeline.demo_sae import cache_activations, train_sae
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 
@@ -140,258 +147,6 @@ def new_model(size: BuildSize, seed: int) -> torch.nn.Module:
     return new_gpt2(size.vocab_size, size.d_model, size.n_layer, size.n_head, size.ctx, seed)
 
 
-# ---- the SAE ----------------------------------------------------------------------------------
-
-
-def cache_activations(
-    work: Path, model_dir: Path, corpus: Path, size: BuildSize
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A's residual at the SAE's hook on ``sae_tokens`` tokens, through xprobe's own stages:
-    tokenize and activations into a store, read back with ``iter_chunks``: ``(acts [n_tok,
-    d_model], token ids [n_tok])`` of the counted positions."""
-    from pipeline.reader import iter_chunks
-    from pipeline.store import Store
-    from stages.activations import ActivationsConfig
-    from stages.activations import run as run_activations
-    from stages.tokenize import TokenizeConfig
-    from stages.tokenize import run as run_tokenize
-
-    store = Store(work / "store")
-    hook = f"blocks.{size.sae_layer}.hook_resid_post"
-    run_tokenize(
-        TokenizeConfig(
-            corpus="train",
-            source=(str(corpus),),
-            tokenizer=str(model_dir),
-            ctx=size.ctx,
-            chunk_seqs=64,
-            max_tokens=size.sae_tokens,
-            progress=False,
-        ),
-        store,
-    )
-    run_activations(
-        ActivationsConfig(
-            corpus="train",
-            model=str(model_dir),
-            name="A",
-            hooks=(hook,),
-            dtype="float32",
-            device="cpu",
-            progress=False,
-        ),
-        store,
-    )
-    chunks = list(iter_chunks(store, "train", "A", hook))
-    return torch.cat([c.acts[c.mask] for c in chunks]), torch.cat([c.ids[c.mask] for c in chunks])
-
-
-def shuffled_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless epochs of ``acts`` rows in a seeded random order: sae-lens's DataProvider."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(acts), generator=gen)
-        for i in range(0, len(order) - batch + 1, batch):
-            yield acts[order[i : i + batch]]
-
-
-def train_sae(acts: torch.Tensor, size: BuildSize, seed: int, out: Path) -> dict[str, Any]:
-    """A TopK SAE trained with sae-lens's SAETrainer on ``acts``; saved for ``SAE.load_from_disk``."""
-    from sae_lens import SAE
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    torch.manual_seed(seed)
-    hook = f"blocks.{size.sae_layer}.hook_resid_post"
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=size.d_model,
-            d_sae=size.d_sae,
-            k=size.sae_k,
-            normalize_activations="expected_average_only_in",
-            metadata=SAEMetadata(
-                model_name="xprobe-demo/model_a",
-                hook_name=hook,
-                context_size=size.ctx,
-                prepend_bos=True,
-            ),
-        )
-    )
-    # Start b_dec at the mean (in the trainer's scaled units: sqrt(d_in) / mean norm), or the
-    # residual's large constant component makes a few features fire always and the rest die.
-    with torch.no_grad():
-        sae.b_dec.copy_(acts.mean(0) * size.d_model**0.5 / acts.norm(dim=1).mean())
-    trainer = SAETrainer(
-        SAETrainerConfig(
-            total_training_samples=size.sae_steps * size.sae_batch,
-            train_batch_size_samples=size.sae_batch,
-            lr=size.sae_lr,
-            lr_end=size.sae_lr / 10,
-            lr_warm_up_steps=size.sae_steps // 20,
-            lr_decay_steps=size.sae_steps // 5,
-            device="cpu",
-            dead_feature_window=max(20, size.sae_steps // 10),
-            feature_sampling_window=max(20, size.sae_steps // 5),
-            n_batches_for_norm_estimate=min(50, len(acts) // size.sae_batch),
-        ),
-        sae,
-        shuffled_batches(acts, size.sae_batch, seed),
-    )
-    trainer.fit().save_inference_model(out)
-    sae = SAE.load_from_disk(out, device="cpu").eval()
-    return sae_stats(sae, acts)
-
-
-@torch.no_grad()
-def sae_stats(sae: Any, acts: torch.Tensor) -> dict[str, Any]:
-    """Per-feature firing frequency, L0 and variance explained of ``sae`` on ``acts``."""
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
-    sq_err = total = 0.0
-    mean = acts.mean(0)
-    l0 = 0.0
-    for x in acts.split(8192):
-        f = sae.encode(x)
-        fired += (f > 0).sum(0)
-        l0 += float((f > 0).sum())
-        sq_err += float((sae.decode(f) - x).pow(2).sum())
-        total += float((x - mean).pow(2).sum())
-    return {
-        "frequency": (fired.double() / len(acts)).tolist(),
-        "l0": l0 / len(acts),
-        "variance_explained": 1 - sq_err / total,
-        "dead": int((fired == 0).sum()),
-        "n_tok": len(acts),
-    }
-
-
-# ---- the ablation -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def linear_r2(x: torch.Tensor, sae: Any, acts: torch.Tensor) -> np.ndarray:
-    """[n_feat]: in-sample R² of a linear readout (with intercept) from ``x`` [n, d] of each
-    feature of ``sae.encode(acts)``; ``x`` may be ``acts`` itself or a transform of it."""
-    n = len(x)
-    mean = x.double().mean(0)
-    xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    xty = torch.zeros(x.shape[1], sae.cfg.d_sae, dtype=torch.float64)
-    sum_y = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    sum_yy = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    for start in range(0, n, 8192):
-        xc = x[start : start + 8192].double() - mean
-        y = sae.encode(acts[start : start + 8192]).double()
-        xtx += xc.T @ xc
-        xty += xc.T @ y
-        sum_y += y.sum(0)
-        sum_yy += (y * y).sum(0)
-    sst = (sum_yy - sum_y**2 / n).clamp_min(1e-12)
-    return ((xty * (torch.linalg.pinv(xtx, hermitian=True) @ xty)).sum(0) / sst).numpy()
-
-
-@torch.no_grad()
-def token_r2(sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> np.ndarray:
-    """[n_feat]: in-sample R² of the per-token-id mean of each feature of ``sae.encode(acts)``."""
-    n = len(acts)
-    per_token = torch.zeros(vocab_size, sae.cfg.d_sae, dtype=torch.float64)
-    sum_y = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    sum_yy = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    for start in range(0, n, 8192):
-        y = sae.encode(acts[start : start + 8192]).double()
-        per_token.index_add_(0, ids[start : start + 8192].long(), y)
-        sum_y += y.sum(0)
-        sum_yy += (y * y).sum(0)
-    sst = (sum_yy - sum_y**2 / n).clamp_min(1e-12)
-    count = torch.bincount(ids.long(), minlength=vocab_size).double().clamp_min(1)
-    return (((per_token**2 / count[:, None]).sum(0) - sum_y**2 / n) / sst).numpy()
-
-
-def headroom(
-    sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int, x: torch.Tensor | None = None
-) -> np.ndarray:
-    """[n_feat]: in-sample R² of a linear readout of each feature (of ``sae.encode(acts)``) from
-    ``x`` (default ``acts``) minus that of the per-token-id mean (floored at 0), i.e. what the
-    residual predicts beyond the current token."""
-    token = np.maximum(token_r2(sae, acts, ids, vocab_size), 0)
-    return linear_r2(acts if x is None else x, sae, acts) - token
-
-
-@torch.no_grad()
-def fit_eraser(
-    sae: Any, acts: torch.Tensor, features: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LEACE eraser ``(M, c)`` of ``features`` of ``sae.encode(acts)`` from ``acts``."""
-    z = torch.cat([sae.encode(x)[:, features] for x in acts.split(8192)])
-    return leace_eraser(acts, z)
-
-
-def survival(
-    sae: Any,
-    acts: torch.Tensor,
-    ids: torch.Tensor,
-    vocab_size: int,
-    eraser: tuple[torch.Tensor, torch.Tensor],
-) -> np.ndarray:
-    """[n_feat]: the share of each feature's headroom (in-sample R² beyond the current token) that
-    is left after ``eraser``: <= 0 for the erased features, near 1 for features it leaves alone
-    (NaN where there is no headroom to keep). What the presence score measures, in-sample."""
-    m, c = eraser
-    erased = (acts.double() @ m.T + c).float()
-    before = headroom(sae, acts, ids, vocab_size)
-    after = headroom(sae, acts, ids, vocab_size, erased)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(before > 1e-6, after / before, np.nan)
-
-
-def ablation_band(frequency: np.ndarray, room: np.ndarray, size: BuildSize) -> np.ndarray:
-    """Features in the firing-frequency band with headroom beyond the token (the only ones a
-    presence score can judge)."""
-    lo, hi = size.ablate_frequency
-    return np.flatnonzero((frequency >= lo) & (frequency <= hi) & (room >= size.min_headroom))
-
-
-def choose_ablated(band: np.ndarray, size: BuildSize, seed: int) -> list[int]:
-    """``n_ablate`` features of ``band`` drawn at random."""
-    if len(band) < 2 * size.n_ablate:
-        raise RuntimeError(f"only {len(band)} SAE features in the frequency band with headroom")
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(band, size.n_ablate, replace=False).tolist())
-
-
-def match_kept(frequency: np.ndarray, candidates: np.ndarray, ablated: list[int]) -> list[int]:
-    """For each ablated feature, the unchosen candidate nearest in log frequency."""
-    pool = [int(f) for f in candidates if f not in set(ablated)]
-    if len(pool) < len(ablated):
-        raise RuntimeError(f"only {len(pool)} candidates for {len(ablated)} kept features")
-    kept = []
-    for f in ablated:
-        best = min(pool, key=lambda g: abs(math.log(frequency[g]) - math.log(frequency[f])))
-        kept.append(best)
-        pool.remove(best)
-    return sorted(kept)
-
-
-def _round(v: float) -> float:
-    return round(float(v), 4)
-
-
-@torch.no_grad()
-def held_out_share(
-    reference: torch.nn.Module, model: torch.nn.Module, sae: Any, seqs: torch.Tensor, layer: int
-) -> np.ndarray:
-    """[n_feat]: on ``seqs`` (not trained on), the in-sample linear R² of each feature of ``sae``
-    (encoded from the reference's residual) from ``model``'s residual, over that from the
-    reference's own: how much of each feature ``model`` kept."""
-    ref = torch.cat([block_output(reference, s, layer)[:, 1:] for s in seqs.split(32)]).flatten(
-        0, 1
-    )
-    got = torch.cat([block_output(model, s, layer)[:, 1:] for s in seqs.split(32)]).flatten(0, 1)
-    before = linear_r2(ref, sae, ref)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(before > 1e-6, linear_r2(got, sae, ref) / before, np.nan)
-
-
 # ---- the build --------------------------------------------------------------------------------
 
 
@@ -469,8 +224,9 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
 
         sae = SAE.load_from_disk(staging / "sae", device="cpu")
         frequency = np.array(stats["frequency"])
-        band = ablation_band(frequency, headroom(sae, acts, ids, size.vocab_size), size)
-        ablated_ids = choose_ablated(band, size, seed)
+        room = headroom(sae, acts, ids, size.vocab_size)
+        band = ablation_band(frequency, room, size.ablate_frequency, size.min_headroom)
+        ablated_ids = choose_ablated(band, size.n_ablate, seed)
         eraser = fit_eraser(sae, acts, ablated_ids)
         share = survival(sae, acts, ids, size.vocab_size, eraser)
         kept_ids = match_kept(frequency, band[share[band] >= size.min_survival], ablated_ids)
@@ -515,9 +271,9 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
                     "frequency_kept": [float(frequency[f]) for f in kept_ids],
                     "band": len(band),
                     "band_surviving": int((share[band] >= size.min_survival).sum()),
-                    "survival_ablated": [_round(share[f]) for f in ablated_ids],
-                    "survival_kept": [_round(share[f]) for f in kept_ids],
-                    "survival_band_median": _round(np.nanmedian(share[band])),
+                    "survival_ablated": [rounded(share[f]) for f in ablated_ids],
+                    "survival_kept": [rounded(share[f]) for f in kept_ids],
+                    "survival_band_median": rounded(np.nanmedian(share[band])),
                     "eraser_rank": int(
                         torch.linalg.matrix_rank(torch.eye(len(eraser[0])).double() - eraser[0])
                     ),
@@ -525,13 +281,13 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
                     "max_relative_component_before": before,
                     "max_relative_component_after": leftover,
                     "erased_distance_first_last_tenth": [
-                        _round(np.mean(distance[:tenth])),
-                        _round(np.mean(distance[-tenth:])),
+                        rounded(np.mean(distance[:tenth])),
+                        rounded(np.mean(distance[-tenth:])),
                     ],
                     "erased_held_out_r2_share_ablated": [
-                        _round(held_share[f]) for f in ablated_ids
+                        rounded(held_share[f]) for f in ablated_ids
                     ],
-                    "erased_held_out_r2_share_kept": [_round(held_share[f]) for f in kept_ids],
+                    "erased_held_out_r2_share_kept": [rounded(held_share[f]) for f in kept_ids],
                 },
                 indent=1,
             )

@@ -169,7 +169,7 @@ def test_headroom_matches_lstsq_and_token_means():
 
     import numpy as np
 
-    from pipeline.demo_build import headroom
+    from pipeline.demo_ablation import headroom
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(3000, 8, generator=gen)
