@@ -11,6 +11,8 @@ on every run (seconds): ``table.parquet``, ``table.csv`` (one row per feature) a
 ``report.html`` (self-contained) in ``out_dir`` (default ``STORE/report/<name>/``). With
 ``matches``, each named match stage result ``matches/<name>/{best_idx,best_corr,mutual}`` [F]
 (A's side: these features; B's side: the SAE of one of the models B) is put beside the probes.
+Helpers of this stage: report_table.py (the table), report_match.py (pairing the matches with
+the fits), report_html.py (the page, with report_plots.py and report_cards.py).
 """
 
 from __future__ import annotations
@@ -24,20 +26,13 @@ import numpy as np
 
 from pipeline.config import canonical, fingerprint, runtime
 from pipeline.errors import XprobeError
-from pipeline.layout import feats_unit, matches_unit, probes_unit, safe_name, tokens_unit
-from pipeline.lstsq import STATUS_NAMES, STATUS_OK
-from pipeline.matches import AGREEMENT, agreement, match_table
-from pipeline.presence import (
-    CLASSES,
-    TokenBaseline,
-    TopActivations,
-    classify,
-    feature_status,
-    presence,
-)
+from pipeline.layout import feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.presence import CLASSES, TokenBaseline, TopActivations
 from pipeline.sparse import load_sparse
 from pipeline.split import held_out_sequences
 from pipeline.store import Store, provenance
+from stages.report_match import agreement_line, pair_match
+from stages.report_table import feature_table
 
 
 @dataclass(frozen=True)
@@ -90,19 +85,6 @@ class Role:
     fit: str
     model: str
     hooks: list[str]
-
-
-@dataclass
-class MatchRole:
-    """One match stage result (A's SAE against B's SAE) and the fit of that B it is compared with."""
-
-    name: str  # column prefix and matches/<name>
-    unit: str
-    role: Role  # the B fit it is paired with
-    features_b: str  # feats/<corpus>/<sae> of B's SAE
-    model_b: str | None  # the model B's SAE was run on (None: its features unit is not here)
-    paired: str  # how the fit was chosen, for the reader
-    info: dict[str, Any]  # the match unit's provenance (config, summary)
 
 
 class Report:
@@ -193,7 +175,7 @@ class Report:
         if len(roles) == 1:
             raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
         self.roles, self.split = roles, split
-        self.match_roles = [self._match(spec, int(feats["n_feat"])) for spec in cfg.matches]
+        self.match_roles = [pair_match(self, spec, int(feats["n_feat"])) for spec in cfg.matches]
         if len({m.name for m in self.match_roles}) < len(self.match_roles):
             raise XprobeError(f"matches names a match twice: {list(cfg.matches)}")
         tokens = store.info(self.tokens)
@@ -210,61 +192,6 @@ class Report:
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
         }
-
-    def _match(self, spec: str, n_feat: int) -> MatchRole:
-        """Check one entry of ``matches`` ("NAME" or "NAME:FIT") and pair it with a B fit."""
-        store = self.store
-        name, _, fit = (part.strip() for part in spec.partition(":"))
-        unit = matches_unit(name)
-        if not store.has(unit) or not store.info(unit).get("complete"):
-            raise XprobeError(
-                f"{unit} is not in the store or not complete; run the match stage "
-                f'([[match]] with name = "{name}") before the report'
-            )
-        info = store.info(unit)
-        config = info["config"]
-        feats_a = feats_unit(config["corpus"], config["features_a"])
-        if feats_a != self.feats or int(info["n_feat_a"]) != n_feat:
-            raise XprobeError(
-                f"{unit} matches the SAE features {feats_a} against B's SAE, but this report is "
-                f"about {self.feats}: a match's features_a must be the report's features. Run a "
-                f'match with features_a = "{self.cfg.features}" (corpus "{self.cfg.corpus}")'
-            )
-        feats_b = feats_unit(config.get("corpus_b") or config["corpus"], config["features_b"])
-        model_b = store.info(feats_b).get("model") if store.has(feats_b) else None
-        for feats in (feats_a, feats_b):
-            if store.has(feats) and store.info(feats).get("created", "") > info.get("created", ""):
-                raise XprobeError(
-                    f"{feats} was rewritten after {unit} was computed; rerun the match with "
-                    "--force so that it matches the current features"
-                )
-        candidates = [r for r in self.roles[1:] if r.label != "floor"]
-        if fit:
-            role = next((r for r in candidates if r.fit == fit), None)
-            if role is None:
-                raise XprobeError(
-                    f"matches entry {spec!r} names the fit {fit!r}, which is not one of the "
-                    f"report's fits of a model B: {[r.fit for r in candidates]}"
-                )
-            paired = "as configured"
-        else:
-            same = [r for r in candidates if model_b and safe_name(r.model) == safe_name(model_b)]
-            if len(same) != 1:
-                which = (
-                    f"model {model_b!r}" if model_b else f"an unknown model ({feats_b} is not here)"
-                )
-                found = (
-                    f"the fits {[r.fit for r in same]} all probe it"
-                    if same
-                    else "no fit in fits probes it"
-                )
-                raise XprobeError(
-                    f"{unit}: B's SAE ({feats_b}) was run on {which} and {found}; say which fit it "
-                    f'belongs to as "{name}:FIT" in matches (one of {[r.fit for r in candidates]})'
-                )
-            role = same[0]
-            paired = f"its SAE was run on {model_b}, the model of that fit"
-        return MatchRole(name, unit, role, feats_b, model_b, paired, info)
 
     # ---- the one pass over tokens and features (cached) -----------------------------------------
     def _scan_key(self) -> str:
@@ -329,114 +256,9 @@ class Report:
         return {"token_r2": token_r2, "top_value": top.value, "top_token": top.token}, n_chunks
 
     # ---- the table --------------------------------------------------------------------------------
-    def _probe(self, fit: str, hook: str, key: str) -> np.ndarray:
-        return self.store.array(f"{probes_unit(fit)}/{hook}/{key}")[:]
-
-    def cached_cosine(self, ceiling: Role) -> tuple[np.ndarray | None, str]:
-        """:meth:`encoder_cosine`, kept in ``report/<name>/encoder_cosine`` until the ceiling fit
-        or the features change (loading sae-lens alone takes seconds)."""
-        store, path = self.store, f"{self.unit}/encoder_cosine"
-        cinfo = store.info(probes_unit(ceiling.fit))
-        key = fingerprint(
-            [cinfo["config_fingerprint"], cinfo["created"], store.info(self.feats)["created"]]
-        )
-        if store.has(path) and store.array(path).attrs.get("xprobe", {}).get("cosine_key") == key:
-            return store.array(path)[:], ""
-        cosine, why = self.encoder_cosine(ceiling)
-        if cosine is not None and self.writable and store.has(self.unit):
-            prov = {**store.info(self.unit), "cosine_key": key}
-            if store.has(path):
-                store.delete(path)
-            store.create_array(path, cosine.shape, cosine.shape, cosine.dtype, prov)[...] = cosine
-        return cosine, why
-
-    def encoder_cosine(self, ceiling: Role) -> tuple[np.ndarray | None, str]:
-        """Cosine of each ceiling direction with the SAE's encoder row W_enc[:, f] ([F] or None)."""
-        from sae_lens import SAE
-
-        config = self.store.info(self.feats)["config"]
-        try:
-            if config.get("sae_path"):
-                sae = SAE.load_from_disk(config["sae_path"], device="cpu")
-            else:
-                sae = SAE.from_pretrained(config["sae"], config["sae_id"], device="cpu")
-        except Exception as e:  # a shared cache may not come with its SAE: report, don't fail
-            return None, f"SAE not loadable ({type(e).__name__}: {e})"
-        w_enc = sae.W_enc.detach()  # [d_in, F], converted a block at a time (F may be 10⁶)
-        direction = self.store.array(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/direction")
-        out = np.full(w_enc.shape[1], np.nan)
-        step = direction.chunks[0]
-        for start in range(0, direction.shape[0], step):
-            d = direction[start : start + step].astype(np.float64)
-            e = w_enc[:, start : start + step].T.double().cpu().numpy()
-            norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[start : start + step] = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
-        return out, ""
-
     def table(self, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-        import pandas as pd
-
-        cfg, store = self.cfg, self.store
-        stats = f"{self.feats}/stats"
-        n_feat = len(scan["token_r2"])
-        ceiling = self.roles[0]
-        ceiling_r2 = self._probe(ceiling.fit, ceiling.hooks[0], "r2_held_out")
-        ceiling_status = self._probe(ceiling.fit, ceiling.hooks[0], "status")
-        token_r2 = scan["token_r2"]
-        status = feature_status(ceiling_status, ceiling_r2, token_r2, cfg.min_headroom)
-        cols: dict[str, Any] = {
-            "feature": np.arange(n_feat),
-            "status": status,
-            "frequency": store.array(f"{stats}/frequency")[:],
-            "count": store.array(f"{stats}/count")[:],
-            "max_activation": store.array(f"{stats}/max")[:],
-            "token_r2": token_r2 if cfg.token_baseline else np.full(n_feat, np.nan),
-            "ceiling_r2": ceiling_r2,
-            "ceiling_fit_status": [STATUS_NAMES[int(s)] for s in ceiling_status],
-        }
-        notes: dict[str, Any] = {}
-        if cfg.encoder_cosine:
-            cosine, why = self.cached_cosine(ceiling)
-            if cosine is not None:
-                cols["encoder_cosine"] = np.where(ceiling_status == STATUS_OK, cosine, np.nan)
-            else:
-                notes["encoder_cosine"] = why
-        transfer = store.info(self.feats).get("transfer") or {}
-        for role in self.roles[1:]:
-            r2_hooks = np.stack([self._probe(role.fit, h, "r2_held_out") for h in role.hooks])
-            fit_status = np.stack([self._probe(role.fit, h, "status") for h in role.hooks])
-            best = store.array(f"{probes_unit(role.fit)}/best_hook")[:].astype(np.int64)
-            r2 = np.take_along_axis(r2_hooks, best[None], 0)[0]
-            own = np.take_along_axis(fit_status, best[None], 0)[0]
-            raw, score = presence(
-                r2, own, ceiling_r2, token_r2 if cfg.token_baseline else 0 * r2, status
-            )
-            p = role.label
-            cols[f"{p}_r2"] = r2
-            cols[f"{p}_best_hook"] = np.asarray(role.hooks, dtype=object)[best]
-            cols[f"{p}_fit_status"] = [STATUS_NAMES[int(s)] for s in own]
-            cols[f"{p}_presence"] = score
-            cols[f"{p}_presence_raw"] = raw
-            cols[f"{p}_class"] = classify(score, cfg.present_at, cfg.partial_at)
-            if len(role.hooks) > 1:
-                for hook, values in zip(role.hooks, r2_hooks, strict=True):
-                    cols[f"{p}_r2@{hook}"] = values
-            b_name = safe_name(role.model)
-            if store.has(f"{self.feats}/transfer/{b_name}/corr"):
-                cols[f"{p}_transfer_corr"] = store.array(f"{self.feats}/transfer/{b_name}/corr")[:]
-                notes.setdefault("transfer", {})[p] = next(
-                    (v for k, v in transfer.items() if safe_name(k) == b_name), {}
-                )
-        for m in self.match_roles:
-            matched = match_table(store, m.name)
-            cols[f"{m.name}_best_match"] = matched["best_match"].to_numpy()
-            cols[f"{m.name}_best_corr"] = matched["best_corr"].to_numpy()
-            cols[f"{m.name}_mutual"] = matched["mutual"].to_numpy()
-        df = pd.DataFrame(cols)
-        for col in ["status", *(c for c in df.columns if c.endswith("_class"))]:
-            df[col] = df[col].astype(str)
-        return df, notes
+        """The per-feature table (a DataFrame) and notes for the page: stages/report_table.py."""
+        return feature_table(self, scan)
 
     # ---- summary ------------------------------------------------------------------------------------
     def summary_text(self, df: Any) -> str:
@@ -465,23 +287,8 @@ class Report:
                 row += f"   ({both} of its present features are present in the floor too)"
             lines.append(row)
         for m in self.match_roles:
-            lines.append(self.agreement_line(df, m))
+            lines.append(agreement_line(df, m, cfg.match_at))
         return "\n".join(lines)
-
-    def agreement_counts(self, df: Any, m: MatchRole) -> dict[str, int]:
-        """Scored features of ``m``'s B per :data:`AGREEMENT` category."""
-        category = agreement(
-            df[f"{m.role.label}_class"], df[f"{m.name}_best_corr"], self.cfg.match_at
-        )
-        return {c: int((category == c).sum()) for c in AGREEMENT}
-
-    def agreement_line(self, df: Any, m: MatchRole) -> str:
-        counts = self.agreement_counts(df, m)
-        return (
-            f"SAE match {m.name} vs {m.role.fit} (matched: best corr ≥ {self.cfg.match_at:g}), "
-            f"{sum(counts.values())} scored features:\n  "
-            + ", ".join(f"{c} {n}" for c, n in counts.items())
-        )
 
     @staticmethod
     def _display(role: Role) -> str:

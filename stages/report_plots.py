@@ -1,0 +1,168 @@
+"""The report's figures (matplotlib, Agg), each returned as an ``<img>`` tag with an embedded PNG.
+
+Part of the report stage (stages/report_html.py lays them out), not a stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from typing import Any
+
+import numpy as np
+
+from pipeline.presence import SCORED
+
+COLORS = {"present": "#2a9d8f", "partial": "#e9a23b", "absent": "#d1495b", "unscored": "#b8b8b8"}
+LINE_COLORS = ["#1f6feb", "#8957e5", "#bf8700", "#0a7d3b", "#cf222e", "#57606a"]
+
+
+def png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _hook_position(hook: str, order: int) -> tuple[float, str]:
+    """x position of a hook on the residual stream (blocks applied) and a short label."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post|mid)", hook)
+    if not m:
+        return float(order), hook
+    layer, kind = int(m.group(1)), m.group(2)
+    return layer + {"pre": 0.0, "mid": 0.5, "post": 1.0}[kind], f"L{layer} {kind}"
+
+
+def plot_presence(report: Any, df: Any) -> str:
+    plt = _pyplot()
+    cfg = report.cfg
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    bins = np.linspace(0, 1, 21)
+    for i, role in enumerate(report.roles[1:]):
+        score = df[f"{role.label}_presence"].to_numpy()
+        score = score[np.isfinite(score)]
+        style = "--" if role.label == "floor" else "-"
+        ax.hist(
+            score,
+            bins,
+            histtype="step",
+            linewidth=2,
+            linestyle=style,
+            color=LINE_COLORS[i % len(LINE_COLORS)],
+            label=f"{report._display(role)}  (n = {len(score)})",
+        )
+    for x, name in ((cfg.partial_at, "partial"), (cfg.present_at, "present")):
+        ax.axvline(x, color="#59636e", linewidth=1, linestyle=":")
+        ax.text(
+            x,
+            1.0,
+            f" {name} ≥ {x:g}",
+            transform=ax.get_xaxis_transform(),
+            fontsize=8,
+            color="#59636e",
+            va="top",
+        )
+    ax.set_xlabel("presence score (0 = token baseline, 1 = ceiling)")
+    ax.set_ylabel("features")
+    ax.legend(frameon=False, fontsize=9)
+    return png(fig)
+
+
+def plot_scatter(report: Any, df: Any) -> str:
+    plt = _pyplot()
+    roles = report.roles[1:]
+    fig, axes = plt.subplots(1, len(roles), figsize=(3.6 * len(roles) + 0.6, 3.6), squeeze=False)
+    fitted = df["ceiling_fit_status"] == "ok"
+    x_all = df["ceiling_r2"].to_numpy()
+    hi = max(0.05, float(np.nanmax(x_all[fitted])) if fitted.any() else 1.0)
+    for ax, role in zip(axes[0], roles, strict=True):
+        y_all = df[f"{role.label}_r2"].to_numpy()
+        cls = df[f"{role.label}_class"].to_numpy()
+        for name in ("unscored", "absent", "partial", "present"):
+            sel = fitted.to_numpy() & (cls == name)
+            ax.scatter(
+                x_all[sel],
+                y_all[sel],
+                s=8 if name == "unscored" else 12,
+                color=COLORS[name],
+                alpha=0.8,
+                linewidths=0,
+                label=f"{name} ({int(sel.sum())})",
+            )
+        lo = min(0.0, float(np.nanmin(y_all[fitted])) if fitted.any() else 0.0)
+        top = max(hi, float(np.nanmax(y_all[fitted])) if fitted.any() else hi)
+        ax.plot([lo, top], [lo, top], color="#59636e", linewidth=1, linestyle=":")
+        ax.set_xlabel("ceiling held-out R² (A → A)")
+        ax.set_ylabel(f"{role.fit} held-out R² (best layer)")
+        ax.set_title(report._display(role), fontsize=10)
+        ax.legend(frameon=False, fontsize=8, markerscale=1.5, loc="upper left")
+    fig.tight_layout()
+    return png(fig)
+
+
+def plot_layers(report: Any, df: Any) -> tuple[str, str]:
+    plt = _pyplot()
+    scored = (df["status"] == SCORED).to_numpy()
+    basis = scored if scored.any() else (df["ceiling_fit_status"] == "ok").to_numpy()
+    which = (
+        "the scored features"
+        if scored.any()
+        else "the features the ceiling can fit (none is scored)"
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    ticks: dict[float, str] = {}
+    for i, role in enumerate(report.roles):
+        points = []
+        for order, hook in enumerate(role.hooks):
+            col = f"{role.label}_r2@{hook}" if len(role.hooks) > 1 else f"{role.label}_r2"
+            x, label = _hook_position(hook, order)
+            ticks[x] = label
+            values = df[col].to_numpy()[basis] if col in df else np.array([])
+            points.append((x, float(np.median(values)) if len(values) else np.nan))
+        points.sort()
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        if role.label == "ceiling":
+            ax.plot(xs, ys, "*", markersize=15, color="#111", zorder=5, label="ceiling (A → A)")
+        else:
+            ax.plot(
+                xs,
+                ys,
+                "o--" if role.label == "floor" else "o-",
+                color=LINE_COLORS[(i - 1) % len(LINE_COLORS)],
+                label=report._display(role),
+            )
+    if report.cfg.token_baseline and basis.any():
+        token = float(np.nanmedian(df["token_r2"].to_numpy()[basis]))
+        ax.axhline(token, color="#59636e", linestyle=":", label="token baseline")
+    ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    if len(ticks) > 1:
+        ax.set_xlim(min(ticks) - 0.3, max(ticks) + 0.3)
+    ax.set_xlabel("hook (residual stream position)")
+    ax.set_ylabel("median held-out R²")
+    ax.legend(frameon=False, fontsize=9)
+    return png(fig), which
+
+
+def plot_cosine(df: Any) -> str:
+    plt = _pyplot()
+    cos = df["encoder_cosine"].to_numpy()
+    cos = cos[np.isfinite(cos)]
+    fig, ax = plt.subplots(figsize=(7.5, 2.6))
+    ax.hist(cos, np.linspace(-1, 1, 41), color="#57606a")
+    ax.set_xlabel("cosine(ceiling probe direction, SAE encoder row W_enc[:, f])")
+    ax.set_ylabel("features")
+    return png(fig)
