@@ -17,17 +17,17 @@ A store is written only at a local path; any fsspec URL (http, s3, gs, zip...) o
 A local store may name read-only *caches* (``Store(path, cache=[url])``): a unit missing locally
 is read from the first cache holding it, after checking that its corpus and tokenizer fingerprints
 match those of ``tokens/<corpus>`` as this store resolves it. Writes always go to the local store.
+
+File-level mechanics (opening, durable writes, zip/fsspec reads, packing, provenance records) live
+in ``pipeline.store_io``; the per-unit write locks in ``pipeline.locks``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
-import socket
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,15 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.config import canonical, fingerprint
+from pipeline import locks, store_io
 from pipeline.errors import XprobeError
+
+# these lived here before store_io: re-exported so that `from pipeline.store import ...` works
+from pipeline.store_io import FORMAT_VERSION as FORMAT_VERSION
+from pipeline.store_io import FSSPEC_EXTRAS as FSSPEC_EXTRAS
+from pipeline.store_io import checksum
+from pipeline.store_io import provenance as provenance
+from pipeline.store_io import xprobe_version as xprobe_version
 
 # Our side files (_done/, tokenizer.json) live inside unit folders; zarr warns about every non-zarr
 # entry when it lists a group. They are ours, so that warning says nothing useful.
@@ -44,98 +51,15 @@ warnings.filterwarnings(
     "ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy"
 )
 
-FORMAT_VERSION = 1
 DONE_DIR = "_done"
 UNIT_DEPTH = {"tokens": 2, "acts": 4, "feats": 3, "probes": 2, "matches": 2, "report": 2}
 """Path components that name a unit, by top-level group (``acts/<corpus>/<model>/<hook>``: 4)."""
-FSSPEC_EXTRAS = {
-    "s3": "s3fs",
-    "s3a": "s3fs",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "hf": "huggingface_hub",
-}
-"""The package fsspec needs for each URL scheme beyond http(s)."""
 
 
 def unit_of(path: str) -> str:
     """The unit a store path belongs to: ``acts/c/m/blocks.1.hook_resid_post/x`` -> its first 4 parts."""
     parts = path.strip("/").split("/")
     return "/".join(parts[: UNIT_DEPTH.get(parts[0], len(parts))])
-
-
-def xprobe_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("xprobe")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
-
-
-def provenance(stage: str, cfg: Any, **extra: Any) -> dict[str, Any]:
-    """The attributes every unit and array written by ``stage`` carries."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "stage": stage,
-        "config": canonical(cfg),
-        "config_fingerprint": fingerprint(cfg),
-        "xprobe_version": xprobe_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-
-
-def checksum(data: np.ndarray) -> int:
-    """crc32 of an array's bytes (C order): recorded per chunk to catch corrupted files."""
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def _remove_stale_lock(path: Path, holder: dict[str, Any]) -> None:
-    """Delete the lock ``path`` if it still names ``holder``. Two runs that find the same stale
-    lock take turns here, so the second cannot delete the fresh lock the first just took."""
-    import fcntl
-
-    with open(path.with_name(f".{path.name}"), "a") as guard:  # ".<unit>.lock": not packed
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            current = json.loads(path.read_text() or "{}")
-        except FileNotFoundError:
-            return
-        except (OSError, json.JSONDecodeError):
-            current = {}
-        if current == holder:
-            path.unlink(missing_ok=True)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 class Store:
@@ -161,45 +85,7 @@ class Store:
                 f"{url} is remote or a zip; xprobe writes only to local store folders (open it read-only)"
             )
         self.mode = mode
-        try:
-            if self.zip_path is not None:
-                if not self.zip_path.exists():
-                    raise FileNotFoundError(url)
-                zip_store = zarr.storage.ZipStore(self.zip_path, mode="r")
-                self.root = zarr.open_group(store=zip_store, mode="r", zarr_format=3)
-            elif mode == "r":
-                self.root = zarr.open_group(
-                    store=str(self.local_path) if is_local else url,
-                    mode="r",
-                    zarr_format=3,
-                    storage_options=None if is_local else storage_options,
-                )
-            else:
-                self.root = zarr.open_group(store=str(self.local_path), mode="a", zarr_format=3)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise XprobeError(
-                f"no xprobe store at {url} ({e}); run a stage first to create one"
-            ) from None
-        except ImportError as e:
-            scheme = url.split("://", 1)[0]
-            package = FSSPEC_EXTRAS.get(scheme, "the fsspec implementation for this URL")
-            extra = {"s3fs": " (or xprobe[s3])", "gcsfs": " (or xprobe[gcs])"}.get(package, "")
-            raise XprobeError(
-                f"reading {scheme}:// stores needs {package}: pip install {package}{extra} ({e})"
-            ) from None
-        except Exception as e:  # network errors, permissions, a server that is not a store
-            if is_local and not isinstance(e, OSError):
-                raise
-            raise XprobeError(f"cannot open the store {url}: {type(e).__name__}: {e}") from None
-        if mode != "r":
-            if "xprobe_store" not in self.root.attrs:
-                self.root.attrs["xprobe_store"] = FORMAT_VERSION
-        stored = self.root.attrs.get("xprobe_store", FORMAT_VERSION)
-        if stored > FORMAT_VERSION:
-            raise XprobeError(
-                f"{url} was written by a newer xprobe (store format {stored}, this one reads {FORMAT_VERSION}); "
-                "upgrade xprobe"
-            )
+        self.root = store_io.open_root(url, mode, self.local_path, self.zip_path, storage_options)
 
     # ---- read-only caches --------------------------------------------------------------------
     def _source(self, path: str) -> Store:
@@ -385,20 +271,8 @@ class Store:
         """Bytes stored under ``path``: on disk, in the zip, or as the remote lists them (None: unknown)."""
         if (src := self._source(path)) is not self:
             return src.nbytes_stored(path)
-        if self.zip_path is not None:
-            import zipfile
-
-            prefix = f"{path.strip('/')}/" if path else ""
-            with zipfile.ZipFile(self.zip_path) as zf:
-                return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(prefix))
         if self.local_path is None:
-            import fsspec
-
-            try:
-                fs, root = fsspec.core.url_to_fs(self.url)
-                return int(fs.du(f"{root.rstrip('/')}/{path}".rstrip("/")))
-            except Exception:  # http servers cannot list: size unknown
-                return None
+            return store_io.nbytes_remote(self.url, self.zip_path, path)
         total = 0
         for dirpath, _, files in os.walk(self.local_path / path):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
@@ -407,7 +281,7 @@ class Store:
     def write_text(self, path: str, text: str) -> None:
         """Write a side file (e.g. a unit's tokenizer.json) atomically inside the store."""
         self._require_local()
-        _atomic_write(self.local_path / path, text)
+        store_io.atomic_write(self.local_path / path, text)
 
     def read_text(self, path: str) -> str | None:
         """A side file's text, or None if it does not exist (local or remote)."""
@@ -416,18 +290,7 @@ class Store:
         if self.local_path is not None:
             target = self.local_path / path
             return target.read_text() if target.exists() else None
-        if self.zip_path is not None:
-            import zipfile
-
-            with zipfile.ZipFile(self.zip_path) as zf:
-                return zf.read(path).decode() if path in zf.namelist() else None
-        import fsspec
-
-        try:
-            with fsspec.open(f"{self.url.rstrip('/')}/{path}", "r") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        return store_io.read_text_remote(self.url, self.zip_path, path)
 
     # ---- locks ------------------------------------------------------------------------------
     def acquire_lock(self, unit: str, stage: str) -> None:
@@ -437,34 +300,7 @@ class Store:
         process on this host is taken over; one held by a live process is refused, naming it.
         """
         self._require_local()
-        path = self.local_path / f"{unit}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "stage": stage,
-            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    holder = {}
-                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
-                    _remove_stale_lock(path, holder)  # its process is gone
-                    continue
-                raise XprobeError(
-                    f"{unit} is being written by another run (stage {holder.get('stage')!r}, pid {holder.get('pid')} "
-                    f"on {holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or if that process "
-                    f"is gone, delete {path}."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return
-        raise XprobeError(f"could not take the lock {path}; delete it if no run is using {unit}")
+        locks.acquire_lock(self.local_path / f"{unit}.lock", unit, stage)
 
     def release_lock(self, unit: str) -> None:
         if self.local_path is not None:
@@ -483,7 +319,7 @@ class Store:
         if info.get("complete"):
             return set(range(info["n_chunks"]))
         if self.local_path is None:
-            return self._done_chunks_remote(unit)
+            return store_io.marker_indices_remote(self.url, self.zip_path, f"{unit}/{DONE_DIR}")
         done_dir = self.local_path / unit / DONE_DIR
         if not done_dir.is_dir():
             return set()
@@ -493,23 +329,6 @@ class Store:
             if name.endswith(".json") and name[:-5].isdigit()
         }
 
-    def _done_chunks_remote(self, unit: str) -> set[int]:
-        if self.zip_path is not None:
-            import zipfile
-
-            prefix = f"{unit}/{DONE_DIR}/"
-            with zipfile.ZipFile(self.zip_path) as zf:
-                names = [n[len(prefix) :] for n in zf.namelist() if n.startswith(prefix)]
-            return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(self.url)
-        try:
-            names = fs.ls(f"{root.rstrip('/')}/{unit}/{DONE_DIR}", detail=False)
-        except (FileNotFoundError, NotImplementedError):
-            return set()
-        return {int(Path(n).stem) for n in names if Path(n).stem.isdigit()}
-
     def chunk_record(self, unit: str, index: int) -> dict[str, Any] | None:
         """The manifest record of a chunk (its checksums), or None if it has none."""
         text = self.read_text(f"{unit}/{DONE_DIR}/{index}.json")
@@ -517,33 +336,22 @@ class Store:
 
     def pack(self, out: str | Path) -> Path:
         """Write this (local) store as one zip file that opens read-only with ``Store(out, "r")``."""
-        import zipfile
-
         self._require_local()
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        # chunks are already compressed: store them as they are
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for dirpath, _, files in sorted(os.walk(self.local_path)):
-                for name in sorted(files):
-                    if name.endswith((".lock", ".tmp")):
-                        continue
-                    full = Path(dirpath) / name
-                    zf.write(full, full.relative_to(self.local_path).as_posix())
-        os.replace(tmp, out)
-        return out
+        return store_io.pack_folder(self.local_path, Path(out))
 
     def sync_chunk(self, array: zarr.Array, index: int) -> None:
         """fsync the file(s) of chunk ``index`` (axis 0) of ``array``."""
         self._require_local()
         coords = (index,) + (0,) * (array.ndim - 1)
         path = self.local_path / array.path / array.metadata.encode_chunk_key(coords)
-        _fsync_path(path)
+        store_io.fsync_path(path)
 
     def mark_done(self, unit: str, index: int, record: dict[str, Any]) -> None:
         """Record chunk ``index`` of ``unit`` as complete. Call only after its data is synced."""
         self._require_local()
-        _atomic_write(self.local_path / unit / DONE_DIR / f"{index}.json", json.dumps(record))
+        store_io.atomic_write(
+            self.local_path / unit / DONE_DIR / f"{index}.json", json.dumps(record)
+        )
 
     def update_info(self, unit: str, **extra: Any) -> None:
         """Add facts to a unit's provenance and to that of each array in it."""
