@@ -28,7 +28,6 @@ residual vectors in the provenance (``transfer``). Explained variance is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +44,17 @@ from pipeline.errors import XprobeError
 from pipeline.layout import acts_unit, feats_unit, safe_name, tokens_unit
 from pipeline.reader import load_acts
 from pipeline.runner import ChunkResult, Stage
+from pipeline.sparse_pack import (
+    CALIBRATION_TOKENS,
+    STATS,
+    add_feature_stats,
+    calibrated_k,
+    feature_stats,
+    new_feature_stats,
+    pack_sparse,
+)
 from pipeline.store import Store
-
-STATS = ("count", "sum", "sum_sq", "max")
-"""Rows of ``chunk_stats``: per-feature partial statistics of one chunk (float64)."""
-CALIBRATION_TOKENS = 4096
-"""Counted tokens of chunk 0 whose largest L0 sets the default top-K width."""
-PAIR = ("sum_b", "sum_bb", "sum_ab")
-"""Rows of ``chunk_transfer/<B>/pair``: per-feature partial sums for the A/B correlation."""
-SCALARS = ("n", "sse_a", "sse_b", "sumsq_a", "sumsq_b", "sum_cos")
-"""First entries of ``chunk_transfer/<B>/scalars``; then sum of x_A [d_model], sum of x_B [d_model]."""
+from pipeline.transfer import PAIR, SCALARS, add_transfer_sums, transfer_metrics
 
 
 @dataclass(frozen=True)
@@ -104,66 +104,6 @@ def load_sae(cfg: FeaturesConfig, device: str) -> Any:
         what = cfg.sae_path or f"{cfg.sae} / {cfg.sae_id}"
         raise XprobeError(f"cannot load the SAE {what}: {e}") from None
     return sae.eval()
-
-
-def pack_sparse(
-    feats: torch.Tensor, keep: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed-width sparse form of ``feats [n, n_feat]`` (rows where ``keep`` is False dropped).
-
-    Returns ``idx [n, k]`` (int32, -1 = padding) and ``val [n, k]``: each kept row's non-zero
-    features in ascending id order; a row with more than ``k`` keeps its ``k`` largest
-    |activations| (still in id order). Also returns every kept non-zero entry, before the
-    width limit, as ``(cols, vals)``: the exact statistics come from those. Cost
-    is one pass over ``feats`` plus O(nnz); ``topk`` runs only on overflowing rows.
-    """
-    n, n_feat = feats.shape
-    flat = feats.reshape(-1)
-    where = flat.nonzero().squeeze(1)  # row-major order
-    rows = where // n_feat
-    if not bool(keep.all()):
-        kept = keep[rows]
-        where, rows = where[kept], rows[kept]
-    cols = where - rows * n_feat
-    vals = flat[where]
-    counts = torch.bincount(rows, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    target = rows * k + (torch.arange(len(rows), device=feats.device) - starts[rows])
-    idx = torch.full((n * k,), -1, dtype=torch.int32, device=feats.device)
-    val = torch.zeros(n * k, dtype=feats.dtype, device=feats.device)
-    over = (counts > k).nonzero().squeeze(1)
-    if len(over):
-        fits = counts[rows] <= k
-        idx[target[fits]], val[target[fits]] = cols[fits].to(torch.int32), vals[fits]
-    else:
-        idx[target], val[target] = cols.to(torch.int32), vals
-    idx, val = idx.view(n, k), val.view(n, k)
-    if len(over):
-        dense = feats[over]
-        top = dense.abs().topk(k, dim=1).indices.sort(dim=1).values
-        idx[over], val[over] = top.to(torch.int32), dense.gather(1, top)
-    return idx, val, cols, vals
-
-
-def add_feature_stats(
-    stats: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_counted: int
-) -> None:
-    """Add a batch's exact per-feature ``STATS`` rows from its non-zero entries (float64).
-
-    ``max`` is over all counted tokens, zeros included, as a dense ``amax`` would give: a
-    feature that is zero on some counted token has a max of at least 0.
-    """
-    n_feat = stats.shape[1]
-    count = torch.bincount(cols, minlength=n_feat).double()
-    stats[0] += count
-    stats[1].index_add_(0, cols, vals)
-    stats[2].index_add_(0, cols, vals * vals)
-    if n_counted == 0:
-        return
-    peak = torch.full((n_feat,), -math.inf, dtype=torch.float64)
-    peak.scatter_reduce_(0, cols, vals, reduce="amax")
-    peak = torch.where(count < n_counted, peak.clamp_min(0.0), peak)
-    torch.maximum(stats[3], peak, out=stats[3])
 
 
 class FeaturesStage(Stage):
@@ -300,7 +240,7 @@ class FeaturesStage(Stage):
         l0 = max(
             (int(self._encode(a).ne(0).sum(1).max()) for a in self._batches(sample)), default=1
         )
-        return min(self.n_feat, max(8, math.ceil(1.5 * l0 / 8) * 8))
+        return calibrated_k(l0, self.n_feat)
 
     def prepare(self, store: Store) -> int | None:
         info = store.info(self.unit)
@@ -385,8 +325,7 @@ class FeaturesStage(Stage):
         acts, mask = self._chunk_inputs(store, self.cfg.model, index)
         n, f, k = len(acts), self.n_feat, self.k
         idx, val = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
-        stats = torch.zeros(len(STATS), f, dtype=torch.float64)
-        stats[3] = -math.inf
+        stats = new_feature_stats(f)
         dropped = total = 0.0
         b_inputs = {b: self._chunk_inputs(store, b, index)[0] for b in self.cfg.transfer_models}
         pair = {b: torch.zeros(len(PAIR), f, dtype=torch.float64) for b in b_inputs}
@@ -407,7 +346,7 @@ class FeaturesStage(Stage):
             add_feature_stats(stats, cols.cpu(), vals.double().cpu(), int(keep.sum()))
             for b, b_acts in b_inputs.items():
                 xb = b_acts[start:stop].to(self.device, self.sae.dtype)
-                self._transfer_sums(x, feats, xb, keep, pair[b], scalars[b])
+                add_transfer_sums(self.sae, self._encode, x, feats, xb, keep, pair[b], scalars[b])
         fraction = dropped / total if total > 0 else 0.0
         if fraction > self.cfg.max_dropped_fraction:
             raise XprobeError(
@@ -426,61 +365,13 @@ class FeaturesStage(Stage):
         record = {"dropped_mass": dropped, "total_mass": total, "dropped_fraction": fraction}
         return ChunkResult(index, arrays, n_tok=n, record=record)
 
-    def _transfer_sums(
-        self,
-        xa: torch.Tensor,
-        fa: torch.Tensor,
-        xb: torch.Tensor,
-        keep: torch.Tensor,
-        pair: torch.Tensor,
-        scalars: torch.Tensor,
-    ) -> None:
-        """Add one batch's partial sums for the transfer metrics of B (counted tokens only)."""
-        fb = self._encode(xb)[keep].double()
-        fa = fa[keep].double()
-        xa, xb = xa[keep], xb[keep]
-        rec_a, rec_b = (
-            self.sae.decode(fa.to(self.sae.dtype)),
-            self.sae.decode(fb.to(self.sae.dtype)),
-        )
-        xa64, xb64 = xa.double(), xb.double()
-        pair[0] += fb.sum(0).cpu()
-        pair[1] += fb.square().sum(0).cpu()
-        pair[2] += (fa * fb).sum(0).cpu()
-        cos = torch.nn.functional.cosine_similarity(xa64, xb64, dim=1)
-        d = xa.shape[1]
-        scalars[:6] += torch.stack(
-            [
-                torch.tensor(float(len(xa)), dtype=torch.float64),
-                (xa64 - rec_a.double()).square().sum().cpu(),
-                (xb64 - rec_b.double()).square().sum().cpu(),
-                xa64.square().sum().cpu(),
-                xb64.square().sum().cpu(),
-                cos.sum().cpu(),
-            ]
-        )
-        scalars[6 : 6 + d] += xa64.sum(0).cpu()
-        scalars[6 + d :] += xb64.sum(0).cpu()
-
     # ---- finalize ---------------------------------------------------------------------------------
     def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
         info = store.info(self.unit)
         n_tok, n_feat = int(info["n_tok"]), self.n_feat
         n_counted = int(store.info(self.tokens)["n_counted"])
         # sums in chunk order: the same bits whether or not the run was resumed
-        partial = store.array(f"{self.unit}/chunk_stats")[:]
-        stats = partial[:, :3].sum(0)
-        peak = partial[:, 3].max(0) if len(partial) else np.zeros(n_feat)
-        count = stats[0].astype(np.int64)
-        out = {
-            "count": count,
-            "frequency": count / max(n_counted, 1),
-            "mean": stats[1] / max(n_counted, 1),
-            "max": np.where(np.isfinite(peak), peak, 0.0),
-            "sum": stats[1],
-            "sum_sq": stats[2],
-            "dead": count == 0,
-        }
+        out = feature_stats(store.array(f"{self.unit}/chunk_stats")[:], n_counted, n_feat)
         for name, data in out.items():
             self._write_whole(store, f"{self.unit}/stats/{name}", data, info)
         records = [store.chunk_record(self.unit, i) or {} for i in range(n_chunks)]
@@ -499,40 +390,20 @@ class FeaturesStage(Stage):
         }
         if self.cfg.transfer_models:
             extra["transfer"] = {
-                b: self._finalize_transfer(store, b, name, stats, n_counted, info)
+                b: self._finalize_transfer(store, name, out, info)
                 for b, name in zip(self.cfg.transfer_models, self._transfer_names(), strict=True)
             }
         return extra
 
     def _finalize_transfer(
-        self,
-        store: Store,
-        b: str,
-        name: str,
-        stats: np.ndarray,
-        n_counted: int,
-        info: dict[str, Any],
+        self, store: Store, name: str, stats: dict[str, np.ndarray], info: dict[str, Any]
     ) -> dict[str, float]:
         pair = store.array(f"{self.unit}/chunk_transfer_{name}_pair")[:].sum(0)
         scal = store.array(f"{self.unit}/chunk_transfer_{name}_scalars")[:].sum(0)
-        n = max(scal[0], 1.0)
         d = int(info["d_model"])
-        mean_a, mean_b = stats[1] / n, pair[0] / n
-        cov = pair[2] / n - mean_a * mean_b
-        var_a, var_b = stats[2] / n - mean_a**2, pair[1] / n - mean_b**2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            corr = np.where((var_a > 0) & (var_b > 0), cov / np.sqrt(var_a * var_b), np.nan)
+        corr, metrics = transfer_metrics(pair, scal, stats["sum"], stats["sum_sq"], d)
         self._write_whole(store, f"{self.unit}/transfer/{name}/corr", corr, info)
-        sum_xa, sum_xb = scal[6 : 6 + d], scal[6 + d :]
-        tss_a = scal[3] - np.square(sum_xa).sum() / n
-        tss_b = scal[4] - np.square(sum_xb).sum() / n
-        return {
-            "explained_variance_a": float(1 - scal[1] / tss_a),
-            "explained_variance_b": float(1 - scal[2] / tss_b),
-            "mean_cosine": float(scal[5] / n),
-            "mean_corr": float(np.nanmean(corr)) if np.isfinite(corr).any() else float("nan"),
-            "n_counted": int(scal[0]),
-        }
+        return metrics
 
     def _write_whole(self, store: Store, path: str, data: np.ndarray, info: dict[str, Any]) -> None:
         arr = store.create_array(path, data.shape, data.shape, data.dtype, info)
