@@ -148,10 +148,12 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     )
 
 
-def wait_for_markers(done_dir: Path, n: int, timeout: float = 60.0) -> int:
+def wait_for_markers(done_dir: Path, n: int, timeout: float = 180.0) -> int:
     """Wait until `done_dir` holds at least `n` committed chunk markers; return how many it holds.
 
     Only `<i>.json` counts: a marker being written is a hidden temp file until it is renamed.
+    The timeout is generous because a subprocess importing torch on a loaded 2-core machine has
+    taken over 60 s.
     """
     import os
     import time
