@@ -206,11 +206,11 @@ def _task_error(stage: str, index: int, first: BaseException, failed: list[int])
 
 
 # ---- the fitter: partitions and a tree reduction ----------------------------------------------
-def tree_reduce(client: Client, futures: list[Future], merge: Callable[[T, T], T]) -> T:
-    """Merge ``futures`` pairwise on the workers (``merge(a, b)``, a tree of depth log2 n) and
-    return the single result. Data moves between workers; only the result comes here."""
+def merge_tree(client: Client, futures: list[Future], merge: Callable[[T, T], T]) -> Future:
+    """Submit pairwise merges of ``futures`` on the workers (``merge(a, b)``, a tree of depth
+    log2 n); returns the future of the single result. Data moves between workers only."""
     if not futures:
-        raise ValueError("tree_reduce needs at least one future")
+        raise ValueError("merge_tree needs at least one future")
     level = 0
     while len(futures) > 1:
         merged = [
@@ -219,7 +219,12 @@ def tree_reduce(client: Client, futures: list[Future], merge: Callable[[T, T], T
         ]
         futures = merged + ([futures[-1]] if len(futures) % 2 else [])
         level += 1
-    return futures[0].result()
+    return futures[0]
+
+
+def tree_reduce(client: Client, futures: list[Future], merge: Callable[[T, T], T]) -> T:
+    """``merge_tree``'s result, brought here."""
+    return merge_tree(client, futures, merge).result()
 
 
 def partitions(todo: Sequence[int], n_parts: int) -> list[list[int]]:
@@ -261,10 +266,18 @@ def _merge_states(a: dict, b: dict) -> dict:
 
 
 def accumulate_fit(
-    client: Client, fit: Any, todo: Sequence[int], d: int, n_feat: int, n_parts: int | None = None
+    client: Client,
+    fit: Any,
+    todo: Sequence[int],
+    d: int,
+    n_feat: int,
+    n_parts: int | None = None,
+    on_partition: Callable[[list[int]], None] = lambda part: None,
 ) -> dict[str, dict[str, SufficientStats]]:
     """The fit's statistics over chunks ``todo``: one task per partition (default two per
-    worker), reduced by a tree of pairwise merges. ``fit`` is a ``stages.fit.Fit``."""
+    worker), reduced by a tree of pairwise merges. ``fit`` is a ``stages.fit.Fit``;
+    ``on_partition(chunks)`` is called here as each partition's task succeeds, for a progress
+    bar."""
     from pipeline.lstsq import SufficientStats
 
     spec, run_id = store_spec(fit.store), uuid.uuid4().hex[:8]
@@ -282,8 +295,15 @@ def accumulate_fit(
         )
         for part in parts
     ]
+    part_of = {future.key: part for part, future in zip(parts, futures, strict=True)}
     try:
-        state = tree_reduce(client, futures, _merge_states)
+        from distributed import as_completed
+
+        final = merge_tree(client, futures, _merge_states)
+        for future in as_completed(futures):
+            if future.status == "finished":
+                on_partition(part_of[future.key])
+        state = final.result()
     except XprobeError:
         raise
     except Exception as e:

@@ -197,29 +197,40 @@ class Fit:
         held = self.held_out_mask()
         consumed, stats = self._load_checkpoint(d, n_feat)
         todo = [i for i in range(n_chunks) if i not in set(consumed)]
-        if client is not None and todo:
-            from pipeline.distributed import accumulate_fit
-
-            for hook, splits in accumulate_fit(client, self, todo, d, n_feat).items():
-                for split, part in splits.items():
-                    stats[hook][split].merge(part)
-            self._save_checkpoint(consumed + todo, stats)
-            return stats
-        n_rows = [min(chunk_seqs, tokens["n_seq"] - i * chunk_seqs) * ctx for i in todo]
+        rows = {i: min(chunk_seqs, tokens["n_seq"] - i * chunk_seqs) * ctx for i in todo}
         bar = tqdm(
-            total=sum(n_rows),
+            total=sum(rows.values()),
             unit="tok",
             unit_scale=True,
             desc="fit",
             disable=not cfg.progress,
             mininterval=1.0,
         )
+        if client is not None and todo:
+            from pipeline.distributed import accumulate_fit
+
+            try:  # the bar moves a partition at a time, as the workers finish them
+                partial = accumulate_fit(
+                    client,
+                    self,
+                    todo,
+                    d,
+                    n_feat,
+                    on_partition=lambda part: bar.update(sum(rows[i] for i in part)),
+                )
+            finally:
+                bar.close()
+            for hook, splits in partial.items():
+                for split, part in splits.items():
+                    stats[hook][split].merge(part)
+            self._save_checkpoint(consumed + todo, stats)
+            return stats
         last_checkpoint = time.monotonic()
         try:
             for n, index in enumerate(todo):
                 self.add_chunk(stats, index, held)
                 consumed.append(index)
-                bar.update(n_rows[n])
+                bar.update(rows[index])
                 due = time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds
                 if due or len(consumed) % cfg.checkpoint_every == 0 or n == len(todo) - 1:
                     self._save_checkpoint(consumed, stats)

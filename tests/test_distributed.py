@@ -246,6 +246,19 @@ def test_fit_equals_one_process(single, on_cluster):
     assert (single.array("probes/probe/" + HOOKS[0] + "/status")[...] == 0).any()
 
 
+def test_fit_on_cluster_reports_each_partition_once_for_progress(single, client):
+    from stages.fit import Fit
+
+    fit_ = Fit(fit_cfg(), single)
+    d = single.info(f"acts/c/b/{HOOKS[0]}")["d_model"]
+    n_feat = single.info("feats/c/sae")["n_feat"]
+    seen: list[list[int]] = []
+    pipeline.distributed.accumulate_fit(
+        client, fit_, list(range(N_CHUNKS)), d, n_feat, n_parts=3, on_partition=seen.append
+    )
+    assert len(seen) == 3 and sorted(i for part in seen for i in part) == list(range(N_CHUNKS))
+
+
 def _metadata(store: Store) -> dict[str, tuple[int, bytes]]:
     """Every zarr metadata file under acts/ (arrays and groups): mtime and content."""
     files = sorted((store.local_path / "acts").rglob("zarr.json"))
