@@ -222,7 +222,11 @@ class Store:
 
     def create_unit(self, unit: str, prov: dict[str, Any]) -> zarr.Group:
         self.claim([unit])
-        group = self.root.require_group(unit)
+        try:
+            group = self.root[unit]  # a run killed before it wrote the provenance, or a restart
+        except KeyError:
+            # group and provenance in one metadata write: a kill can't leave a unit without it
+            return self.root.create_group(unit, attributes={"xprobe": prov})
         group.attrs["xprobe"] = prov
         return group
 
