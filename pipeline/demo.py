@@ -301,17 +301,12 @@ def format_numbers(n: dict[str, Any], data: Path = DEMO_DATA) -> str:
             f"  (R²/ceiling: median over features; presence: the report's score, median; present:"
             f" share of the {p['n_scored']} scored features with presence >= 0.7)"
         )
-    survive = size.get("min_survival")
     lines += [
         "",
         f"Ground truth: {n['n_ablated']} SAE features removed vs {n['n_ablated']} kept "
-        "(frequency-matched"
-        + (
-            f"; each keeps >= {survive:.0%} of its R² beyond the token through the eraser, on the build corpus"
-            if survive
-            else ""
-        )
-        + "); AUROC = P(a kept feature scores above a removed one):",
+        f"(frequency-matched; each keeps >= {size['min_survival']:.0%} of its R² beyond the token"
+        " through the eraser, on the build corpus); AUROC = P(a kept feature scores above a"
+        " removed one):",
     ]
     for name in GROUND_TRUTH:
         scores = [("R²/ceiling", n["ratio_separation"][name])]

@@ -54,16 +54,6 @@ def token_r2(sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int) -
     return (((per_token**2 / count[:, None]).sum(0) - sum_y**2 / n) / sst).numpy()
 
 
-def headroom(
-    sae: Any, acts: torch.Tensor, ids: torch.Tensor, vocab_size: int, x: torch.Tensor | None = None
-) -> np.ndarray:
-    """[n_feat]: in-sample R² of a linear readout of each feature (of ``sae.encode(acts)``) from
-    ``x`` (default ``acts``) minus that of the per-token-id mean (floored at 0), i.e. what the
-    residual predicts beyond the current token."""
-    token = np.maximum(token_r2(sae, acts, ids, vocab_size), 0)
-    return linear_r2(acts if x is None else x, sae, acts) - token
-
-
 @torch.no_grad()
 def fit_eraser(
     sae: Any, acts: torch.Tensor, features: list[int]
@@ -76,26 +66,25 @@ def fit_eraser(
 def survival(
     sae: Any,
     acts: torch.Tensor,
-    ids: torch.Tensor,
-    vocab_size: int,
     eraser: tuple[torch.Tensor, torch.Tensor],
+    room: np.ndarray,
+    token: np.ndarray,
 ) -> np.ndarray:
-    """[n_feat]: the share of each feature's headroom (in-sample R² beyond the current token) that
-    is left after ``eraser``: <= 0 for the erased features, near 1 for features it leaves alone
-    (NaN where there is no headroom to keep). What the presence score measures, in-sample."""
+    """[n_feat]: the share of each feature's headroom ``room`` (in-sample R² from ``acts`` beyond
+    ``token``, the token baseline's R² floored at 0) that is left after ``eraser``: <= 0 for the
+    erased features, near 1 for features it leaves alone (NaN where there is no headroom to
+    keep). What the presence score measures, in-sample."""
     m, c = eraser
-    erased = (acts.double() @ m.T + c).float()
-    before = headroom(sae, acts, ids, vocab_size)
-    after = headroom(sae, acts, ids, vocab_size, erased)
+    after = linear_r2((acts.double() @ m.T + c).float(), sae, acts) - token
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(before > 1e-6, after / before, np.nan)
+        return np.where(room > 1e-6, after / room, np.nan)
 
 
 def ablation_band(
     frequency: np.ndarray, room: np.ndarray, band: tuple[float, float], min_headroom: float
 ) -> np.ndarray:
-    """Features firing on a share of tokens within ``band`` with at least ``min_headroom`` beyond
-    the token (the only ones a presence score can judge)."""
+    """Features firing on a share of tokens within ``band`` with at least ``min_headroom`` of
+    in-sample R² beyond the token (``room``: the only ones a presence score can judge)."""
     lo, hi = band
     return np.flatnonzero((frequency >= lo) & (frequency <= hi) & (room >= min_headroom))
 

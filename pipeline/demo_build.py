@@ -42,11 +42,12 @@ from pipeline.demo_ablation import (
     ablation_band,
     choose_ablated,
     fit_eraser,
-    headroom,
     held_out_share,
+    linear_r2,
     match_kept,
     rounded,
     survival,
+    token_r2,
 )
 from pipeline.demo_corpus import stdlib_jsonl, train_bpe
 from pipeline.demo_lm import (
@@ -100,7 +101,7 @@ class BuildSize:
     ablate_frequency: tuple[float, float] = (2e-3, 5e-2)
     """Firing-frequency band the ablated and kept features are drawn from."""
     min_headroom: float = 0.1
-    """... and the least R² A's residual must add over the current token for them (see headroom)."""
+    """... and the least in-sample R² A's residual must add over the current token for them."""
     min_survival: float = 0.8
     """... and, for the kept ones, the least share of their headroom that must survive the eraser
     of the ablated ones (see survival): kept by construction, not only by label."""
@@ -224,11 +225,13 @@ def build(out: Path, size: BuildSize, seed: int = 0, work: Path | None = None) -
 
         sae = SAE.load_from_disk(staging / "sae", device="cpu")
         frequency = np.array(stats["frequency"])
-        room = headroom(sae, acts, ids, size.vocab_size)
+        # what A's residual predicts of each feature beyond the current token (in-sample)
+        token = np.maximum(token_r2(sae, acts, ids, size.vocab_size), 0)
+        room = linear_r2(acts, sae, acts) - token
         band = ablation_band(frequency, room, size.ablate_frequency, size.min_headroom)
         ablated_ids = choose_ablated(band, size.n_ablate, seed)
         eraser = fit_eraser(sae, acts, ablated_ids)
-        share = survival(sae, acts, ids, size.vocab_size, eraser)
+        share = survival(sae, acts, eraser, room, token)
         kept_ids = match_kept(frequency, band[share[band] >= size.min_survival], ablated_ids)
         directions = sae.W_dec.detach()[ablated_ids]
         ablated = new_model(size, seed)

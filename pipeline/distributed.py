@@ -222,11 +222,6 @@ def merge_tree(client: Client, futures: list[Future], merge: Callable[[T, T], T]
     return futures[0]
 
 
-def tree_reduce(client: Client, futures: list[Future], merge: Callable[[T, T], T]) -> T:
-    """``merge_tree``'s result, brought here."""
-    return merge_tree(client, futures, merge).result()
-
-
 def partitions(todo: Sequence[int], n_parts: int) -> list[list[int]]:
     """``todo`` split into at most ``n_parts`` contiguous runs of (nearly) equal length."""
     n_parts = max(1, min(n_parts, len(todo)))

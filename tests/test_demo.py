@@ -164,12 +164,12 @@ def test_leace_eraser_zeroes_every_linear_readout_and_moves_nothing_else():
     assert torch.linalg.matrix_rank(torch.eye(6, dtype=torch.float64) - m) == 2
 
 
-def test_headroom_matches_lstsq_and_token_means():
+def test_readout_r2_matches_lstsq_and_token_means():
     from types import SimpleNamespace
 
     import numpy as np
 
-    from pipeline.demo_ablation import headroom
+    from pipeline.demo_ablation import linear_r2, token_r2
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(3000, 8, generator=gen)
@@ -177,7 +177,6 @@ def test_headroom_matches_lstsq_and_token_means():
     acts[:, 0] += ids.float() / 5  # part of the residual is the token
     weights = torch.randn(8, 6, generator=gen)
     sae = SimpleNamespace(cfg=SimpleNamespace(d_sae=6), encode=lambda x: torch.relu(x @ weights))
-    got = headroom(sae, acts, ids, vocab_size=20)
 
     x, y, tok = acts.double().numpy(), sae.encode(acts).double().numpy(), ids.numpy()
     design = np.c_[x, np.ones(len(x))]
@@ -186,4 +185,5 @@ def test_headroom_matches_lstsq_and_token_means():
     linear = 1 - ((y - fit) ** 2).sum(0) / sst
     means = np.stack([y[tok == v].mean(0) for v in range(20)])
     token = 1 - ((y - means[tok]) ** 2).sum(0) / sst
-    np.testing.assert_allclose(got, linear - np.maximum(token, 0), atol=1e-8)
+    np.testing.assert_allclose(linear_r2(acts, sae, acts), linear, atol=1e-8)
+    np.testing.assert_allclose(token_r2(sae, acts, ids, vocab_size=20), token, atol=1e-8)

@@ -23,7 +23,7 @@ import pipeline.cli
 import pipeline.distributed
 from pipeline.cluster import local_cluster, visible_gpus
 from pipeline.config import fingerprint
-from pipeline.distributed import partitions, tree_reduce
+from pipeline.distributed import merge_tree, partitions
 from pipeline.errors import XprobeError
 from pipeline.lstsq import SufficientStats, solve_ridge
 from pipeline.runner import run_stage
@@ -168,12 +168,12 @@ def test_scheduler_and_workers_are_runtime_only():
     assert fingerprint(fit_cfg(scheduler="tcp://x:1")) == fingerprint(fit_cfg())
 
 
-def test_partitions_and_tree_reduce(client):
+def test_partitions_and_merge_tree(client):
     assert partitions(list(range(10)), 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert partitions([4, 9], 8) == [[4], [9]]
     futures = [client.submit(lambda i: [i], i, pure=False) for i in range(7)]
     # concatenation is not commutative: the tree keeps partitions in order
-    assert tree_reduce(client, futures, operator.add) == list(range(7))
+    assert merge_tree(client, futures, operator.add).result() == list(range(7))
 
 
 def test_chunk_stages_bit_identical_to_one_process(single, on_cluster):

@@ -223,23 +223,40 @@ class _Interrupt(BaseException):
     pass
 
 
+class _FailingLoads:
+    """Replaces ``stages.match.load_sparse`` (``on()``) with one that raises ``_Interrupt`` once it
+    has read ``after`` times; ``off()`` puts the real one back."""
+
+    def __init__(self, monkeypatch, after: int):
+        import stages.match
+
+        self.monkeypatch, self.after, self.load = monkeypatch, after, stages.match.load_sparse
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls > self.after:
+            raise _Interrupt()
+        return self.load(*args)
+
+    def on(self) -> None:
+        import stages.match
+
+        self.calls = 0
+        self.monkeypatch.setattr(stages.match, "load_sparse", self)
+
+    def off(self) -> None:
+        import stages.match
+
+        self.monkeypatch.setattr(stages.match, "load_sparse", self.load)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(store, monkeypatch):
     """Three blocks of A features (three passes), interrupted halfway through the second."""
     import torch
 
-    import stages.match
-
     n_chunks = store.info("tokens/c")["n_chunks"]
-    load = stages.match.load_sparse
-    calls = {"n": 0}
-
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] > 2 * (n_chunks + n_chunks // 2):  # two reads per chunk
-            raise _Interrupt()
-        return load(*args)
-
-    monkeypatch.setattr(stages.match, "load_sparse", flaky)
+    failing = _FailingLoads(monkeypatch, after=2 * (n_chunks + n_chunks // 2))  # 2 reads a chunk
+    failing.on()
     blocks = dict(accumulator="dense", memory_budget_mb=14 * N_B * 16 / 2**20)
     cfg = _cfg(name="r", checkpoint_every=1, **blocks)
     with pytest.raises(_Interrupt):
@@ -248,7 +265,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(store, monkeypatch):
     assert len(state["plan"]["blocks"]) == 3
     assert state["block"] == 1 and len(state["consumed"]) == n_chunks // 2
     assert not store.info("matches/r").get("complete")
-    monkeypatch.setattr(stages.match, "load_sparse", load)
+    failing.off()
     run(cfg, store)
     assert not (store.local_path / "matches/r/_checkpoint.pt").exists()
     run(_cfg(name="u", **blocks), store)
@@ -261,33 +278,22 @@ def test_sparse_interrupted_mid_pass(store, monkeypatch):
     """The single sparse pass, interrupted halfway, resumes from its checkpoint."""
     import torch
 
-    import stages.match
-
     n_chunks = store.info("tokens/c")["n_chunks"]
-    load = stages.match.load_sparse
-    calls = {"n": 0}
-
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] > n_chunks:  # halfway through the only pass
-            raise _Interrupt()
-        return load(*args)
-
-    monkeypatch.setattr(stages.match, "load_sparse", flaky)
+    failing = _FailingLoads(monkeypatch, after=n_chunks)  # halfway through the only pass
+    failing.on()
     cfg = _cfg(name="r", accumulator="sparse", checkpoint_every=2)
     with pytest.raises(_Interrupt):
         run(cfg, store)
     state = torch.load(store.local_path / "matches/r/_checkpoint.pt", weights_only=False)
     assert state["block"] == 0 and 0 < len(state["consumed"]) < n_chunks
-    monkeypatch.setattr(stages.match, "load_sparse", load)
+    failing.off()
     run(cfg, store)
     run(_cfg(name="u", accumulator="sparse"), store)
     # a checkpoint is never resumed on other features: B's features rewritten in between
+    failing.on()
     with pytest.raises(_Interrupt):
-        monkeypatch.setattr(stages.match, "load_sparse", flaky)
-        calls["n"] = 0
         run(_cfg(name="w", accumulator="sparse", checkpoint_every=2), store)
-    monkeypatch.setattr(stages.match, "load_sparse", load)
+    failing.off()
     run_stage(_ToyFeatures(_ToyConfig("b", seed=1)), store, force=True, progress=False)
     with pytest.raises(XprobeError, match="was rewritten after matches/w was started"):
         run(_cfg(name="w", accumulator="sparse", checkpoint_every=2), store)
