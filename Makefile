@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/xprobe demo
 
-# Rebuild the demo's committed models and SAE (pipeline/demo_data) from the stdlib: ~15 min, 1 thread.
+# Rebuild the demo's committed models and SAE (pipeline/demo/data) from the stdlib: ~15 min, 1 thread.
 demo-data: install
-	$(PY) -m pipeline.demo_build
+	$(PY) -m pipeline.demo.build
 
 test: install
 	$(PY) -m pytest -q

@@ -80,7 +80,7 @@ def _build_acts(work: Path, n_tokens: int, d_model: int) -> tuple:
 
 
 def _all_acts(store) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.reader import load_acts
+    from pipeline.store.reader import load_acts
 
     n_chunks = int(store.info("tokens/c")["n_chunks"])
     acts = torch.cat([load_acts(store, f"acts/c/gpt2/{HOOK}", i) for i in range(n_chunks)])

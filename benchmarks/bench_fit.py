@@ -86,7 +86,7 @@ def _gemm_only(x, n_tok: int, chunk: int, dev: str) -> None:
 
 
 def bench_fit(work: Path, p: dict) -> dict:
-    from pipeline.lstsq import SufficientStats, solve_ridge
+    from pipeline.maths.lstsq import SufficientStats, solve_ridge
 
     dev = device()
     d, n_feat, chunk, n_tok = p["d"], p["n_feat"], p["chunk"], p["n_tok"]
@@ -137,7 +137,7 @@ def _versus_sklearn(x, rows, cols, vals, p: dict) -> dict:
     """xprobe vs sklearn Ridge on the first ``sklearn_rows`` rows and ``sklearn_feat`` features."""
     from sklearn.linear_model import Ridge
 
-    from pipeline.lstsq import SufficientStats, solve_ridge
+    from pipeline.maths.lstsq import SufficientStats, solve_ridge
 
     n, f_sub, alpha, chunk = p["sklearn_rows"], p["sklearn_feat"], p["alpha"], p["chunk"]
     keep = (rows < n) & (cols < f_sub)
@@ -169,7 +169,7 @@ def _versus_sklearn(x, rows, cols, vals, p: dict) -> dict:
 
 def _wide(x, rows, cols, vals, p: dict) -> dict:
     """Train + held-out statistics at ``wide_feat`` features over a few chunks, then the solve."""
-    from pipeline.lstsq import SufficientStats, solve_ridge
+    from pipeline.maths.lstsq import SufficientStats, solve_ridge
 
     dev, d, wide, chunk = device(), x.shape[1], p["wide_feat"], p["chunk"]
     spread = (cols * (wide // p["n_feat"])) % wide  # the same entries spread over all features

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.demo import stdlib_corpus, train_bpe
+from pipeline.demo.corpus import stdlib_corpus, train_bpe
 
 
 def peak_rss_mib() -> float:

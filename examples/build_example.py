@@ -18,7 +18,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from pipeline.demo import stdlib_corpus, train_bpe
+from pipeline.demo.corpus import stdlib_corpus, train_bpe
 
 ROOT = Path(__file__).parent / "work"
 
@@ -40,7 +40,11 @@ def main() -> None:
         model.save_pretrained(ROOT / name)
         tok.save_pretrained(ROOT / name)
     torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=512, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=64, d_sae=512, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(4.0 * torch.randn(64, 512))
         sae.W_dec.copy_(torch.randn(512, 64) / (4.0 * 512))

@@ -281,7 +281,7 @@ def info(store_path: str, as_json: bool) -> None:
 @click.option("--repair", is_flag=True, help="Drop bad chunks' markers so a rerun recomputes them.")
 def verify(store_path: str, repair: bool) -> None:
     """Check every recorded chunk of STORE_PATH against its crc32 (and activations for nan/inf)."""
-    from pipeline.verify import verify_store
+    from pipeline.store.verify import verify_store
 
     store = Store(store_path, mode="a" if repair else "r")
     problems = verify_store(store, repair=repair)
@@ -319,14 +319,14 @@ def pack(store_path: str, out: str) -> None:
 @click.option(
     "--data",
     type=click.Path(file_okay=False, exists=True),
-    help="Demo models to use (default: the ones shipped in pipeline/demo_data).",
+    help="Demo models to use (default: the ones shipped in pipeline/demo/data).",
 )
 @click.option("--max-tokens", default=250_000, show_default=True, help="Corpus size in tokens.")
 def demo(root: str, data: str | None, max_tokens: int) -> None:
     """Run the whole pipeline on small models shipped with xprobe (offline) and print what it finds."""
     import time
 
-    from pipeline.demo import DEMO_DATA, format_numbers, run_demo
+    from pipeline.demo.run import DEMO_DATA, format_numbers, run_demo
 
     start = time.time()
     data_dir = Path(data) if data else DEMO_DATA

@@ -1,6 +1,6 @@
 """Running stages on a dask.distributed cluster: chunks as tasks, the fitter as a tree reduction.
 
-``run_stage(..., client=...)`` (pipeline/runner.py) and the fit come here when a stage config
+``run_stage(..., client=...)`` (pipeline/lifecycle.py) and the fit come here when a stage config
 names a cluster (``pipeline/cluster.py`` gets the client). The coordinating process (the one you ran) keeps everything that touches shared metadata:
 the unit locks, the config check, ``prepare`` (arrays are created at their final shape before any
 worker writes), and ``finalize`` and the complete flag after the last task. Each chunk is one task:
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline.cluster import n_workers
 from pipeline.config import canonical, fingerprint
 from pipeline.errors import XprobeError
-from pipeline.runner import ChunkResult, Stage, write_chunk
+from pipeline.lifecycle import ChunkResult, Stage, write_chunk
 from pipeline.store import Store
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-    from pipeline.lstsq import SufficientStats
+    from pipeline.maths.lstsq import SufficientStats
 
 T = TypeVar("T")
 
@@ -248,7 +248,7 @@ def _merge_states(a: dict, b: dict) -> dict:
     """Chan's merge of two partitions' statistics (float64, on the CPU)."""
     import torch
 
-    from pipeline.lstsq import SufficientStats
+    from pipeline.maths.lstsq import SufficientStats
 
     out = {}
     for hook, splits in a.items():
@@ -273,7 +273,7 @@ def accumulate_fit(
     worker), reduced by a tree of pairwise merges. ``fit`` is a ``stages.fit.Fit``;
     ``on_partition(chunks)`` is called here as each partition's task succeeds, for a progress
     bar."""
-    from pipeline.lstsq import SufficientStats
+    from pipeline.maths.lstsq import SufficientStats
 
     spec, run_id = store_spec(fit.store), uuid.uuid4().hex[:8]
     parts = partitions(todo, n_parts or 2 * n_workers(client))

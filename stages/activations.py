@@ -14,7 +14,7 @@ residual stream, as TransformerLens does). The forward stops after the deepest b
 
 Storage dtypes: float32 and float16 as such (a chunk holding inf/nan is refused, never stored);
 bfloat16 as its uint16 bit pattern with ``dtype = "bfloat16"`` in the provenance (numpy has no
-bf16); ``pipeline.reader`` restores it.
+bf16); ``pipeline.store.reader`` restores it.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
-from pipeline.layout import acts_unit, safe_name, tokens_unit
-from pipeline.reader import STORED_DTYPE, encode_for_store
-from pipeline.runner import ChunkResult, Stage
+from pipeline.inputs.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
+from pipeline.lifecycle import ChunkResult, Stage
 from pipeline.store import Store
-from pipeline.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
+from pipeline.store.layout import acts_unit, safe_name, tokens_unit
+from pipeline.store.reader import STORED_DTYPE, encode_for_store
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
@@ -356,7 +356,7 @@ class ActivationsStage(Stage):
 
 
 def run(cfg: ActivationsConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.runner import run_stage
+    from pipeline.lifecycle import run_stage
 
     with client_for(cfg) as client:  # None unless scheduler / workers is set
         return run_stage(

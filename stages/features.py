@@ -41,10 +41,9 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
-from pipeline.layout import acts_unit, feats_unit, safe_name, tokens_unit
-from pipeline.reader import load_acts
-from pipeline.runner import ChunkResult, Stage
-from pipeline.sparse_pack import (
+from pipeline.inputs import sae as sae_loader
+from pipeline.lifecycle import ChunkResult, Stage
+from pipeline.maths.sparse_pack import (
     CALIBRATION_TOKENS,
     STATS,
     add_feature_stats,
@@ -53,8 +52,10 @@ from pipeline.sparse_pack import (
     new_feature_stats,
     pack_sparse,
 )
+from pipeline.maths.transfer import PAIR, SCALARS, add_transfer_sums, transfer_metrics
 from pipeline.store import Store
-from pipeline.transfer import PAIR, SCALARS, add_transfer_sums, transfer_metrics
+from pipeline.store.layout import acts_unit, feats_unit, safe_name, tokens_unit
+from pipeline.store.reader import load_acts
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,13 @@ class FeaturesConfig:
 
 def load_sae(cfg: FeaturesConfig, device: str) -> Any:
     """The SAE named by ``cfg``, on ``device``, in ``cfg.dtype`` (or its own dtype)."""
-    from sae_lens import SAE
-
-    dtype = None if cfg.dtype == "auto" else cfg.dtype
-    try:
-        if cfg.sae_path is not None:
-            sae = SAE.load_from_disk(cfg.sae_path, device=device, dtype=dtype)
-        else:
-            sae = SAE.from_pretrained(cfg.sae, cfg.sae_id, device=device, dtype=dtype or "float32")
-    except (OSError, ValueError, KeyError) as e:
-        what = cfg.sae_path or f"{cfg.sae} / {cfg.sae_id}"
-        raise XprobeError(f"cannot load the SAE {what}: {e}") from None
-    return sae.eval()
+    return sae_loader.load_sae(
+        cfg.sae,
+        cfg.sae_id,
+        cfg.sae_path,
+        device=device,
+        dtype=None if cfg.dtype == "auto" else cfg.dtype,
+    )
 
 
 class FeaturesStage(Stage):
@@ -412,7 +408,7 @@ class FeaturesStage(Stage):
 
 
 def run(cfg: FeaturesConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.runner import run_stage
+    from pipeline.lifecycle import run_stage
 
     with client_for(cfg) as client:  # None unless scheduler / workers is set
         return run_stage(

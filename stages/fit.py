@@ -3,13 +3,13 @@
 Reads B's activations ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_B]`` at one or several hooks,
 A's sparse features ``feats/<corpus>/<sae>/{idx,val}`` and the tokens' mask. Sequences are split
 into train and held-out (deterministic, by sequence); masked positions are skipped. Sufficient
-statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/lstsq.py) are accumulated per hook and
+statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/maths/lstsq.py) are accumulated per hook and
 split, checkpointed with the list of consumed chunks, and all features are solved at once.
 
 Writes ``probes/<name>/<hook>/``:
     direction [F, d_B] float32   B's direction for each feature
     intercept, lam, r2_train, r2_held_out, pearson_held_out [F]
-    n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/lstsq.py)
+    n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/maths/lstsq.py)
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
 """
 
@@ -28,13 +28,13 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
-from pipeline.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
-from pipeline.lstsq import SufficientStats, solve_ridge
-from pipeline.reader import load_acts
-from pipeline.runner import run_whole_unit
-from pipeline.sparse import load_sparse, select_rows
-from pipeline.split import held_out_sequences
+from pipeline.lifecycle import run_whole_unit
+from pipeline.maths.lstsq import SufficientStats, solve_ridge
+from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
+from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.store.reader import load_acts
+from pipeline.store.sparse import load_sparse, select_rows
 
 CHECKPOINT = "_checkpoint.pt"
 

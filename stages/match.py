@@ -5,7 +5,7 @@ Spaces Across LLMs"), out of core. Reads two features units over the same token 
 ``feats/<corpus>/<features_a>`` and ``feats/<corpus_b>/<features_b>`` (``idx, val [n_tok, K]``),
 and ``tokens/<corpus>/mask``. Streams the chunks once per block of A features (one block unless
 the pair sums outgrow ``memory_budget_mb``), accumulating per-feature n, Σa, Σa², Σb, Σb² and Σab
-over co-active pairs only (pipeline/coactivation.py), with checkpoints, then keeps every A
+over co-active pairs only (pipeline/maths/coactivation.py), with checkpoints, then keeps every A
 feature's top-k B features by Pearson correlation over the counted tokens. Only positive correlations are matches: a pair that never fires together has
 Σab = 0, hence corr ≤ 0 for non-negative activations, so the top-k positive matches found among
 co-active pairs equal those of the dense F_A × F_B correlation matrix. (With signed activations,
@@ -34,7 +34,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.coactivation import (
+from pipeline.config import runtime
+from pipeline.device import resolve_device
+from pipeline.errors import XprobeError
+from pipeline.inputs.sae import load_sae_of
+from pipeline.lifecycle import run_whole_unit
+from pipeline.maths.coactivation import (
     DensePairs,
     Marginals,
     SparsePairs,
@@ -44,13 +49,9 @@ from pipeline.coactivation import (
     top_k_per_row,
     update_best_per_column,
 )
-from pipeline.config import runtime
-from pipeline.device import resolve_device
-from pipeline.errors import XprobeError
-from pipeline.layout import feats_unit, matches_unit, tokens_unit
-from pipeline.runner import run_whole_unit
-from pipeline.sparse import load_sparse
 from pipeline.store import Store
+from pipeline.store.layout import feats_unit, matches_unit, tokens_unit
+from pipeline.store.sparse import load_sparse
 
 CHECKPOINT = "_checkpoint.pt"
 DENSE_BYTES_PER_PAIR = 16  # float64 Σab + int64 count
@@ -405,15 +406,26 @@ class Match:
 
     def _svcca(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """SVCCA of the decoder directions of mutual matches with correlation >= svcca_min_corr."""
-        from pipeline.svcca import load_decoder, svcca
+        from pipeline.maths.svcca import svcca
 
         pick = arrays["mutual"] & (arrays["best_corr"] >= self.cfg.svcca_min_corr)
         a_ids = np.nonzero(pick)[0]
         if len(a_ids) < 3:
             return {"n_pairs": int(len(a_ids)), "svcca": None, "why": "fewer than 3 matched pairs"}
-        dec_a = load_decoder(self.store, self.feats_a)[a_ids]
-        dec_b = load_decoder(self.store, self.feats_b)[arrays["best_idx"][a_ids]]
+        dec_a = self._decoder(self.feats_a)[a_ids]
+        dec_b = self._decoder(self.feats_b)[arrays["best_idx"][a_ids]]
         return svcca(dec_a, dec_b)
+
+    def _decoder(self, feats_unit: str) -> np.ndarray:
+        """``W_dec`` [n_feat, d_model] of the SAE a features unit was computed with."""
+        try:
+            sae = load_sae_of(self.store, feats_unit)
+        except XprobeError as e:
+            raise XprobeError(
+                f"{e} (the SAE of {feats_unit}, from its provenance, for SVCCA). "
+                "Make it available there, or set svcca = false."
+            ) from None
+        return sae.W_dec.detach().float().cpu().numpy()
 
 
 def run(cfg: MatchConfig, store: Store, force: bool = False) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Reads the fits ``probes/<fit>/<hook>/{r2_held_out,status,...}`` of the models B,
 (A → A at the SAE's hook) and of the floor (a randomly initialised model), A's features
 ``feats/<corpus>/<sae>/{idx,val,stats/*,transfer/*}`` and the tokens ``tokens/<corpus>``.
 One pass over tokens and features (no activations) accumulates the token baseline and each
-feature's top-activating tokens (see pipeline/presence.py); it is cached in ``report/<name>/``:
+feature's top-activating tokens (see pipeline/maths/presence.py); it is cached in ``report/<name>/``:
     token_r2 [F] float64, top_value [F, n_contexts] float64, top_token [F, n_contexts] int64
 and redone only when the features, the split or n_contexts change. Everything else is rebuilt
 on every run (seconds): ``table.parquet``, ``table.csv`` (one row per feature) and
@@ -26,13 +26,14 @@ import numpy as np
 
 from pipeline.config import canonical, fingerprint, runtime
 from pipeline.errors import XprobeError
-from pipeline.layout import feats_unit, probes_unit, safe_name, tokens_unit
-from pipeline.presence import CLASSES, TokenBaseline, TopActivations
-from pipeline.sparse import load_sparse
-from pipeline.split import held_out_sequences
-from pipeline.store import Store, provenance
-from stages.report_match import agreement_line, pair_match
-from stages.report_table import feature_table
+from pipeline.maths.presence import CLASSES, TokenBaseline, TopActivations
+from pipeline.maths.split import held_out_sequences
+from pipeline.report.match import agreement_line, pair_match
+from pipeline.report.table import feature_table
+from pipeline.store import Store
+from pipeline.store.io import provenance
+from pipeline.store.layout import feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.store.sparse import load_sparse
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class Report:
 
     # ---- the table --------------------------------------------------------------------------------
     def table(self, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-        """The per-feature table (a DataFrame) and notes for the page: stages/report_table.py."""
+        """The per-feature table (a DataFrame) and notes for the page: pipeline/report/table.py."""
         return feature_table(self, scan)
 
     # ---- summary ------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 def run(cfg: ReportConfig, store: Store, force: bool = False) -> dict[str, Any]:
     """Build the report; ``force`` also redoes the cached pass over tokens and features."""
-    from stages.report_html import render_html
+    from pipeline.report.html import render_html
 
     report = Report(cfg, store)
     extra = report.validate()

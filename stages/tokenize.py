@@ -22,12 +22,12 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import runtime
-from pipeline.corpus import iter_documents, resolve_paths, source_fingerprint
 from pipeline.errors import XprobeError
-from pipeline.layout import tokens_unit
-from pipeline.runner import ChunkResult, Stage
+from pipeline.inputs.corpus import iter_documents, resolve_paths, source_fingerprint
+from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.lifecycle import ChunkResult, Stage
 from pipeline.store import Store
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.store.layout import tokens_unit
 
 
 @dataclass(frozen=True)
@@ -323,6 +323,6 @@ class TokenizeStage(Stage):
 
 
 def run(cfg: TokenizeConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.runner import run_stage
+    from pipeline.lifecycle import run_stage
 
     return run_stage(TokenizeStage(cfg), store, force=force, progress=cfg.progress)

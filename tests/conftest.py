@@ -6,34 +6,11 @@ Everything is built locally from a seeded generator: no network, same bytes ever
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "the a model layer feature sparse probe token corpus vector residual stream attention head "
-    "linear direction activation of in to and is that for with on as by this we it be are from "
-    "python function class return value list dict import def self none true false if else while "
-    "research network learn train data store chunk array write read resume fast slow small large"
-).split()
-
-
-def make_documents(n_docs: int, seed: int = 0) -> list[str]:
-    """Seeded pseudo-text documents of varied length (some punctuation, digits, unicode)."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        sentences = []
-        for _ in range(rng.randint(1, 12)):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
-            if rng.random() < 0.2:
-                words.append(str(rng.randint(0, 999)))
-            if rng.random() < 0.05:
-                words.append("café")
-            sentences.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ":"]))
-        docs.append(" ".join(sentences))
-    return docs
+from tests.helpers import make_documents
 
 
 @pytest.fixture(scope="session")
@@ -145,46 +122,4 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     )
     return _save_model(
         LlamaForCausalLM(cfg).eval(), tokenizer_dir, tmp_path_factory.mktemp("llama")
-    )
-
-
-def wait_for_markers(done_dir: Path, n: int, timeout: float = 180.0) -> int:
-    """Wait until `done_dir` holds at least `n` committed chunk markers; return how many it holds.
-
-    Only `<i>.json` counts: a marker being written is a hidden temp file until it is renamed.
-    The timeout is generous because a subprocess importing torch on a loaded 2-core machine has
-    taken over 60 s.
-    """
-    import os
-    import time
-
-    deadline = time.time() + timeout
-    count = 0
-    while time.time() < deadline:
-        if done_dir.is_dir():
-            count = sum(1 for f in os.listdir(done_dir) if f.endswith(".json") and f[0] != ".")
-            if count >= n:
-                break
-        time.sleep(0.005)
-    return count
-
-
-def tokenize_small(
-    store, corpus_jsonl: Path, tokenizer_dir: Path, max_tokens: int, corpus: str = "c"
-) -> None:
-    """Tokenize a jsonl corpus into ``store`` as ``tokens/<corpus>``: ctx 32, 4 sequences a chunk."""
-    from stages.tokenize import TokenizeConfig
-    from stages.tokenize import run as tokenize
-
-    tokenize(
-        TokenizeConfig(
-            corpus=corpus,
-            source=(str(corpus_jsonl),),
-            tokenizer=str(tokenizer_dir),
-            ctx=32,
-            chunk_seqs=4,
-            max_tokens=max_tokens,
-            progress=False,
-        ),
-        store,
     )

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import wait_for_markers
 from transformers import AutoModelForCausalLM
 
 from pipeline.errors import XprobeError
-from pipeline.reader import iter_chunks, load_acts
 from pipeline.store import Store
+from pipeline.store.reader import iter_chunks, load_acts
 from stages.activations import ActivationsConfig, run
 from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
+from tests.helpers import wait_for_markers
 
 CTX, CHUNK_SEQS = 32, 4
 
@@ -215,7 +215,7 @@ def test_float16_overflow_is_located_not_stored(tmp_path, corpus_jsonl, tokenize
 
 KILL_SCRIPT = """
 import sys, time
-from pipeline.runner import run_stage
+from pipeline.lifecycle import run_stage
 from pipeline.store import Store
 from stages.activations import ActivationsConfig, ActivationsStage
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from pipeline.cli import cli
 from pipeline.config import load_toml
-from pipeline.demo import run_demo
-from pipeline.demo_build import SIZES, build
+from pipeline.demo.build import SIZES, build
+from pipeline.demo.run import run_demo
 from pipeline.errors import XprobeError
 
 MODELS = ("model_a", "b_finetune", "b_scratch", "b_random", "b_ablated", "b_erased")
@@ -143,7 +143,7 @@ def test_kept_features_survive_the_eraser_and_removed_ones_do_not(demo_data):
 def test_leace_eraser_zeroes_every_linear_readout_and_moves_nothing_else():
     import numpy as np
 
-    from pipeline.demo_lm import leace_eraser
+    from pipeline.demo.lm import leace_eraser
 
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(4000, 6, generator=gen, dtype=torch.float64)
@@ -169,7 +169,7 @@ def test_readout_r2_matches_lstsq_and_token_means():
 
     import numpy as np
 
-    from pipeline.demo_ablation import linear_r2, token_r2
+    from pipeline.demo.ablation import linear_r2, token_r2
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(3000, 8, generator=gen)

@@ -25,8 +25,8 @@ from pipeline.cluster import local_cluster, visible_gpus
 from pipeline.config import fingerprint
 from pipeline.distributed import merge_tree, partitions
 from pipeline.errors import XprobeError
-from pipeline.lstsq import SufficientStats, solve_ridge
-from pipeline.runner import run_stage
+from pipeline.lifecycle import run_stage
+from pipeline.maths.lstsq import SufficientStats, solve_ridge
 from pipeline.store import Store
 from stages.activations import ActivationsConfig, ActivationsStage
 from stages.activations import run as activations
@@ -34,10 +34,7 @@ from stages.features import FeaturesConfig
 from stages.features import run as features
 from stages.fit import CHECKPOINT, FitConfig
 from stages.fit import run as fit
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tokenize_small
-from sae_fixtures import save_standard_sae  # noqa: E402
+from tests.helpers import save_standard_sae, tokenize_small
 
 # the failure-injecting stages below must reach the workers by value, not by module name
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -24,20 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_for_markers
 
 from pipeline.errors import XprobeError
-from pipeline.store import Store, checksum
-from pipeline.verify import verify_store
+from pipeline.store import Store
+from pipeline.store.io import checksum
+from pipeline.store.verify import verify_store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.features import FeaturesConfig
 from stages.features import run as features
 from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
-
-sys.path.insert(0, str(Path(__file__).parent))
-from sae_fixtures import save_standard_sae  # noqa: E402
+from tests.helpers import save_standard_sae, wait_for_markers
 
 ROOT = Path(__file__).parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -215,7 +213,7 @@ def test_cache_supplies_inputs_outputs_stay_local(
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pipeline.runner import run_stage
+from pipeline.lifecycle import run_stage
 from pipeline.store import Store
 from stages.tokenize import TokenizeConfig, TokenizeStage
 
@@ -275,7 +273,7 @@ def test_two_processes_on_one_unit_second_is_refused_naming_the_holder(
 KILLER = """
 import json, os, random, signal, sys, time
 from pipeline.store import Store
-from pipeline.verify import verify_store
+from pipeline.store.verify import verify_store
 from stages.tokenize import TokenizeConfig, run
 
 root, corpus, tok, seed, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])

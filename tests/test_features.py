@@ -14,19 +14,18 @@ import torch
 from sae_lens import SAE
 
 from pipeline.errors import XprobeError
-from pipeline.sparse import iter_sparse
 from pipeline.store import Store
+from pipeline.store.sparse import iter_sparse
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.features import FeaturesConfig, run
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tokenize_small, wait_for_markers
-from sae_fixtures import (  # noqa: E402
+from tests.helpers import (
     save_gated_sae,
     save_jumprelu_sae,
     save_standard_sae,
     save_topk_sae,
+    tokenize_small,
+    wait_for_markers,
 )
 
 HOOK = "blocks.0.hook_resid_post"
@@ -224,8 +223,7 @@ def test_overflow_records_dropped_mass_and_refuses_past_limit(store_path, sae_di
 
 KILL_SCRIPT = """
 import sys, time
-sys.path.insert(0, ".")
-from pipeline.runner import run_stage
+from pipeline.lifecycle import run_stage
 from pipeline.store import Store
 from stages.features import FeaturesConfig, FeaturesStage
 

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tokenize_small
 
 from pipeline.errors import XprobeError
-from pipeline.runner import ChunkResult, Stage, run_stage
+from pipeline.lifecycle import ChunkResult, Stage, run_stage
 from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.fit import FitConfig, held_out_sequences
 from stages.fit import run as fit
+from tests.helpers import tokenize_small
 
 N_FEAT = 24
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from pipeline.lstsq import (
+from pipeline.maths.lstsq import (
     STATUS_CONSTANT_HELD_OUT,
     STATUS_CONSTANT_TRAIN,
     STATUS_DEAD,

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tokenize_small
 
 from pipeline.errors import XprobeError
-from pipeline.runner import ChunkResult, Stage, run_stage
+from pipeline.lifecycle import ChunkResult, Stage, run_stage
 from pipeline.store import Store
 from stages.match import MatchConfig, run
+from tests.helpers import tokenize_small
 
 N_A, N_B, K_STORED = 40, 56, 24
 OUT = (
@@ -319,7 +319,7 @@ def test_rerun_noop_config_change_and_mismatched_corpus_refused(store):
 
 def test_cli_match_and_report_helpers(store):
     from pipeline.cli import cli
-    from pipeline.matches import best_corr_figure, match_table
+    from pipeline.report.matches import best_corr_figure, match_table
 
     args = ["match", "--store", str(store.local_path), "--name", "cli", "--corpus", "c"]
     args += ["--features-a", "sa", "--features-b", "sb", "--k", "2", "--device", "cpu"]
@@ -346,7 +346,6 @@ def test_cli_match_and_report_helpers(store):
 def test_sae_lens_saes_end_to_end(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
     """The features stage on the test GPT-2 with a sae-lens SAE A and an SAE B that is A with its
     features permuted and 10% noise on the encoder: the match recovers the permutation."""
-    import sys
 
     import torch
     from sae_lens import SAE
@@ -355,9 +354,7 @@ def test_sae_lens_saes_end_to_end(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_di
     from stages.activations import run as activations
     from stages.features import FeaturesConfig
     from stages.features import run as features
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from sae_fixtures import save_standard_sae
+    from tests.helpers import save_standard_sae
 
     hook = "blocks.0.hook_resid_post"
     sae_a = save_standard_sae(tmp_path / "sae_a", d_sae=128, hook=hook)
@@ -405,7 +402,7 @@ def test_sae_lens_saes_end_to_end(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_di
 def test_svcca_equals_textbook_cca():
     """Canonical correlations equal sqrt(eig(Sxx^-1 Sxy Syy^-1 Syx)) of the SVD-reduced data;
     SVCCA is 1 for a rotation of the same vectors and near chance for unrelated ones."""
-    from pipeline.svcca import _reduce, canonical_correlations, svcca
+    from pipeline.maths.svcca import _reduce, canonical_correlations, svcca
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12))

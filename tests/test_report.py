@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,18 @@ import torch
 from click.testing import CliRunner
 from sae_lens import SAE
 
-from pipeline import presence as presence_module
 from pipeline.cli import cli
 from pipeline.errors import XprobeError
-from pipeline.lstsq import STATUS_CONSTANT_HELD_OUT, STATUS_DEAD, STATUS_OK, STATUS_RARE
-from pipeline.presence import TokenBaseline, TopActivations, classify, feature_status, presence
-from pipeline.split import held_out_sequences
+from pipeline.maths import presence as presence_module
+from pipeline.maths.lstsq import STATUS_CONSTANT_HELD_OUT, STATUS_DEAD, STATUS_OK, STATUS_RARE
+from pipeline.maths.presence import (
+    TokenBaseline,
+    TopActivations,
+    classify,
+    feature_status,
+    presence,
+)
+from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
@@ -27,10 +32,7 @@ from stages.fit import FitConfig
 from stages.fit import run as fit
 from stages.report import ReportConfig
 from stages.report import run as report
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tokenize_small
-from sae_fixtures import save_standard_sae  # noqa: E402
+from tests.helpers import save_standard_sae, tokenize_small
 
 HOOK = "blocks.1.hook_resid_post"
 HOOKS_B = ("blocks.0.hook_resid_post", HOOK)
@@ -391,7 +393,7 @@ def matched_store(pipeline_store) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 def test_report_with_sae_match(matched_store):
-    from pipeline.matches import match_table
+    from pipeline.report.matches import match_table
 
     path, perm, redrawn = matched_store
     store = Store(path)

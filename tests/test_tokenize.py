@@ -129,7 +129,7 @@ run(TokenizeConfig(corpus="c", source=(sys.argv[2],), tokenizer=sys.argv[3], ctx
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
-    from conftest import make_documents, wait_for_markers
+    from tests.helpers import make_documents, wait_for_markers
 
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=5)))

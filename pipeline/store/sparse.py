@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline.layout import feats_unit
 from pipeline.store import Store
+from pipeline.store.layout import feats_unit
 
 
 def load_sparse(

@@ -1,6 +1,6 @@
 """``xprobe demo``: the whole pipeline on small models that ship with xprobe, offline.
 
-The models, tokenizer and SAE in ``pipeline/demo_data/`` were built by ``pipeline/demo_build.py``
+The models, tokenizer and SAE in ``pipeline/demo/data/`` were built by ``pipeline/demo/build.py``
 (trained on the Python standard library). The demo rebuilds a corpus from this machine's stdlib,
 skipping the text the models were trained on, writes the config it runs to ``DIR/xprobe.toml``
 and runs every stage on it into ``DIR/store``: tokenize, activations of A and of the models B, A's SAE features, the probes, and the report. Every stage skips finished work, so a
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.demo_corpus import stdlib_corpus, stdlib_jsonl, train_bpe  # noqa: F401
+from pipeline.demo.corpus import stdlib_jsonl
 from pipeline.store import Store
 
-DEMO_DATA = Path(__file__).parent / "demo_data"
+DEMO_DATA = Path(__file__).parent / "data"
 CORPUS = "stdlib"
 SAE = "sae_a"
 FITS = {  # fit name -> (model folder, role)
@@ -138,7 +138,7 @@ def run_demo(
     from pipeline.registry import STAGES
 
     if not (data / "build.json").exists():
-        raise XprobeError(f"no demo models in {data}; build them: python -m pipeline.demo_build")
+        raise XprobeError(f"no demo models in {data}; build them: python -m pipeline.demo.build")
     build = json.loads((data / "build.json").read_text())
     if skip_bytes is None:
         skip_bytes = build["size"]["corpus_bytes"]

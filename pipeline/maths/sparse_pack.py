@@ -1,4 +1,4 @@
-"""Writing side of sparse feature storage (the reading side is :mod:`pipeline.sparse`).
+"""Writing side of sparse feature storage (the reading side is :mod:`pipeline.store.sparse`).
 
 The features stage turns an SAE's dense output ``[n, n_feat]`` into fixed-width rows
 ``idx [n, K] int32`` (-1 = padding) and ``val [n, K]`` with :func:`pack_sparse`, and sums exact

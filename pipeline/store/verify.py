@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import XprobeError
-from pipeline.store import DONE_DIR, Store
+from pipeline.store.core import DONE_DIR, Store
 
 
 @dataclass(frozen=True)

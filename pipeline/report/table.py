@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import fingerprint
-from pipeline.layout import probes_unit, safe_name
-from pipeline.lstsq import STATUS_NAMES, STATUS_OK
-from pipeline.matches import match_table
-from pipeline.presence import classify, feature_status, presence
+from pipeline.maths.lstsq import STATUS_NAMES, STATUS_OK
+from pipeline.maths.presence import classify, feature_status, presence
+from pipeline.report.matches import match_table
 from pipeline.store import Store
+from pipeline.store.layout import probes_unit, safe_name
 
 if TYPE_CHECKING:
     from stages.report import Report, Role
@@ -48,14 +48,10 @@ def cached_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str
 
 def encoder_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
     """Cosine of each ceiling direction with the SAE's encoder row W_enc[:, f] ([F] or None)."""
-    from sae_lens import SAE
+    from pipeline.inputs.sae import load_sae_of
 
-    config = report.store.info(report.feats)["config"]
     try:
-        if config.get("sae_path"):
-            sae = SAE.load_from_disk(config["sae_path"], device="cpu")
-        else:
-            sae = SAE.from_pretrained(config["sae"], config["sae_id"], device="cpu")
+        sae = load_sae_of(report.store, report.feats)
     except Exception as e:  # a shared cache may not come with its SAE: report, don't fail
         return None, f"SAE not loadable ({type(e).__name__}: {e})"
     w_enc = sae.W_enc.detach()  # [d_in, F], converted a block at a time (F may be 10⁶)

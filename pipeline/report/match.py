@@ -3,7 +3,7 @@ agreement counts of the two methods and the report page's section on them.
 
 A match (``matches/<name>/{best_idx,best_corr,mutual}`` [F], see stages/match.py) pairs each of A's
 features with the feature of B's SAE whose activations correlate best with it. Part of the report
-stage (stages/report.py, stages/report_html.py), not a stage.
+stage (stages/report.py, pipeline/report/html.py), not a stage.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import XprobeError
-from pipeline.layout import feats_unit, matches_unit, safe_name
-from pipeline.matches import AGREEMENT, agreement, best_corr_figure, presence_corr_figure
-from stages.report_cards import Contexts, feature_card
-from stages.report_plots import png
+from pipeline.report.cards import Contexts, feature_card
+from pipeline.report.matches import AGREEMENT, agreement, best_corr_figure, presence_corr_figure
+from pipeline.report.plots import png
+from pipeline.store.layout import feats_unit, matches_unit, safe_name
 
 if TYPE_CHECKING:
     from stages.report import Report, Role

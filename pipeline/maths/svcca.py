@@ -9,9 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import XprobeError
-from pipeline.store import Store
-
 
 def _reduce(z: np.ndarray, keep_variance: float) -> np.ndarray:
     """An orthonormal basis [m, k] of the centred rows' top singular directions holding
@@ -57,23 +54,3 @@ def svcca(
         "random_std": float(shuffled.std()) if n_random else None,
         "p_value": float((1 + (shuffled >= rho.mean()).sum()) / (n_random + 1)),
     }
-
-
-def load_decoder(store: Store, feats_unit: str) -> np.ndarray:
-    """``W_dec`` [n_feat, d_model] of the SAE a features unit was computed with, loaded with
-    sae-lens from what its provenance records (a local folder, or a release and id)."""
-    from sae_lens import SAE
-
-    cfg = store.info(feats_unit).get("config", {})
-    try:
-        if cfg.get("sae_path"):
-            sae = SAE.load_from_disk(cfg["sae_path"], device="cpu")
-        else:
-            sae = SAE.from_pretrained(cfg["sae"], cfg["sae_id"], device="cpu")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        what = cfg.get("sae_path") or f"{cfg.get('sae')} / {cfg.get('sae_id')}"
-        raise XprobeError(
-            f"cannot load the SAE of {feats_unit} ({what}, from its provenance) for SVCCA: {e}. "
-            "Make it available there, or set svcca = false."
-        ) from None
-    return sae.W_dec.detach().float().cpu().numpy()

@@ -2,7 +2,7 @@
 the LEACE eraser that removes them, and which frequency-matched features are kept by construction
 (their headroom survives the eraser). In-sample readout statistics over cached activations.
 
-Used by ``pipeline/demo_build.py``.
+Used by ``pipeline/demo/build.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.demo_lm import block_output, leace_eraser
+from pipeline.demo.lm import block_output, leace_eraser
 
 
 @torch.no_grad()

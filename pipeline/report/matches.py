@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.layout import matches_unit
 from pipeline.store import Store
+from pipeline.store.layout import matches_unit
 
 
 def match_table(store: Store, name: str, presence: Any = None) -> Any:

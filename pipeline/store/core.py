@@ -19,7 +19,7 @@ is read from the first cache holding it, after checking that its corpus and toke
 match those of ``tokens/<corpus>`` as this store resolves it. Writes always go to the local store.
 
 File-level mechanics (opening, durable writes, zip/fsspec reads, packing, provenance records) live
-in ``pipeline.store_io``; the per-unit write locks in ``pipeline.locks``.
+in ``pipeline.store.io``; the per-unit write locks in ``pipeline.store.locks``.
 """
 
 from __future__ import annotations
@@ -35,15 +35,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline import locks, store_io
 from pipeline.errors import XprobeError
-
-# these lived here before store_io: re-exported so that `from pipeline.store import ...` works
-from pipeline.store_io import FORMAT_VERSION as FORMAT_VERSION
-from pipeline.store_io import FSSPEC_EXTRAS as FSSPEC_EXTRAS
-from pipeline.store_io import checksum
-from pipeline.store_io import provenance as provenance
-from pipeline.store_io import xprobe_version as xprobe_version
+from pipeline.store import io as store_io
+from pipeline.store import locks
+from pipeline.store.io import checksum
 
 # Our side files (_done/, tokenizer.json) live inside unit folders; zarr warns about every non-zarr
 # entry when it lists a group. They are ours, so that warning says nothing useful.
@@ -118,7 +113,7 @@ class Store:
         corpus = info.get("corpus")
         if unit.startswith("tokens/") or corpus is None:
             return
-        from pipeline.layout import tokens_unit
+        from pipeline.store.layout import tokens_unit
 
         tokens = tokens_unit(corpus)
         source = self._source(tokens)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from pipeline.config import diff_keys, fingerprint
 from pipeline.errors import XprobeError
-from pipeline.store import Store, checksum, provenance
+from pipeline.store import Store
+from pipeline.store.io import checksum, provenance
 
 
 @dataclass

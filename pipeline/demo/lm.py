@@ -2,7 +2,7 @@
 projection that removes directions from a GPT-2's residual stream (the ablated model B), and the
 LEACE concept eraser that the erased model B is trained to apply.
 
-Used by ``pipeline/demo_build.py``; plain torch and transformers, nothing xprobe-specific.
+Used by ``pipeline/demo/build.py``; plain torch and transformers, nothing xprobe-specific.
 """
 
 from __future__ import annotations

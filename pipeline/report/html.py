@@ -1,8 +1,8 @@
 """The report stage's HTML page: one self-contained file, plots embedded as base64 PNG.
 
 Only stages/report.py uses this module (it is the second half of that stage, not a stage). The
-figures are in stages/report_plots.py, the feature cards with their contexts in
-stages/report_cards.py and the section on SAE matches in stages/report_match.py.
+figures are in pipeline/report/plots.py, the feature cards with their contexts in
+pipeline/report/cards.py and the section on SAE matches in pipeline/report/match.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.presence import STATUS_ORDER
-from stages.report_cards import Contexts, feature_card
-from stages.report_match import match_section
-from stages.report_plots import plot_cosine, plot_layers, plot_presence, plot_scatter
+from pipeline.maths.presence import STATUS_ORDER
+from pipeline.report.cards import Contexts, feature_card
+from pipeline.report.match import match_section
+from pipeline.report.plots import plot_cosine, plot_layers, plot_presence, plot_scatter
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; color: #1f2328;

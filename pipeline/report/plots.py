@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, Agg), each returned as an ``<img>`` tag with an embedded PNG.
 
-Part of the report stage (stages/report_html.py lays them out), not a stage.
+Part of the report stage (pipeline/report/html.py lays them out), not a stage.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.presence import SCORED
+from pipeline.maths.presence import SCORED
 
 COLORS = {"present": "#2a9d8f", "partial": "#e9a23b", "absent": "#d1495b", "unscored": "#b8b8b8"}
 LINE_COLORS = ["#1f6feb", "#8957e5", "#bf8700", "#0a7d3b", "#cf222e", "#57606a"]

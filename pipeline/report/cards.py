@@ -1,6 +1,6 @@
 """The report's feature cards: one feature's scores and its top-activating contexts, as HTML.
 
-Part of the report stage (stages/report_html.py and stages/report_match.py show the cards), not a
+Part of the report stage (pipeline/report/html.py and pipeline/report/match.py show the cards), not a
 stage.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.report_plots import COLORS
+from pipeline.report.plots import COLORS
 
 
 # ---- contexts ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Build the demo's models and SAE from the Python standard library, offline and seeded.
 
-    python -m pipeline.demo_build                 # writes pipeline/demo_data/ (~15 min, 1 thread)
-    python -m pipeline.demo_build --size tiny --out /tmp/demo_data   # seconds, for tests
+    python -m pipeline.demo.build                 # writes pipeline/demo/data/ (~15 min, 1 thread)
+    python -m pipeline.demo.build --size tiny --out /tmp/demo_data   # seconds, for tests
 
 What it makes (every model a plain HF folder with the shared tokenizer, weights in float16):
   model_a      GPT-2 trained on stdlib docstrings + code                      (A)
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.demo_ablation import (
+from pipeline.demo.ablation import (
     ablation_band,
     choose_ablated,
     fit_eraser,
@@ -49,8 +49,8 @@ from pipeline.demo_ablation import (
     survival,
     token_r2,
 )
-from pipeline.demo_corpus import stdlib_jsonl, train_bpe
-from pipeline.demo_lm import (
+from pipeline.demo.corpus import stdlib_jsonl, train_bpe
+from pipeline.demo.lm import (
     distill_erased,
     eval_loss,
     log,
@@ -62,9 +62,9 @@ from pipeline.demo_lm import (
     split_held_out,
     train_lm,
 )
-from pipeline.demo_sae import cache_activations, train_sae
+from pipeline.demo.sae import cache_activations, train_sae
 
-DEMO_DATA = Path(__file__).parent / "demo_data"
+DEMO_DATA = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ SIZES = {
 
 
 def new_model(size: BuildSize, seed: int) -> torch.nn.Module:
-    from pipeline.demo_lm import new_model as new_gpt2
+    from pipeline.demo.lm import new_model as new_gpt2
 
     return new_gpt2(size.vocab_size, size.d_model, size.n_layer, size.n_head, size.ctx, seed)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import XprobeError
-from pipeline.layout import acts_unit, tokens_unit
 from pipeline.store import Store
+from pipeline.store.layout import acts_unit, tokens_unit
 
 STORED_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 """numpy dtype an activations array is stored in, by the model dtype it holds."""

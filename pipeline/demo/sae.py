@@ -1,7 +1,7 @@
 """The demo's SAE: A's activations cached through xprobe's own tokenize and activations stages,
 a sae-lens TopK SAE trained on them with sae-lens's ``SAETrainer``, and its statistics.
 
-Used by ``pipeline/demo_build.py``.
+Used by ``pipeline/demo/build.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from pipeline.demo_build import BuildSize
+    from pipeline.demo.build import BuildSize
 
 
 def cache_activations(
@@ -22,8 +22,8 @@ def cache_activations(
     """A's residual at the SAE's hook on ``sae_tokens`` tokens, through xprobe's own stages:
     tokenize and activations into a store, read back with ``iter_chunks``: ``(acts [n_tok,
     d_model], token ids [n_tok])`` of the counted positions."""
-    from pipeline.reader import iter_chunks
     from pipeline.store import Store
+    from pipeline.store.reader import iter_chunks
     from stages.activations import ActivationsConfig
     from stages.activations import run as run_activations
     from stages.tokenize import TokenizeConfig

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.lstsq import (
+from pipeline.maths.lstsq import (
     STATUS_CONSTANT_HELD_OUT,
     STATUS_CONSTANT_TRAIN,
     STATUS_DEAD,

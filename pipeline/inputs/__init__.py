@@ -1,0 +1,1 @@
+"""What a stage reads from outside the store: corpora, tokenizers, SAEs."""

@@ -1,0 +1,1 @@
+"""The report: the per-feature table, its plots, feature cards and the HTML page."""
