@@ -6,14 +6,24 @@ import contextlib
 import dataclasses
 import errno
 import json
+import shutil
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.config import field_docs, from_dict, load_toml
+from pipeline.config import (
+    field_docs,
+    from_dict,
+    is_list_field,
+    load_toml,
+    normalize_path,
+    parse_flag,
+    relative_to,
+)
 from pipeline.errors import XprobeError
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
@@ -27,21 +37,57 @@ def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return section if isinstance(section, list) else [section]
 
 
-def _store_path(config: dict[str, Any], override: str | None) -> str:
-    path = override or config.get("store")
+def _config_dir(config_path: str | None) -> Path | None:
+    """The folder relative paths in a TOML file are relative to: the file's own."""
+    return Path(config_path).parent if config_path else None
+
+
+def _local(path: str, base: Path | None) -> str:
+    """A store or cache location from a TOML file: a local path relative to the file's folder."""
+    return path if "://" in path else normalize_path(path, "path", base)
+
+
+def _store_path(config: dict[str, Any], override: str | None, base: Path | None) -> str:
+    if override:
+        return override
+    path = config.get("store")
     if not path:
         raise XprobeError(
             'no store given: set store = "PATH" at the top of the config or pass --store'
         )
-    return path
+    return _local(path, base)
 
 
-def _open_store(config: dict[str, Any], override: str | None, cache: tuple[str, ...]) -> Store:
-    """The local store to write, with the read-only caches from ``--cache`` or ``cache = ...``."""
-    caches = list(cache) or config.get("cache") or []
-    if isinstance(caches, str):
-        caches = [caches]
-    return Store(_store_path(config, override), mode="a", cache=caches)
+def _caches(config: dict[str, Any], cache: tuple[str, ...], base: Path | None) -> list[str]:
+    """The read-only caches from ``--cache`` or the config's ``cache = ...``."""
+    if cache:
+        return list(cache)
+    caches = config.get("cache") or []
+    return [_local(c, base) for c in ([caches] if isinstance(caches, str) else caches)]
+
+
+@contextlib.contextmanager
+def _new_store_removed_on_failure(path: str) -> Iterator[None]:
+    """If the command fails before any chunk is recorded, remove the store folder it created (and
+    the parent folders it created for it), so a mistyped config leaves nothing behind."""
+    created = None
+    if "://" not in path and not path.endswith(".zip"):
+        candidate = Path(path).absolute()
+        while not candidate.exists() and candidate != candidate.parent:
+            created, candidate = candidate, candidate.parent
+    try:
+        yield
+    except BaseException:
+        if created is not None and created.exists() and not _has_chunks(Path(path)):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _has_chunks(path: Path) -> bool:
+    if not path.exists():
+        return False
+    store = Store(path, mode="r")
+    return any(store.done_chunks(unit) for unit, _ in store.units())
 
 
 _CACHE_HELP = (
@@ -68,6 +114,7 @@ def cli() -> None:
 @click.option("--cache", multiple=True, help=_CACHE_HELP)
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
 @click.option("--force", is_flag=True, help="Start the selected stages' outputs over.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch job logs).")
 @click.option(
     "--scheduler",
     help="Run activations, features and fit on this dask cluster (address or scheduler file).",
@@ -84,37 +131,61 @@ def run(
     cache: tuple[str, ...],
     only: tuple[str, ...],
     force: bool,
+    no_progress: bool,
     scheduler: str | None,
     workers: int | None,
 ) -> None:
-    """Run every stage configured in CONFIG_PATH in order, skipping finished work."""
+    """Run every stage configured in CONFIG_PATH in order, skipping finished work.
+
+    Relative paths in CONFIG_PATH are relative to its folder. Every section is checked before
+    anything runs.
+    """
     config = load_toml(config_path)
     _unknown_sections(config)
-    store = _open_store(config, store_path, cache)
-    ran = 0
-    with contextlib.ExitStack() as stack:
+    unknown = sorted(set(only) - {s.name for s in STAGES})
+    if unknown:
+        raise XprobeError(f"--only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
+    if workers is not None and scheduler:
+        raise XprobeError("give --scheduler (an existing cluster) or --workers, not both")
+    base = _config_dir(config_path)
+    path = _store_path(config, store_path, base)
+    planned = []  # (config, run function) of every section, all checked before any runs
+    for entry in STAGES:
+        if only and entry.name not in only:
+            continue
+        sections = _sections(config, entry.name)
+        if not sections:
+            continue
+        cfg_cls, run_fn = entry.load()
+        names = {f.name for f in dataclasses.fields(cfg_cls)}
+        for i, section in enumerate(sections):
+            section = relative_to(cfg_cls, section, base)
+            if (scheduler or workers is not None) and "scheduler" in names:
+                section = {**section, "scheduler": scheduler}  # the flags win over the TOML
+                section.pop("workers", None)
+            if no_progress and "progress" in names:
+                section["progress"] = False
+            where = entry.name if i == 0 else f"{entry.name}.{i}"
+            planned.append((from_dict(cfg_cls, section, where=where), run_fn))
+    if not planned:
+        raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
+    with _new_store_removed_on_failure(path), contextlib.ExitStack() as stack:
+        store = Store(path, mode="a", cache=_caches(config, cache, base))
         if workers is not None:
-            if scheduler:
-                raise XprobeError("give --scheduler (an existing cluster) or --workers, not both")
             from pipeline.cluster import local_cluster
 
-            scheduler = stack.enter_context(local_cluster(workers)).scheduler_address
-        for entry in STAGES:
-            if only and entry.name not in only:
-                continue
-            cfg_cls, run_fn = (None, None)
-            for i, section in enumerate(_sections(config, entry.name)):
-                if cfg_cls is None:
-                    cfg_cls, run_fn = entry.load()
-                if scheduler and "scheduler" in {f.name for f in dataclasses.fields(cfg_cls)}:
-                    section = {**section, "scheduler": scheduler}  # the flag wins over the TOML
-                    section.pop("workers", None)
-                where = entry.name if i == 0 else f"{entry.name}.{i}"
-                summary = run_fn(from_dict(cfg_cls, section, where=where), store, force=force)
-                _print_summary(summary)
-                ran += 1
-    if ran == 0:
-        raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
+            address = stack.enter_context(local_cluster(workers)).scheduler_address
+            planned = [
+                (
+                    dataclasses.replace(cfg, scheduler=address)
+                    if hasattr(cfg, "scheduler")
+                    else cfg,
+                    fn,
+                )
+                for cfg, fn in planned
+            ]
+        for cfg, run_fn in planned:
+            _print_summary(run_fn(cfg, store, force=force))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -141,7 +212,7 @@ def _option_for(field: dataclasses.Field, hint: Any, doc: str) -> click.Option:
         hint, origin, args = args[0], typing.get_origin(args[0]), list(typing.get_args(args[0]))
     if hint is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=None, help=doc)
-    if origin in (list, tuple):
+    if is_list_field(hint):
         return click.Option(
             [flag, field.name], multiple=True, default=None, help=doc or "repeatable"
         )
@@ -165,19 +236,26 @@ def _stage_command(entry: StageEntry) -> click.Command:
         **flags: Any,
     ) -> None:
         config = load_toml(config_path) if config_path else {}
+        base = _config_dir(config_path)
         sections = _sections(config, entry.name)
         if sections and not 0 <= index < len(sections):
             raise XprobeError(
                 f"--index {index}: {config_path} has {len(sections)} [{entry.name}] section(s)"
             )
-        values = dict(sections[index]) if sections else {}
-        for key, value in flags.items():
-            if value is not None and value != ():
-                values[key] = list(value) if isinstance(value, tuple) else value
         cfg_cls, run_fn = entry.load()
+        values = relative_to(cfg_cls, dict(sections[index]), base) if sections else {}
+        hints = typing.get_type_hints(cfg_cls)
+        for key, value in flags.items():  # flags: paths relative to the working directory
+            if value is None or value == ():
+                continue
+            if is_list_field(hints[key]):
+                value = parse_flag(hints[key], value, "--" + key.replace("_", "-"))
+            values[key] = value
         cfg = from_dict(cfg_cls, values, where=entry.name)
-        store = _open_store(config, store_path, cache)
-        _print_summary(run_fn(cfg, store, force=force))
+        path = _store_path(config, store_path, base)
+        with _new_store_removed_on_failure(path):
+            store = Store(path, mode="a", cache=_caches(config, cache, base))
+            _print_summary(run_fn(cfg, store, force=force))
 
     params: list[click.Parameter] = [
         click.Option(
@@ -246,6 +324,8 @@ _INFO_KEYS = (
     "d_model",
     "n_feat",
     "n_tok",
+    "n_counted",
+    "n_docs",
     "n_seq",
     "ctx",
 )
@@ -270,6 +350,12 @@ def info(store_path: str, as_json: bool) -> None:
         facts = [f"{k}={info[k]}" for k in _INFO_KEYS if info.get(k) is not None]
         if facts:
             click.echo("  " + "  ".join(facts))
+        if info.get("n_counted") is not None:
+            docs = f" from {info['n_docs']:,} documents" if info.get("n_docs") else ""
+            click.echo(
+                f"  {info['n_counted']:,} tokens that count (no BOS, no padding) of "
+                f"{info.get('n_tok', 0):,} positions{docs}"
+            )
         click.echo(
             f"  tokenizer={info.get('tokenizer_fingerprint')}  corpus={info.get('corpus_fingerprint')}  "
             f"config={info.get('config_fingerprint')}  xprobe {info.get('xprobe_version')}  created {info.get('created')}"

@@ -20,7 +20,6 @@ bf16); ``pipeline.store.reader`` restores it.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,30 +29,35 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import runtime
+from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.inputs.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
 from pipeline.lifecycle import ChunkResult, Stage
 from pipeline.store import Store
-from pipeline.store.layout import acts_unit, safe_name, tokens_unit
+from pipeline.store.layout import (
+    RESID_HOOK,
+    RESID_HOOK_ADVICE,
+    acts_unit,
+    default_name,
+    tokens_unit,
+)
 from pipeline.store.reader import STORED_DTYPE, encode_for_store
-
-_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
 @dataclass(frozen=True)
 class ActivationsConfig:
     corpus: str
     """Name of the tokenized corpus in the store (``tokens/<corpus>``)."""
-    model: str
+    model: str = path_field(kind="path_or_hub")
     """HF causal LM: hub name or local path."""
     name: str | None = None
-    """Store name of the model (``acts/<corpus>/<name>``); default derived from ``model``."""
+    """Store name of the model (``acts/<corpus>/<name>``); default: the hub name with ``/`` as
+    ``--`` (``google--gemma-2-2b``), or a local model folder's name."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     layers: tuple[int, ...] | Literal["all"] = ()
-    """Decoder layers to store (0-based), or ``"all"``."""
+    """Decoder layers to store (0-based; negative counts from the end: -1 is the last), or ``"all"``."""
     hook: Literal["resid_post", "resid_pre"] = "resid_post"
     """Which residual stream point of each layer: block output or block input."""
     hooks: tuple[str, ...] = ()
@@ -66,6 +70,16 @@ class ActivationsConfig:
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
     workers: int | None = workers_field()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.batch_seqs < 1:
+            raise XprobeError(f"batch_seqs must be positive, got {self.batch_seqs}")
+        for h in self.hooks:
+            if not RESID_HOOK.match(h):
+                raise XprobeError(f"hook {h!r} is not a residual stream hook; {RESID_HOOK_ADVICE}")
+        if not self.hooks and not self.layers:
+            raise XprobeError('give layers (a list of ints or "all") or hooks to store')
 
 
 def find_blocks(model: Any, n_layers: int) -> Any:
@@ -162,10 +176,8 @@ class ActivationsStage(Stage):
 
     def __init__(self, cfg: ActivationsConfig):
         super().__init__(cfg)
-        if cfg.batch_seqs < 1:
-            raise XprobeError(f"batch_seqs must be positive, got {cfg.batch_seqs}")
         self.tokens = tokens_unit(cfg.corpus)
-        self.model_name = cfg.name or safe_name(cfg.model)
+        self.model_name = cfg.name or default_name(cfg.model)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self._model_config = None
@@ -201,22 +213,25 @@ class ActivationsStage(Stage):
         if cfg.hooks:
             wanted = []
             for h in cfg.hooks:
-                m = _HOOK.match(h)
-                if m is None:
-                    raise XprobeError(
-                        f"hook {h!r} is not a residual stream hook; use blocks.<L>.hook_resid_post or _pre"
-                    )
+                m = RESID_HOOK.match(h)
                 wanted.append((int(m.group(1)), m.group(2)))
         else:
             if cfg.layers == "all":
                 layers = list(range(self.n_layers))
-            elif not cfg.layers:
-                raise XprobeError('give layers (a list of ints or "all") or hooks to store')
             else:
-                layers = list(cfg.layers)
+                layers = [self._layer(L) for L in cfg.layers]
             kind = cfg.hook.removeprefix("resid_")
             wanted = [(int(L), kind) for L in layers]
         return list(dict.fromkeys(wanted))
+
+    def _layer(self, layer: int) -> int:
+        """A layer index from the config: negative ones count from the end (-1: the last)."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise XprobeError(
+                f"layer {layer} does not exist: {self.cfg.model!r} has layers 0..{self.n_layers - 1} "
+                f"(or -{self.n_layers}..-1 from the end)"
+            )
+        return layer % self.n_layers
 
     def unit_of(self, layer: int, kind: str) -> str:
         return acts_unit(self.cfg.corpus, self.model_name, f"blocks.{layer}.hook_resid_{kind}")

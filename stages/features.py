@@ -38,7 +38,7 @@ import torch
 from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import runtime
+from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs import sae as sae_loader
@@ -54,7 +54,14 @@ from pipeline.maths.sparse_pack import (
 )
 from pipeline.maths.transfer import PAIR, SCALARS, add_transfer_sums, transfer_metrics
 from pipeline.store import Store
-from pipeline.store.layout import acts_unit, feats_unit, safe_name, tokens_unit
+from pipeline.store.layout import (
+    RESID_HOOK,
+    RESID_HOOK_ADVICE,
+    acts_unit,
+    feats_unit,
+    safe_name,
+    tokens_unit,
+)
 from pipeline.store.reader import load_acts
 
 
@@ -68,7 +75,7 @@ class FeaturesConfig:
     """sae-lens release (``SAE.from_pretrained(sae, sae_id)``); or give ``sae_path``."""
     sae_id: str | None = None
     """SAE id within the release."""
-    sae_path: str | None = None
+    sae_path: str | None = path_field(None)
     """Local folder saved by sae-lens (``SAE.load_from_disk``), instead of a release."""
     name: str | None = None
     """Store name of the SAE (``feats/<corpus>/<name>``); default from release/id or the folder name."""
@@ -90,6 +97,23 @@ class FeaturesConfig:
     scheduler: str | None = scheduler_field()
     workers: int | None = workers_field()
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if (self.sae_path is None) == (self.sae is None):
+            raise XprobeError("give either sae (a sae-lens release, with sae_id) or sae_path")
+        if self.sae is not None and self.sae_id is None:
+            raise XprobeError(f"the SAE release {self.sae!r} needs an sae_id")
+        if self.batch_tokens < 1:
+            raise XprobeError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if not 0 <= self.max_dropped_fraction <= 1:
+            raise XprobeError(
+                f"max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}"
+            )
+        if self.k is not None and self.k < 1:
+            raise XprobeError(f"k must be positive, got {self.k}")
+        if self.hook is not None and not RESID_HOOK.match(self.hook):
+            raise XprobeError(f"hook {self.hook!r} cannot be read: {RESID_HOOK_ADVICE}")
+
 
 def load_sae(cfg: FeaturesConfig, device: str) -> Any:
     """The SAE named by ``cfg``, on ``device``, in ``cfg.dtype`` (or its own dtype)."""
@@ -108,16 +132,6 @@ class FeaturesStage(Stage):
 
     def __init__(self, cfg: FeaturesConfig):
         super().__init__(cfg)
-        if (cfg.sae_path is None) == (cfg.sae is None):
-            raise XprobeError("give either sae (a sae-lens release, with sae_id) or sae_path")
-        if cfg.sae is not None and cfg.sae_id is None:
-            raise XprobeError(f"the SAE release {cfg.sae!r} needs an sae_id")
-        if cfg.batch_tokens < 1:
-            raise XprobeError(f"batch_tokens must be positive, got {cfg.batch_tokens}")
-        if not 0 <= cfg.max_dropped_fraction <= 1:
-            raise XprobeError(
-                f"max_dropped_fraction must be in [0, 1], got {cfg.max_dropped_fraction}"
-            )
         if cfg.name:
             self.sae_name = cfg.name
         elif cfg.sae_path is not None:
@@ -180,6 +194,11 @@ class FeaturesStage(Stage):
         }
 
     def _require_acts(self, store: Store, model: str) -> dict[str, Any]:
+        if not RESID_HOOK.match(self.hook):
+            raise XprobeError(
+                f"the SAE reads hook {self.hook!r}, which xprobe cannot store: {RESID_HOOK_ADVICE}. "
+                "Use an SAE trained on a residual stream hook."
+            )
         unit = self.acts_of(model)
         if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
             prefix = f"acts/{safe_name(self.cfg.corpus)}/{safe_name(model)}"

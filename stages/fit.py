@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import runtime
+from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.lifecycle import run_whole_unit
@@ -72,6 +72,24 @@ class FitConfig:
     scheduler: str | None = scheduler_field()
     workers: int | None = workers_field()
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.hooks:
+            raise XprobeError("fit needs at least one hook of model B (hooks = [...])")
+        if not 0 <= self.held_out_fraction < 1:
+            raise XprobeError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+        if not self.lambdas or any(lam < 0 for lam in self.lambdas):
+            raise XprobeError(
+                f"lambdas must be a non-empty list of numbers >= 0, got {list(self.lambdas)}"
+            )
+        for value, what in [
+            (self.min_active, "min_active"),
+            (self.feature_block, "feature_block"),
+            (self.checkpoint_every, "checkpoint_every"),
+        ]:
+            if value < 1:
+                raise XprobeError(f"{what} must be positive, got {value}")
+
 
 class Fit:
     """The fit of one config on one store: validation, accumulation with checkpoints, solve."""
@@ -87,8 +105,6 @@ class Fit:
 
     def validate(self) -> dict[str, Any]:
         store, cfg = self.store, self.cfg
-        if not cfg.hooks:
-            raise XprobeError("fit needs at least one hook of model B (hooks = [...])")
         for unit, what in [
             (self.tokens, "tokenize"),
             (self.feats, "features"),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import runtime
+from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs.sae import load_sae_of
@@ -91,6 +91,18 @@ class MatchConfig:
     checkpoint_every: int = runtime(8, "chunks between accumulator checkpoints")
     progress: bool = runtime(True, "show a progress bar")
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for value, what in [
+            (self.k, "k"),
+            (self.batch_tokens, "batch_tokens"),
+            (self.checkpoint_every, "checkpoint_every"),
+        ]:
+            if value < 1:
+                raise XprobeError(f"{what} must be positive, got {value}")
+        if self.memory_budget_mb <= 0:
+            raise XprobeError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+
 
 class Match:
     """One matching on one store: validation, block plan, accumulation with checkpoints, top-k."""
@@ -105,15 +117,6 @@ class Match:
 
     def validate(self) -> dict[str, Any]:
         store, cfg = self.store, self.cfg
-        for value, what in [
-            (cfg.k, "k"),
-            (cfg.batch_tokens, "batch_tokens"),
-            (cfg.checkpoint_every, "checkpoint_every"),
-        ]:
-            if value < 1:
-                raise XprobeError(f"{what} must be positive, got {value}")
-        if cfg.memory_budget_mb <= 0:
-            raise XprobeError(f"memory_budget_mb must be positive, got {cfg.memory_budget_mb}")
         for unit, what in [
             (self.tokens, "tokenize"),
             (self.feats_a, "features"),

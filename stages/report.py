@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import canonical, fingerprint, runtime
+from pipeline.config import canonical, check_fields, fingerprint, path_field, runtime
 from pipeline.errors import XprobeError
 from pipeline.maths.presence import CLASSES, TokenBaseline, TopActivations
 from pipeline.maths.split import held_out_sequences
@@ -73,9 +73,28 @@ class ReportConfig:
     """Best-match correlation at or above which a feature counts as matched by B's SAE."""
     context_before: int = runtime(12, "tokens shown before the activating token")
     context_after: int = runtime(4, "tokens shown after the activating token")
-    out_dir: str | None = runtime(None, "folder for table.parquet/csv and report.html")
-    html: str | None = runtime(None, "path of the HTML report (default OUT_DIR/report.html)")
+    out_dir: str | None = path_field(
+        None, runtime=True, doc="folder for table.parquet/csv and report.html"
+    )
+    html: str | None = path_field(
+        None, runtime=True, doc="path of the HTML report (default OUT_DIR/report.html)"
+    )
     progress: bool = runtime(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 0 <= self.partial_at <= self.present_at <= 1:
+            raise XprobeError(
+                f"need 0 <= partial_at <= present_at <= 1, got {self.partial_at}, {self.present_at}"
+            )
+        if not 0 < self.match_at <= 1:
+            raise XprobeError(f"match_at must be in (0, 1], got {self.match_at}")
+        if self.n_contexts < 1 or self.n_shown < 0:
+            raise XprobeError("n_contexts must be >= 1 and n_shown >= 0")
+        if not self.fits:
+            raise XprobeError("the report needs at least one fit of a model B (fits = [...])")
+        if len(set(self.matches)) != len(self.matches):
+            raise XprobeError(f"matches names a match twice: {list(self.matches)}")
 
 
 @dataclass
@@ -90,14 +109,6 @@ class Role:
 
 class Report:
     def __init__(self, cfg: ReportConfig, store: Store):
-        if not 0 <= cfg.partial_at <= cfg.present_at <= 1:
-            raise XprobeError(
-                f"need 0 <= partial_at <= present_at <= 1, got {cfg.partial_at}, {cfg.present_at}"
-            )
-        if not 0 < cfg.match_at <= 1:
-            raise XprobeError(f"match_at must be in (0, 1], got {cfg.match_at}")
-        if cfg.n_contexts < 1 or cfg.n_shown < 0:
-            raise XprobeError("n_contexts must be >= 1 and n_shown >= 0")
         self.cfg, self.store = cfg, store
         self.unit = f"report/{safe_name(cfg.name)}"
         self.tokens = tokens_unit(cfg.corpus)
@@ -146,8 +157,6 @@ class Report:
         for unit, what in [(self.tokens, "tokenize"), (self.feats, "features")]:
             if not store.has(unit) or not store.info(unit).get("complete"):
                 raise XprobeError(f"{unit} is not in the store or not complete; run {what} first")
-        if not cfg.fits:
-            raise XprobeError("the report needs at least one fit of a model B (fits = [...])")
         feats = store.info(self.feats)
         a_model, sae_hook = feats["model"], feats["hook"]
         ceiling = self._find_ceiling(a_model, sae_hook)

@@ -14,14 +14,13 @@ document per sequence (long documents continue in the next sequences), padded to
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import runtime
+from pipeline.config import check_fields, path_field, runtime
 from pipeline.errors import XprobeError
 from pipeline.inputs.corpus import iter_documents, resolve_paths, source_fingerprint
 from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -34,9 +33,9 @@ from pipeline.store.layout import tokens_unit
 class TokenizeConfig:
     corpus: str
     """Name of the corpus in the store (``tokens/<corpus>``)."""
-    source: tuple[str, ...]
+    source: tuple[str, ...] = path_field()
     """Files, globs or an HF dataset folder (saved with ``save_to_disk``)."""
-    tokenizer: str
+    tokenizer: str = path_field(kind="path_or_hub")
     """HF tokenizer: hub name or local path."""
     tokenizer_revision: str | None = None
     format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
@@ -59,9 +58,23 @@ class TokenizeConfig:
     chunk_seqs: int = 64
     """Sequences per chunk: the unit of work, resumption and storage for every stage."""
     max_tokens: int | None = None
-    """Stop after this many tokens (rounded up to whole sequences)."""
+    """Stop once this many counted tokens (the mask: no BOS, no padding) are stored, rounded up
+    to whole sequences."""
     batch_docs: int = runtime(512, "documents per tokenizer call")
     progress: bool = runtime(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.source:
+            raise XprobeError("source is empty: give files, globs, a folder or an HF dataset")
+        if self.ctx < 2:
+            raise XprobeError(f"ctx must be at least 2, got {self.ctx}")
+        if self.chunk_seqs < 1:
+            raise XprobeError(f"chunk_seqs must be positive, got {self.chunk_seqs}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise XprobeError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.batch_docs < 1:
+            raise XprobeError(f"batch_docs must be positive, got {self.batch_docs}")
 
 
 class _Packer:
@@ -152,10 +165,6 @@ class TokenizeStage(Stage):
 
     def __init__(self, cfg: TokenizeConfig):
         super().__init__(cfg)
-        if cfg.ctx < 2:
-            raise XprobeError(f"ctx must be at least 2, got {cfg.ctx}")
-        if cfg.chunk_seqs < 1:
-            raise XprobeError(f"chunk_seqs must be positive, got {cfg.chunk_seqs}")
         self.unit = tokens_unit(cfg.corpus)
         self._tok = None
         self._paths = None
@@ -258,9 +267,8 @@ class TokenizeStage(Stage):
 
     def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
         cfg = self.cfg
-        max_seqs = math.ceil(cfg.max_tokens / cfg.ctx) if cfg.max_tokens else None
         buffers: list[tuple[np.ndarray, ...]] = []
-        buffered = index = n_seq = 0
+        buffered = index = n_seq = n_counted = 0
         self.n_chunks = 0
 
         def take(n: int) -> ChunkResult | None:
@@ -280,15 +288,17 @@ class TokenizeStage(Stage):
             return result
 
         for rows in self._sequences():
-            if max_seqs is not None:
-                rows = tuple(r[: max_seqs - n_seq] for r in rows)
+            counted = np.cumsum(rows[1].sum(axis=1)) + n_counted
+            if cfg.max_tokens is not None:  # the sequence that reaches max_tokens is the last
+                rows = tuple(r[: int(np.searchsorted(counted, cfg.max_tokens)) + 1] for r in rows)
             buffers.append(rows)
             buffered += len(rows[0])
             n_seq += len(rows[0])
+            n_counted = int(counted[len(rows[0]) - 1]) if len(rows[0]) else n_counted
             while buffered >= cfg.chunk_seqs:
                 if (result := take(cfg.chunk_seqs)) is not None:
                     yield result
-            if max_seqs is not None and n_seq >= max_seqs:
+            if cfg.max_tokens is not None and n_counted >= cfg.max_tokens:
                 break
         if buffered:
             if (result := take(buffered)) is not None:
@@ -311,13 +321,15 @@ class TokenizeStage(Stage):
             crc = store.chunk_record(self.unit, i)["crc32"]
             h.update(f"{crc['ids']}:{crc['mask']};".encode())
         n_tok = int(sum(store.chunk_record(self.unit, i)["n_tok"] for i in range(self.n_chunks)))
-        mask = store.array(f"{self.unit}/mask")
+        mask, doc = store.array(f"{self.unit}/mask"), store.array(f"{self.unit}/doc")
         counted = sum(int(mask[a : a + 4096].sum()) for a in range(0, self.n_seq, 4096))
+        n_docs = 1 + max(int(doc[a : a + 4096].max()) for a in range(0, self.n_seq, 4096))
         return {
             "n_chunks": self.n_chunks,
             "n_seq": self.n_seq,
             "n_tok": n_tok,
             "n_counted": counted,
+            "n_docs": n_docs,
             "corpus_fingerprint": h.hexdigest()[:16],
         }
 

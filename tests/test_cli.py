@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.store import Store
 
 
 def _xprobe(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -128,3 +129,91 @@ def test_config_change_refused_from_cli(tmp_path, corpus_jsonl, tokenizer_dir):
 def test_missing_store_is_a_clear_error(tmp_path):
     result = _xprobe("status", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no xprobe store" in result.stderr
+
+
+def _tokenize_toml(store: str, source: str, tokenizer: str, extra: str = "") -> str:
+    return (
+        f'store = "{store}"\n\n[tokenize]\ncorpus = "web"\nsource = ["{source}"]\n'
+        f'tokenizer = "{tokenizer}"\nctx = 32\nchunk_seqs = 16\nprogress = false\n{extra}'
+    )
+
+
+def test_fit_list_flags_from_the_command_line(tmp_path):
+    """``--lambdas 1`` and comma-separated hooks are parsed as lists of their item type; the run
+    then stops at the missing inputs, not at the flags, and leaves no store behind."""
+    store = tmp_path / "store"
+    args = ["fit", "--store", str(store), "--name", "f", "--corpus", "c", "--features", "s"]
+    args += ["--model", "B", "--hooks", "blocks.0.hook_resid_post,blocks.1.hook_resid_post"]
+    for lambdas in (["1"], ["0"], ["0,0.1"], ["0", "--lambdas", "0.1"]):
+        result = CliRunner().invoke(cli, [*args, "--lambdas", *lambdas])
+        assert "tokens/c is not in the store" in str(result.exception), (lambdas, result.output)
+    assert not store.exists()
+
+
+def test_run_resolves_toml_paths_from_its_folder_and_accepts_rewritten_paths(
+    tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch
+):
+    """Relative paths in a TOML are relative to its folder, not the working directory; the same
+    tokenizer written with a trailing slash (or relative) is the same config, so the complete unit
+    is reused instead of refused."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "docs.jsonl").write_bytes(corpus_jsonl.read_bytes())
+    config = project / "xprobe.toml"
+    config.write_text(_tokenize_toml("store", "data/docs.jsonl", str(tokenizer_dir)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    runner = CliRunner()
+    first = runner.invoke(cli, ["run", str(config)])
+    assert first.exit_code == 0, first.output
+    assert (project / "store").is_dir() and not (elsewhere / "store").exists()
+    config.write_text(_tokenize_toml("store/", "./data/docs.jsonl", f"{tokenizer_dir}/"))
+    again = runner.invoke(cli, ["run", str(config), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "already complete" in again.output
+    info = runner.invoke(cli, ["info", str(project / "store")])
+    counted = Store(project / "store", mode="r").info("tokens/web")
+    assert f"{counted['n_counted']:,} tokens that count" in info.output
+    assert f"from {counted['n_docs']:,} documents" in info.output
+
+
+def test_failed_run_leaves_no_store_and_checks_every_section_first(
+    tmp_path, corpus_jsonl, tokenizer_dir
+):
+    store = tmp_path / "runs" / "store"
+    bad_fit = '\n[[fit]]\nname = "f"\ncorpus = "web"\nfeatures = "s"\nmodel = "B"\nhooks = []\n'
+    config = tmp_path / "xprobe.toml"
+    config.write_text(_tokenize_toml(str(store), str(corpus_jsonl), str(tokenizer_dir), bad_fit))
+    result = _xprobe("run", str(config))
+    assert result.returncode == 2 and "[fit] fit needs at least one hook" in result.stderr
+    assert "tokenize: wrote" not in result.stdout  # nothing ran before the bad section was found
+    assert not (tmp_path / "runs").exists()
+    config.write_text(
+        _tokenize_toml(str(store), str(tmp_path / "missing.jsonl"), str(tokenizer_dir))
+    )
+    result = CliRunner().invoke(cli, ["run", str(config)])
+    assert "matches no file" in str(result.exception)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_activations_negative_layer_and_default_name_of_a_local_model(
+    tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir
+):
+    store = tmp_path / "s"
+    runner = CliRunner()
+    tok = ["tokenize", "--store", str(store), "--corpus", "c", "--source", str(corpus_jsonl)]
+    tok += [
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--ctx",
+        "32",
+        "--max-tokens",
+        "200",
+        "--no-progress",
+    ]
+    assert runner.invoke(cli, tok).exit_code == 0
+    acts = ["activations", "--store", str(store), "--corpus", "c", "--model", f"{gpt2_dir}/"]
+    result = runner.invoke(cli, [*acts, "--layers", "-1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"acts/c/{gpt2_dir.name}/blocks.1.hook_resid_post" in result.output

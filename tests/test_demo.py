@@ -99,7 +99,8 @@ def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
         assert auroc != auroc or 0.0 <= auroc <= 1.0  # NaN only if a set has no fitted feature
     assert n["ratio_median"]["finetune"] > n["ratio_median"]["random"]
     config = load_toml(root / "xprobe.toml")
-    assert config["store"] == str(root / "store") and len(config["fit"]) == 6
+    assert config["store"] == "store" and len(config["fit"]) == 6  # relative to the TOML's folder
+    assert config["tokenize"]["source"] == ["corpus/stdlib.jsonl"]
     if "report" in stages:
         assert first.report_html and (root / "store").exists()
         assert n["presence"] is not None

@@ -304,3 +304,15 @@ def test_direct_transfer_metrics_equal_numpy(store_path, sae_dir):
     assert np.isfinite(corr).sum() > 50
     np.testing.assert_array_equal(np.isnan(stored), np.isnan(corr))
     np.testing.assert_allclose(stored[~np.isnan(corr)], corr[~np.isnan(corr)], atol=1e-6)
+
+
+def test_sae_on_a_hook_xprobe_cannot_store_is_told_so(tmp_path):
+    """An SAE on ``hook_mlp_out`` is not told to run the activations stage with that hook (which
+    the activations stage refuses): it is told the hook cannot be stored."""
+    sae = save_standard_sae(tmp_path / "sae_mlp", hook="blocks.1.hook_mlp_out")
+    cfg = FeaturesConfig(corpus="c", model="a", sae_path=str(sae), name="sae", progress=False)
+    with pytest.raises(XprobeError, match="cannot store: the activations stage stores") as e:
+        run(cfg, Store(tmp_path / "s"))
+    assert "Run the activations stage with hooks" not in str(e.value)
+    with pytest.raises(XprobeError, match="cannot be read"):
+        FeaturesConfig(corpus="c", model="a", sae_path=str(sae), hook="blocks.1.hook_mlp_out")

@@ -237,3 +237,66 @@ def test_bad_input_gets_clear_errors(tmp_path, tokenizer_dir, corpus_jsonl):
     ids = _arrays(store)["ids"][0]
     mask = _arrays(store)["mask"][0]
     assert tok.decode(ids[mask][:-1]) == "good text \ufffd\ufffd more text"
+
+
+def test_folder_and_compressed_sources_give_the_same_tokens(tmp_path, tokenizer_dir, documents):
+    """A folder of .txt files is a source (its files sorted, hidden ones skipped, subfolders
+    included); .gz / .bz2 / .xz / .zst text and jsonl read as their uncompressed selves."""
+    import bz2
+    import gzip
+    import lzma
+
+    from numcodecs import Zstd
+
+    docs = documents[:30]
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (folder / ("sub" if i >= 20 else "") / f"{i:03d}.txt").write_text(d)
+    (folder / ".hidden.txt").write_text("never read")
+    jsonl = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    compressors = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+    compressors["zst"] = lambda b: bytes(Zstd().encode(b))
+    for ext, compress in compressors.items():
+        (tmp_path / f"docs.jsonl.{ext}").write_bytes(compress(jsonl))
+    (tmp_path / "blocks.txt.gz").write_bytes(gzip.compress("\n\n".join(docs).encode()))
+    sources = [("folder", str(folder), {}), ("glob", str(folder / "**" / "*.txt"), {})]
+    sources += [(ext, str(tmp_path / f"docs.jsonl.{ext}"), {}) for ext in compressors]
+    sources += [("txtgz", str(tmp_path / "blocks.txt.gz"), {"text_split": "blank_line"})]
+    results = {}
+    for name, source, extra in sources:
+        store = Store(tmp_path / f"s_{name}")
+        run(_cfg(source, tokenizer_dir, corpus=name, **extra), store)
+        results[name] = _arrays(store, name)["ids"]
+    for name, ids in results.items():
+        np.testing.assert_array_equal(ids, results["folder"], err_msg=name)
+
+
+def test_binary_input_is_named_not_replaced(tmp_path, tokenizer_dir, corpus_jsonl):
+    import gzip
+
+    disguised = tmp_path / "docs.jsonl"  # gzip data without the .gz extension
+    disguised.write_bytes(gzip.compress(corpus_jsonl.read_bytes()))
+    for errors in ("strict", "replace"):
+        with pytest.raises(XprobeError, match="looks like gzip data") as e:
+            run(_cfg(disguised, tokenizer_dir, encoding_errors=errors), Store(tmp_path / errors))
+        assert "encoding_errors" not in str(e.value)
+    blob = tmp_path / "weights.txt"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(XprobeError, match="NUL bytes") as e:
+        run(_cfg(blob, tokenizer_dir, encoding_errors="replace"), Store(tmp_path / "blob"))
+
+
+def test_max_tokens_counts_tokens_not_padded_positions(tmp_path, tokenizer_dir, documents):
+    """One short line per sequence (``packing = "document"``) is mostly padding: ``max_tokens``
+    stops at that many counted tokens, not positions."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(" ".join(d.split()[:3]) for d in documents))
+    store = Store(tmp_path / "s")
+    cfg = _cfg(lines, tokenizer_dir, text_split="line", packing="document", max_tokens=500)
+    run(cfg, store)
+    mask = _arrays(store)["mask"]
+    assert 500 <= mask.sum() < 500 + mask[-1].sum()  # the last sequence reaches the cap
+    assert mask.sum() < 0.5 * mask.size  # mostly padding: a position cap would stop far earlier
+    info = store.info("tokens/c")
+    assert info["n_counted"] == mask.sum() and info["n_docs"] == len(mask)

@@ -102,12 +102,16 @@ def demo_config(root: Path, data: Path, corpus: Path, max_tokens: int) -> dict[s
     }
 
 
-def to_toml(config: dict[str, Any]) -> str:
-    """The demo config as TOML (strings, numbers, lists of strings: all it holds)."""
+def to_toml(config: dict[str, Any], root: Path) -> str:
+    """The demo config as TOML (strings, numbers, lists of strings: all it holds), to be written
+    into ``root``: paths under ``root`` are written relative to it, as ``xprobe run`` reads them."""
+    inside = str(root).rstrip("/") + "/"
 
     def value(v: Any) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str) and v.startswith(inside):
+            v = v.removeprefix(inside)
         return json.dumps(v)
 
     lines = [f"store = {value(config['store'])}"]
@@ -149,7 +153,7 @@ def run_demo(
         # ~4 bytes of stdlib text per token; a little more, so max_tokens is the cap that binds
         stdlib_jsonl(corpus, 5 * max_tokens, skip_bytes=skip_bytes)
     config = demo_config(root, data, corpus, max_tokens)
-    (root / "xprobe.toml").write_text(to_toml(config))
+    (root / "xprobe.toml").write_text(to_toml(config, root))
     result = DemoResult(Store(root / "store"))
     for entry in STAGES:
         section = config.get(entry.name)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from pipeline.errors import XprobeError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+"""The hooks the activations stage stores: a block's input (``resid_pre``) or output (``resid_post``)."""
+RESID_HOOK_ADVICE = (
+    "the activations stage stores the residual stream only: blocks.<L>.hook_resid_post (block L's "
+    "output) or blocks.<L>.hook_resid_pre (its input)"
+)
 
 
 def safe_name(name: str) -> str:
@@ -18,6 +26,16 @@ def safe_name(name: str) -> str:
             f"cannot make a store name from {name!r}; give the stage an explicit name"
         )
     return out
+
+
+def default_name(model: str) -> str:
+    """The store name of a model given as a hub name or a local path: the hub name with ``/`` as
+    ``--`` (``google--gemma-2-2b``), a local folder's own name (``/data/models/llama-ft/`` ->
+    ``llama-ft``)."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or os.path.isdir(model)
+    if looks_local:
+        return safe_name(os.path.basename(os.path.normpath(os.path.expanduser(model))))
+    return safe_name(model)
 
 
 def tokens_unit(corpus: str) -> str:
