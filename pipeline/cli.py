@@ -15,36 +15,16 @@ from typing import Any
 
 import click
 
-from pipeline.config import (
-    field_docs,
-    from_dict,
-    is_list_field,
-    load_toml,
-    normalize_path,
-    parse_flag,
-    relative_to,
-)
+from pipeline.api import _sections, plan, store_location
+from pipeline.config import field_docs, from_dict, is_list_field, load_toml, parse_flag, relative_to
 from pipeline.errors import XprobeError
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
 
 
-def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """A stage's TOML section(s): a table, or an array of tables for stages run several times."""
-    section = config.get(name)
-    if section is None:
-        return []
-    return section if isinstance(section, list) else [section]
-
-
 def _config_dir(config_path: str | None) -> Path | None:
     """The folder relative paths in a TOML file are relative to: the file's own."""
     return Path(config_path).parent if config_path else None
-
-
-def _local(path: str, base: Path | None) -> str:
-    """A store or cache location from a TOML file: a local path relative to the file's folder."""
-    return path if "://" in path else normalize_path(path, "path", base)
 
 
 def _store_path(config: dict[str, Any], override: str | None, base: Path | None) -> str:
@@ -55,7 +35,7 @@ def _store_path(config: dict[str, Any], override: str | None, base: Path | None)
         raise XprobeError(
             'no store given: set store = "PATH" at the top of the config or pass --store'
         )
-    return _local(path, base)
+    return store_location(path, base)
 
 
 def _caches(config: dict[str, Any], cache: tuple[str, ...], base: Path | None) -> list[str]:
@@ -63,7 +43,7 @@ def _caches(config: dict[str, Any], cache: tuple[str, ...], base: Path | None) -
     if cache:
         return list(cache)
     caches = config.get("cache") or []
-    return [_local(c, base) for c in ([caches] if isinstance(caches, str) else caches)]
+    return [store_location(c, base) for c in ([caches] if isinstance(caches, str) else caches)]
 
 
 @contextlib.contextmanager
@@ -93,13 +73,6 @@ def _has_chunks(path: Path) -> bool:
 _CACHE_HELP = (
     "Read-only store (path or URL) to read missing inputs from (repeatable; overrides `cache`)."
 )
-
-
-def _unknown_sections(config: dict[str, Any]) -> None:
-    known = {"store", "cache"} | {s.name for s in STAGES}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise XprobeError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -141,32 +114,14 @@ def run(
     anything runs.
     """
     config = load_toml(config_path)
-    _unknown_sections(config)
-    unknown = sorted(set(only) - {s.name for s in STAGES})
-    if unknown:
-        raise XprobeError(f"--only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
     if workers is not None and scheduler:
         raise XprobeError("give --scheduler (an existing cluster) or --workers, not both")
     base = _config_dir(config_path)
     path = _store_path(config, store_path, base)
-    planned = []  # (config, run function) of every section, all checked before any runs
-    for entry in STAGES:
-        if only and entry.name not in only:
-            continue
-        sections = _sections(config, entry.name)
-        if not sections:
-            continue
-        cfg_cls, run_fn = entry.load()
-        names = {f.name for f in dataclasses.fields(cfg_cls)}
-        for i, section in enumerate(sections):
-            section = relative_to(cfg_cls, section, base)
-            if (scheduler or workers is not None) and "scheduler" in names:
-                section = {**section, "scheduler": scheduler}  # the flags win over the TOML
-                section.pop("workers", None)
-            if no_progress and "progress" in names:
-                section["progress"] = False
-            where = entry.name if i == 0 else f"{entry.name}.{i}"
-            planned.append((from_dict(cfg_cls, section, where=where), run_fn))
+    overrides: dict[str, Any] = {"progress": False} if no_progress else {}
+    if scheduler or workers is not None:
+        overrides["scheduler"] = scheduler  # the flags win over the TOML
+    planned = plan(config, base, only, overrides)  # every section checked before any runs
     if not planned:
         raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
     with _new_store_removed_on_failure(path), contextlib.ExitStack() as stack:

@@ -1,0 +1,164 @@
+"""What ``pipeline`` exports for notebooks and scripts (see ``pipeline/__init__.py``).
+
+``run`` takes what ``xprobe run`` takes: a TOML file, or the same tables as a dict. Everything
+else opens what the stages wrote: the store, the report's table, activations and features chunk
+by chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import from_dict, load_toml, normalize_path, relative_to
+from pipeline.errors import XprobeError
+from pipeline.registry import STAGES
+from pipeline.store import Store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pipeline.store.reader import ActChunk
+
+
+def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """A stage's TOML section(s): a table, or an array of tables for stages run several times."""
+    section = config.get(name)
+    if section is None:
+        return []
+    return section if isinstance(section, list) else [section]
+
+
+def check_sections(config: dict[str, Any]) -> None:
+    """Refuse top-level keys that are neither ``store``/``cache`` nor a stage."""
+    known = {"store", "cache"} | {s.name for s in STAGES}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise XprobeError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
+
+
+def plan(
+    config: dict[str, Any],
+    base: Path | None = None,
+    only: Sequence[str] = (),
+    overrides: dict[str, Any] | None = None,
+) -> list[tuple[Any, Any]]:
+    """``(config dataclass, run function)`` for every stage section of ``config``, in run order,
+    all built (so all checked) before anything runs. ``base``: the folder relative paths are
+    relative to; ``overrides``: field values set in every section whose stage has that field."""
+    check_sections(config)
+    unknown = sorted(set(only) - {s.name for s in STAGES})
+    if unknown:
+        raise XprobeError(f"only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
+    planned = []
+    for entry in STAGES:
+        sections = _sections(config, entry.name)
+        if (only and entry.name not in only) or not sections:
+            continue
+        cfg_cls, run_fn = entry.load()
+        names = {f.name for f in dataclasses.fields(cfg_cls)}
+        for i, section in enumerate(sections):
+            section = relative_to(cfg_cls, section, base)
+            for key, value in (overrides or {}).items():
+                if key in names:
+                    section[key] = value
+            if "scheduler" in (overrides or {}):  # a cluster given for the run replaces any
+                section.pop("workers", None)
+            where = entry.name if i == 0 else f"{entry.name}.{i}"
+            planned.append((from_dict(cfg_cls, section, where=where), run_fn))
+    return planned
+
+
+def store_location(path: str, base: Path | None) -> str:
+    """A store or cache location from a config: a local path relative to ``base``, or a URL."""
+    return path if "://" in path else normalize_path(path, "path", base)
+
+
+def run(
+    config: str | Path | dict[str, Any],
+    *,
+    only: Sequence[str] = (),
+    force: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every stage of ``config`` (a TOML file, or its tables as a dict) in order, skipping
+    finished work, like ``xprobe run``; returns each stage's summary.
+
+    Relative paths are relative to the TOML file's folder (for a dict: the working directory).
+    """
+    if isinstance(config, (str, Path)):
+        base: Path | None = Path(config).parent
+        config = load_toml(config)
+    else:
+        base = None
+    planned = plan(config, base, only, None if progress else {"progress": False})
+    if not planned:
+        raise XprobeError("the config configures no stage; add a section such as [tokenize]")
+    if not config.get("store"):
+        raise XprobeError('no store given: set store = "PATH" in the config')
+    caches = config.get("cache") or []
+    caches = [caches] if isinstance(caches, str) else caches
+    store = Store(
+        store_location(config["store"], base),
+        mode="a",
+        cache=[store_location(c, base) for c in caches],
+    )
+    return [run_fn(cfg, store, force=force) for cfg, run_fn in planned]
+
+
+def run_stage(cfg: Any, store: Store | str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Run one stage from its config dataclass (``TokenizeConfig(...)``...) on ``store``."""
+    if not isinstance(store, Store):
+        store = Store(store, mode="a")
+    for entry in STAGES:
+        cfg_cls, run_fn = entry.load()
+        if isinstance(cfg, cfg_cls):
+            return run_fn(cfg, store, force=force)
+    raise XprobeError(f"{type(cfg).__name__} is not a stage config")
+
+
+def open_store(path: str | Path, mode: str = "r", cache: Sequence[str | Path] = ()) -> Store:
+    """A store, read-only by default (any fsspec URL, a zip from ``xprobe pack``, a folder)."""
+    return Store(path, mode=mode, cache=cache)
+
+
+def load_table(store: Store | str | Path, name: str = "main") -> pd.DataFrame:
+    """The report's per-feature table (``report/<name>``): one row per SAE feature, the columns
+    listed in the README's "Report" section."""
+    import pandas as pd
+
+    if not isinstance(store, Store):
+        store = Store(store, mode="r")
+    unit = f"report/{name}"
+    if not store.has(unit):
+        have = sorted(
+            u.removeprefix("report/") for u, _ in store.units() if u.startswith("report/")
+        )
+        raise XprobeError(
+            f"{store.url} has no report {name!r} (reports: {have or 'none'}); run the report stage"
+        )
+    outputs = store.info(unit).get("outputs") or []
+    table = next((p for p in outputs if p.endswith(".parquet")), None)
+    if table is None or not Path(table).exists():
+        raise XprobeError(f"the table of {unit} is not at {table}; rerun the report stage")
+    return pd.read_parquet(table)
+
+
+def iter_activations(
+    store: Store, corpus: str, model: str, hook: str, device: str = "cpu"
+) -> Iterator[ActChunk]:
+    """``acts/<corpus>/<model>/<hook>`` chunk by chunk: ``.acts [n_tok_chunk, d_model]`` (torch,
+    on ``device``), ``.mask [n_tok_chunk]`` (tokens that count), ``.ids [n_tok_chunk]``."""
+    from pipeline.store.reader import iter_chunks
+
+    return iter_chunks(store, corpus, model, hook, device=device)
+
+
+def iter_features(store: Store, corpus: str, sae: str) -> Iterator[tuple[int, Any, Any, Any]]:
+    """``feats/<corpus>/<sae>`` chunk by chunk as ``(index, rows, cols, vals)``: the sparse
+    activations of chunk ``index`` (row: token within the chunk, col: feature id)."""
+    from pipeline.store.sparse import iter_sparse
+
+    return iter_sparse(store, corpus, sae)
