@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,21 @@ def test_report_end_to_end(pipeline_store):
     page = Path(out["html"]).read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert page.count('class="feature"') >= 2 and "peak" in page
-    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    # every feature is a row of the searchable table, an anchor the cards link to
+    for f in range(n_feat):
+        assert f'<tr id="f{f}" data-f="{f}"' in page
+    assert 'id="feature-search"' in page and page.count('<a href="#f') >= 2
+    scored = df.index[df["status"] == "scored"]
+    assert page.count("<details><summary>") >= len(scored)
+    # a shared file: no absolute path of this machine; the store by its folder name
+    assert str(pipeline_store.parent) not in page and "<td>store</td><td>store</td>" in page
+    # one meaning of "dead"; the calibration caption does not call low cosines a mismatch
+    assert re.search(r"<td>SAE</td><td>[^<]*dead", page) is None  # "dead" is a status only
+    assert "never fire on this corpus" in page
+    assert "flags a mismatch" not in page
+    # one image per model against the ceiling, wrapping on a narrow page
+    assert page.count('class="panel"') == len(df.filter(like="_presence_raw").columns)
     # the terminal summary shows the thresholds and the table's counts
     counts = df["B_class"].value_counts()
     line = next(s for s in out["message"].splitlines() if s.strip().startswith("B "))
@@ -448,3 +463,52 @@ def test_report_refuses_match_of_another_sae(matched_store):
         report(_report_cfg(name="m2", matches=("nope",)), store)
     with pytest.raises(XprobeError, match="match_at"):
         report(_report_cfg(name="m2", matches=("a-vs-b",), match_at=0.0), store)
+
+
+def test_most_present_ranks_by_score_then_headroom():
+    """A feature whose unclipped score is 1.11 only because its headroom is 0.06 does not come
+    before one at 1.0 with headroom 0.5; among absent ones, the most headroom comes first."""
+    from pipeline.report.html import _ranked, _ranked_least
+
+    df = pd.DataFrame(
+        {
+            "feature": [0, 1, 2, 3, 4],
+            "token_r2": [0.30, 0.10, 0.0, 0.2, 0.0],
+            "ceiling_r2": [0.362, 0.60, 0.5, 0.3, 0.4],
+            "B_presence": [1.0, 1.0, 0.8, 0.0, 0.0],
+            "B_presence_raw": [1.11, 1.0, 0.8, -0.2, 0.0],
+        }
+    )
+    assert list(_ranked(df, "B", True)["feature"]) == [1, 0, 2, 4, 3]
+    assert list(_ranked_least(df, "B", True)["feature"]) == [4, 3, 2, 1, 0]
+
+
+def test_contexts_keep_sentencepiece_spaces():
+    """A Metaspace (SentencePiece-style) tokenizer drops a token's leading space when the token is
+    decoded alone; contexts decode the window's prefixes, so the spaces survive."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipeline.report.cards import Contexts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = ["Classifier: Programming Language :: Python"] * 50 + ["naïve café"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>"]))
+    ids = tok.encode("Classifier: Programming Language naïve").ids
+    assert "".join(tok.decode([i]) for i in ids) == "Classifier:ProgrammingLanguagenaïve"
+    contexts = Contexts.__new__(Contexts)
+    contexts.tok = tok
+    pieces = contexts.pieces(ids)
+    assert "".join(pieces) == "Classifier: Programming Language naïve"
+    assert len(pieces) == len(ids) and " Programming" in pieces
+
+
+def test_load_table_from_python(pipeline_store):
+    import pipeline
+
+    report(_report_cfg(name="api"), Store(pipeline_store))
+    table = pipeline.load_table(pipeline.open_store(pipeline_store), "api")
+    expected = pd.read_parquet(pipeline_store / "report/api/table.parquet")
+    pd.testing.assert_frame_equal(table, expected)
+    with pytest.raises(XprobeError, match="no report 'nope'"):
+        pipeline.load_table(pipeline_store, "nope")

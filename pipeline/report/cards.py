@@ -7,6 +7,7 @@ stage.
 from __future__ import annotations
 
 import html
+import os
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,6 @@ class Contexts:
         text = store.read_text(f"{report.tokens}/tokenizer.json")
         self.tok = Tokenizer.from_str(text) if text else None
         self._chunk: tuple[int, dict[str, np.ndarray]] | None = None
-        self._pieces: dict[int, str] = {}
         self.rendered: dict[tuple[int, int], str] = {}
 
     def prepare(self, features: list[int], scan: dict[str, np.ndarray]) -> None:
@@ -37,7 +37,7 @@ class Contexts:
             (int(t), f, float(v), float(scan["top_value"][f][0]))
             for f in set(features)
             for v, t in zip(scan["top_value"][f], scan["top_token"][f], strict=True)
-            if t >= 0
+            if t >= 0 and (f, int(t)) not in self.rendered
         )
         for token, f, value, scale in todo:
             self.rendered[(f, token)] = self.render(f, token, value, scale)
@@ -54,15 +54,19 @@ class Contexts:
             self._chunk = (index, data)
         return self._chunk[1]
 
-    def piece(self, token_id: int) -> str:
-        if token_id not in self._pieces:
-            text = (
-                self.tok.decode([token_id], skip_special_tokens=False)
-                if self.tok
-                else f"[{token_id}]"
-            )
-            self._pieces[token_id] = text
-        return self._pieces[token_id]
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text each token of a window contributes, from decoding growing prefixes of the
+        window: a token's leading space survives (SentencePiece/Metaspace tokenizers drop it when
+        a token is decoded alone) and multi-byte characters split over tokens come out whole."""
+        if self.tok is None:
+            return [f"[{i}]" for i in ids]
+        out, before = [], ""
+        for n in range(1, len(ids) + 1):
+            text = self.tok.decode(ids[:n], skip_special_tokens=False)
+            common = len(os.path.commonprefix([before, text]))
+            out.append(text[common:])
+            before = text
+        return out
 
     def render(self, feature: int, token: int, value: float, scale: float) -> str:
         cfg = self.report.cfg
@@ -72,16 +76,15 @@ class Contexts:
         start = row - min(pos, cfg.context_before)
         stop = row + min(self.ctx - 1 - pos, cfg.context_after) + 1
         spans = []
-        for r in range(start, stop):
+        pieces = self.pieces([int(i) for i in data["ids"][start:stop]])
+        for r, piece in zip(range(start, stop), pieces, strict=True):
             hit = data["idx"][r] == feature
             act = float(data["val"][r][hit][0]) if hit.any() else 0.0
-            spans.append(
-                self._span(int(data["ids"][r]), bool(data["mask"][r]), act, scale, r == row)
-            )
+            spans.append(self._span(piece, bool(data["mask"][r]), act, scale, r == row))
         return f'<div class="ctx"><span class="act">{value:.3g}</span>{"".join(spans)}</div>'
 
-    def _span(self, token_id: int, counted: bool, act: float, scale: float, peak: bool) -> str:
-        text = html.escape(self.piece(token_id))
+    def _span(self, piece: str, counted: bool, act: float, scale: float, peak: bool) -> str:
+        text = html.escape(piece)
         text = text.replace("\n", '<span class="ws">↵</span>').replace(
             "\t", '<span class="ws">→</span>'
         )
@@ -122,7 +125,7 @@ def feature_card(
             parts.append(_match_part(m, row))
     lines = [contexts.rendered[(f, int(t))] for t in scan["top_token"][f] if t >= 0]
     return (
-        f'<div class="feature"><div class="head">feature {f} '
+        f'<div class="feature"><div class="head"><a href="#f{f}">feature {f}</a> '
         f'<span class="badge" style="background:{COLORS[cls]}">{badge}</span></div>'
         f'<div class="scores">{" · ".join(parts)}</div>'
         + ("".join(lines) or '<div class="ctx">no activation in the corpus</div>')

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.maths.presence import STATUS_ORDER
+from pipeline.report.browser import CSS as BROWSER_CSS
+from pipeline.report.browser import feature_browser
 from pipeline.report.cards import Contexts, feature_card
 from pipeline.report.match import match_section
 from pipeline.report.plots import plot_cosine, plot_layers, plot_presence, plot_scatter
@@ -39,14 +41,34 @@ dl.defs dt { font-weight: 600; } dl.defs dd { margin: 0 0 6px 18px; color: #424a
 table.counts { border-collapse: collapse; margin: 6px 0 14px; font-size: 14px; }
 table.counts th, table.counts td { border: 1px solid #d0d7de; padding: 3px 12px; text-align: right; }
 table.counts th { background: #f6f8fa; font-weight: 600; } table.counts td.hl { background: #fff1e5; }
+.panels { display: flex; flex-wrap: wrap; gap: 4px 12px; } img.panel { width: 360px; max-width: 100%; }
+.feature .head a { color: inherit; }
+@media (max-width: 900px) {
+  body { margin: 12px auto; padding: 0 10px; font-size: 14px; }
+  pre.summary { font-size: 10.5px; padding: 8px; } .cols { grid-template-columns: 1fr; }
+  table.facts td { display: block; padding: 0; } table.facts td:first-child { margin-top: 6px; }
+}
 """
 
 
-def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
+def _ranked(df: Any, label: str, token_baseline: bool) -> Any:
+    """Scored features from most to least present: by the clipped presence score, ties (many
+    features sit at 1 or at 0) broken by headroom, R²_ceiling − max(R²_token, 0), largest first:
+    the features with the most to find beyond the token, found (or not). The unclipped score is
+    not the order: it exceeds 1 mostly where the headroom is tiny."""
+    scored = df[np.isfinite(df[f"{label}_presence"].to_numpy())]
+    token = np.maximum(scored["token_r2"].to_numpy(), 0) if token_baseline else 0.0
+    headroom = scored["ceiling_r2"].to_numpy() - token
+    order = np.lexsort(
+        (scored["feature"].to_numpy(), -headroom, -scored[f"{label}_presence"].to_numpy())
+    )
+    return scored.iloc[order]
+
+
+def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray], contexts: Contexts) -> str:
     n = report.cfg.n_shown
     if n == 0:
         return ""
-    contexts = Contexts(report)
     out = [
         "<h2>Features, with their top-activating contexts</h2>",
         '<p class="caption">Each line: the activation, then the context; the activating token is '
@@ -57,12 +79,11 @@ def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
     for role in report.roles[1:]:
         if role.label == "floor":
             continue
-        raw = df[f"{role.label}_presence_raw"]
-        scored = df[np.isfinite(raw.to_numpy())]
-        order = scored.sort_values(f"{role.label}_presence_raw", kind="stable")
-        top = order.iloc[::-1].head(n)
-        bottom = order[~order["feature"].isin(top["feature"])].head(n)
-        shown.append((role, top, bottom, len(scored)))
+        ranked = _ranked(df, role.label, report.cfg.token_baseline)
+        top = ranked.head(n)
+        rest = ranked[~ranked["feature"].isin(top["feature"])]
+        bottom = _ranked_least(rest, role.label, report.cfg.token_baseline).head(n)
+        shown.append((role, top, bottom, len(ranked)))
     contexts.prepare([int(f) for _, t, b, _ in shown for f in (*t["feature"], *b["feature"])], scan)
     for role, top, bottom, n_scored in shown:
         name = html.escape(role.fit)
@@ -70,8 +91,12 @@ def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
             out.append(f"<h3>{name}</h3><p>No feature is scored for {name}.</p>")
             continue
         for title, rows in (
-            (f"the {len(top)} most present (highest scores of {n_scored} scored)", top),
-            (f"the {len(bottom)} least present (lowest scores)", bottom),
+            (
+                f"the {len(top)} most present (highest scores of {n_scored} scored; ties: most "
+                "headroom first)",
+                top,
+            ),
+            (f"the {len(bottom)} least present (lowest scores; ties: most headroom first)", bottom),
         ):
             if rows.empty:
                 continue
@@ -80,12 +105,28 @@ def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
     return "\n".join(out)
 
 
+def _ranked_least(df: Any, label: str, token_baseline: bool) -> Any:
+    """Scored features from least to most present, ties broken by headroom, largest first."""
+    token = np.maximum(df["token_r2"].to_numpy(), 0) if token_baseline else 0.0
+    headroom = df["ceiling_r2"].to_numpy() - token
+    return df.iloc[
+        np.lexsort((df["feature"].to_numpy(), -headroom, df[f"{label}_presence"].to_numpy()))
+    ]
+
+
+def _store_name(store: Any) -> str:
+    """The store as the page names it: a local folder by its name only (the file is shared; an
+    absolute path of the author's machine means nothing elsewhere), a URL as it is."""
+    local = getattr(store, "local_path", None)
+    return local.name if local is not None else str(store.url)
+
+
 def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     store = report.store
     tokens = store.info(report.tokens)
     feats = store.info(report.feats)
     rows = [
-        ("store", str(store.url)),
+        ("store", _store_name(store)),
         (
             "corpus",
             f"{report.cfg.corpus}: {tokens.get('n_counted', tokens['n_tok']):,} counted tokens, "
@@ -98,7 +139,8 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         (
             "SAE",
             f"{report.cfg.features} on {feats['model']} at {feats['hook']}: {feats['n_feat']:,} features "
-            f"({feats.get('sae_architecture', '?')}), {feats.get('n_dead', '?')} dead",
+            f"({feats.get('sae_architecture', '?')}); {feats.get('n_dead', '?')} never fire on this "
+            "corpus",
         ),
     ]
     for role in report.roles:
@@ -163,6 +205,8 @@ def render_html(
         "much as A itself.</dd>"
         "<dt>status (why a feature is not scored)</dt><dd>"
         + "; ".join(f"<b>{s}</b> {int((df['status'] == s).sum())}" for s in STATUS_ORDER)
+        + ". <i>dead</i>: never fires on the fits' training tokens (this includes the features "
+        "that never fire on the corpus at all, counted in the SAE line above)"
         + f". <i>no headroom</i>: R²<sub>ceiling</sub> − {token} &lt; {cfg.min_headroom:g}, so there is "
         "nothing beyond the token to measure. Unscored features have no presence score (empty, never 0).</dd>"
         "<dt>floor</dt><dd>a randomly initialised model with B's architecture: a feature it also "
@@ -183,16 +227,22 @@ def render_html(
         body += [
             "<h2>Calibration: ceiling directions vs the SAE encoder</h2>",
             plot_cosine(df),
-            '<p class="caption">The A → A probe should point along the encoder row of its feature; '
-            "a cosine far below 1 means the probe uses correlated directions too (expected when "
-            "features are correlated), a cosine near 0 flags a mismatch between the SAE and A's "
-            "stored activations.</p>",
+            '<p class="caption">Cosine of each feature\'s A → A probe direction with its SAE '
+            "encoder row. This is not a check that the SAE matches the stored activations (the "
+            "features were encoded from those very activations; the ceiling's held-out R² is that "
+            "check). Low cosines are expected, lowest for sparse features: the encoder reads the "
+            "feature through a threshold (ReLU, TopK, JumpReLU) that zeroes its response wherever "
+            "the feature is off, while a linear probe must also keep its prediction near 0 on all "
+            "those tokens and so leans on other directions to cancel them. Near 1: the feature is "
+            "close to linear in A's residual stream.</p>",
         ]
+    contexts = Contexts(report)
     body.append(match_section(report, df, scan))
-    body.append(_feature_sections(report, df, scan))
+    body.append(_feature_sections(report, df, scan, contexts))
+    body.append(feature_browser(report, df, contexts, scan))
     body.append(
-        '<p class="caption" style="margin-top:30px">Full per-feature table: '
-        f"{html.escape(notes.get('table', 'table.parquet'))} (and .csv), one row per feature "
+        '<p class="caption" style="margin-top:30px">The full per-feature table is '
+        "table.parquet (and table.csv) beside this page, one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
         "token_r2, ceiling_r2, encoder_cosine, and per model &lt;fit&gt;_r2, _best_hook, _presence, "
         "_presence_raw, _class, _r2@&lt;hook&gt;, _transfer_corr"
@@ -205,7 +255,7 @@ def render_html(
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>xprobe report {html.escape(cfg.name)}</title><style>{CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>"
+        f"<title>xprobe report {html.escape(cfg.name)}</title>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<style>{CSS}{BROWSER_CSS}</style></head><body>" + "\n".join(body) + "</body></html>"
     )

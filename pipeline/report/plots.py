@@ -82,13 +82,15 @@ def plot_presence(report: Any, df: Any) -> str:
 
 
 def plot_scatter(report: Any, df: Any) -> str:
+    """One panel per model, each its own image in a row that wraps on a narrow page."""
     plt = _pyplot()
     roles = report.roles[1:]
-    fig, axes = plt.subplots(1, len(roles), figsize=(3.6 * len(roles) + 0.6, 3.6), squeeze=False)
+    panels = []
     fitted = df["ceiling_fit_status"] == "ok"
     x_all = df["ceiling_r2"].to_numpy()
     hi = max(0.05, float(np.nanmax(x_all[fitted])) if fitted.any() else 1.0)
-    for ax, role in zip(axes[0], roles, strict=True):
+    for role in roles:
+        fig, ax = plt.subplots(figsize=(4.0, 3.6))
         y_all = df[f"{role.label}_r2"].to_numpy()
         cls = df[f"{role.label}_class"].to_numpy()
         for name in ("unscored", "absent", "partial", "present"):
@@ -109,8 +111,9 @@ def plot_scatter(report: Any, df: Any) -> str:
         ax.set_ylabel(f"{role.fit} held-out R² (best layer)")
         ax.set_title(report._display(role), fontsize=10)
         ax.legend(frameon=False, fontsize=8, markerscale=1.5, loc="upper left")
-    fig.tight_layout()
-    return png(fig)
+        fig.tight_layout()
+        panels.append(png(fig).replace('class="plot"', 'class="panel"'))
+    return f'<div class="panels">{"".join(panels)}</div>'
 
 
 def plot_layers(report: Any, df: Any) -> tuple[str, str]:
