@@ -242,7 +242,8 @@ def render_html(
     body.append(feature_browser(report, df, contexts, scan))
     body.append(
         '<p class="caption" style="margin-top:30px">The full per-feature table is '
-        "table.parquet (and table.csv) beside this page, one row per feature "
+        f"table.parquet (and table.csv) in report/{html.escape(cfg.name)}/ of the store (or the "
+        "report's out_dir), one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
         "token_r2, ceiling_r2, encoder_cosine, and per model &lt;fit&gt;_r2, _best_hook, _presence, "
         "_presence_raw, _class, _r2@&lt;hook&gt;, _transfer_corr"
