@@ -58,16 +58,23 @@ def _new_store_removed_on_failure(path: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if created is not None and created.exists() and not _has_chunks(Path(path)):
+        if created is not None and created.exists() and not _worth_keeping(Path(path)):
             shutil.rmtree(created, ignore_errors=True)
         raise
 
 
-def _has_chunks(path: Path) -> bool:
+def _worth_keeping(path: Path) -> bool:
+    """Whether a store folder holds a recorded chunk, or a lock of another run (this run's locks
+    are released by now) that may be about to write one."""
     if not path.exists():
         return False
-    store = Store(path, mode="r")
-    return any(store.done_chunks(unit) for unit, _ in store.units())
+    if any(not p.name.startswith(".") for p in path.rglob("*.lock")):
+        return True
+    try:
+        store = Store(path, mode="r")
+        return any(store.done_chunks(unit) for unit, _ in store.units())
+    except XprobeError:  # not (yet) a store: nothing in it to keep
+        return False
 
 
 _CACHE_HELP = (

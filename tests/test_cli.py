@@ -195,6 +195,13 @@ def test_failed_run_leaves_no_store_and_checks_every_section_first(
     result = CliRunner().invoke(cli, ["run", str(config)])
     assert "matches no file" in str(result.exception)
     assert not (tmp_path / "runs").exists()
+    wrong_field = 'field = "body"\n'  # fails while tokenizing, after the unit was created
+    config.write_text(
+        _tokenize_toml(str(store), str(corpus_jsonl), str(tokenizer_dir), wrong_field)
+    )
+    result = CliRunner().invoke(cli, ["run", str(config)])
+    assert "has no field 'body'" in str(result.exception)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_activations_negative_layer_and_default_name_of_a_local_model(
