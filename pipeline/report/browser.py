@@ -17,7 +17,7 @@ from pipeline.report.plots import COLORS
 
 MAX_ROWS = 20_000
 """Wider SAEs list only their scored features here (the full table is in table.parquet/csv)."""
-MAX_WITH_CONTEXTS = 4_000
+MAX_WITH_CONTEXTS = 2_000
 """Features whose contexts are embedded (scored ones first, then by id): the page stays small."""
 
 SCRIPT = """

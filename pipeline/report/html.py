@@ -139,8 +139,8 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         (
             "SAE",
             f"{report.cfg.features} on {feats['model']} at {feats['hook']}: {feats['n_feat']:,} features "
-            f"({feats.get('sae_architecture', '?')}); {feats.get('n_dead', '?')} never fire on this "
-            "corpus",
+            f"({feats.get('sae_architecture', '?')}); {feats.get('n_dead', '?')} never "
+            f"{'fires' if feats.get('n_dead') == 1 else 'fire'} on this corpus",
         ),
     ]
     for role in report.roles:
