@@ -65,7 +65,8 @@ def client(cluster):
 def tokens_store(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
     """A store holding only tokens: ctx 32, 4 sequences per chunk, 8 chunks."""
     root = tmp_path_factory.mktemp("dist") / "tokens"
-    tokenize_small(Store(root), corpus_jsonl, tokenizer_dir, 32 * 4 * N_CHUNKS)
+    # max_tokens counts tokens that count: 31 of each 32 positions (the BOS is masked)
+    tokenize_small(Store(root), corpus_jsonl, tokenizer_dir, 31 * 4 * N_CHUNKS)
     assert Store(root, mode="r").info("tokens/c")["n_chunks"] == N_CHUNKS
     return root
 
