@@ -69,6 +69,11 @@ def cli() -> None:
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
 @click.option("--force", is_flag=True, help="Start the selected stages' outputs over.")
 @click.option(
+    "--rebuild-stale",
+    is_flag=True,
+    help="Recompute the units whose inputs changed since they were computed (and nothing else).",
+)
+@click.option(
     "--scheduler",
     help="Run activations, features and fit on this dask cluster (address or scheduler file).",
 )
@@ -84,6 +89,7 @@ def run(
     cache: tuple[str, ...],
     only: tuple[str, ...],
     force: bool,
+    rebuild_stale: bool,
     scheduler: str | None,
     workers: int | None,
 ) -> None:
@@ -110,7 +116,8 @@ def run(
                     section = {**section, "scheduler": scheduler}  # the flag wins over the TOML
                     section.pop("workers", None)
                 where = entry.name if i == 0 else f"{entry.name}.{i}"
-                summary = run_fn(from_dict(cfg_cls, section, where=where), store, force=force)
+                cfg = from_dict(cfg_cls, section, where=where)
+                summary = run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale)
                 _print_summary(summary)
                 ran += 1
     if ran == 0:
@@ -161,6 +168,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
         store_path: str | None,
         cache: tuple[str, ...],
         force: bool,
+        rebuild_stale: bool,
         index: int,
         **flags: Any,
     ) -> None:
@@ -177,7 +185,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
         cfg_cls, run_fn = entry.load()
         cfg = from_dict(cfg_cls, values, where=entry.name)
         store = _open_store(config, store_path, cache)
-        _print_summary(run_fn(cfg, store, force=force))
+        _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
 
     params: list[click.Parameter] = [
         click.Option(
@@ -190,6 +198,11 @@ def _stage_command(entry: StageEntry) -> click.Command:
         ),
         click.Option(["--cache"], multiple=True, help=_CACHE_HELP),
         click.Option(["--force"], is_flag=True, help="Delete this stage's outputs and start over."),
+        click.Option(
+            ["--rebuild-stale"],
+            is_flag=True,
+            help="Recompute this stage's outputs if their inputs changed since they were computed.",
+        ),
         click.Option(
             ["--index"], type=int, default=0, help="Which section, if the config has several."
         ),
@@ -226,13 +239,19 @@ def _progress_of(store: Store, unit: str, info: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("store_path")
 def status(store_path: str) -> None:
-    """Show each stage's chunk progress in STORE_PATH."""
+    """Show each unit's chunk progress in STORE_PATH, and which are stale (inputs changed)."""
+    from pipeline.lineage import staleness
+
     store = Store(store_path, mode="r")
     rows = list(store.units())
     if not rows:
         click.echo(f"{store_path}: empty store")
+    memo: dict = {}
     for unit, info in rows:
-        click.echo(f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}")
+        line = f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}"
+        if (stale := staleness(store, unit, memo=memo)) is not None:
+            line += f"  STALE: {stale.reason()}"
+        click.echo(line)
 
 
 _INFO_KEYS = (
@@ -286,9 +305,10 @@ def verify(store_path: str, repair: bool) -> None:
     store = Store(store_path, mode="a" if repair else "r")
     problems = verify_store(store, repair=repair)
     for p in problems:
-        click.echo(f"{p.unit}  chunk {p.chunk}  {p.array or '-'}: {p.what}")
+        where = f"chunk {p.chunk}" if p.chunk is not None else "array"
+        click.echo(f"{p.unit}  {where}  {p.array or '-'}: {p.what}")
     if not problems:
-        click.echo(f"{store_path}: every recorded chunk matches its checksum")
+        click.echo(f"{store_path}: every recorded chunk and array matches its checksum")
         return
     units = sorted({p.unit for p in problems})
     if repair:
