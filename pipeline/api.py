@@ -81,10 +81,12 @@ def run(
     *,
     only: Sequence[str] = (),
     force: bool = False,
+    rebuild_stale: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every stage of ``config`` (a TOML file, or its tables as a dict) in order, skipping
-    finished work, like ``xprobe run``; returns each stage's summary.
+    finished work, like ``xprobe run`` (``force``, ``rebuild_stale``: its flags); returns each
+    stage's summary.
 
     Relative paths are relative to the TOML file's folder (for a dict: the working directory).
     """
@@ -105,17 +107,19 @@ def run(
         mode="a",
         cache=[store_location(c, base) for c in caches],
     )
-    return [run_fn(cfg, store, force=force) for cfg, run_fn in planned]
+    return [run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale) for cfg, run_fn in planned]
 
 
-def run_stage(cfg: Any, store: Store | str | Path, *, force: bool = False) -> dict[str, Any]:
+def run_stage(
+    cfg: Any, store: Store | str | Path, *, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
     """Run one stage from its config dataclass (``TokenizeConfig(...)``...) on ``store``."""
     if not isinstance(store, Store):
         store = Store(store, mode="a")
     for entry in STAGES:
         cfg_cls, run_fn = entry.load()
         if isinstance(cfg, cfg_cls):
-            return run_fn(cfg, store, force=force)
+            return run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale)
     raise XprobeError(f"{type(cfg).__name__} is not a stage config")
 
 

@@ -96,6 +96,11 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Start the selected stages' outputs over.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch job logs).")
 @click.option(
+    "--rebuild-stale",
+    is_flag=True,
+    help="Recompute the units whose inputs changed since they were computed (and nothing else).",
+)
+@click.option(
     "--scheduler",
     help="Run activations, features and fit on this dask cluster (address or scheduler file).",
 )
@@ -112,6 +117,7 @@ def run(
     only: tuple[str, ...],
     force: bool,
     no_progress: bool,
+    rebuild_stale: bool,
     scheduler: str | None,
     workers: int | None,
 ) -> None:
@@ -147,7 +153,7 @@ def run(
                 for cfg, fn in planned
             ]
         for cfg, run_fn in planned:
-            _print_summary(run_fn(cfg, store, force=force))
+            _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -194,6 +200,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
         store_path: str | None,
         cache: tuple[str, ...],
         force: bool,
+        rebuild_stale: bool,
         index: int,
         **flags: Any,
     ) -> None:
@@ -217,7 +224,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
         path = _store_path(config, store_path, base)
         with _new_store_removed_on_failure(path):
             store = Store(path, mode="a", cache=_caches(config, cache, base))
-            _print_summary(run_fn(cfg, store, force=force))
+            _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
 
     params: list[click.Parameter] = [
         click.Option(
@@ -230,6 +237,11 @@ def _stage_command(entry: StageEntry) -> click.Command:
         ),
         click.Option(["--cache"], multiple=True, help=_CACHE_HELP),
         click.Option(["--force"], is_flag=True, help="Delete this stage's outputs and start over."),
+        click.Option(
+            ["--rebuild-stale"],
+            is_flag=True,
+            help="Recompute this stage's outputs if their inputs changed since they were computed.",
+        ),
         click.Option(
             ["--index"], type=int, default=0, help="Which section, if the config has several."
         ),
@@ -266,13 +278,19 @@ def _progress_of(store: Store, unit: str, info: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("store_path")
 def status(store_path: str) -> None:
-    """Show each stage's chunk progress in STORE_PATH."""
+    """Show each unit's chunk progress in STORE_PATH, and which are stale (inputs changed)."""
+    from pipeline.lineage import staleness
+
     store = Store(store_path, mode="r")
     rows = list(store.units())
     if not rows:
         click.echo(f"{store_path}: empty store")
+    memo: dict = {}
     for unit, info in rows:
-        click.echo(f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}")
+        line = f"{info.get('stage', '?'):<12} {unit:<60} {_progress_of(store, unit, info)}"
+        if (stale := staleness(store, unit, memo=memo)) is not None:
+            line += f"  STALE: {stale.reason()}"
+        click.echo(line)
 
 
 _INFO_KEYS = (
@@ -334,9 +352,10 @@ def verify(store_path: str, repair: bool) -> None:
     store = Store(store_path, mode="a" if repair else "r")
     problems = verify_store(store, repair=repair)
     for p in problems:
-        click.echo(f"{p.unit}  chunk {p.chunk}  {p.array or '-'}: {p.what}")
+        where = f"chunk {p.chunk}" if p.chunk is not None else "array"
+        click.echo(f"{p.unit}  {where}  {p.array or '-'}: {p.what}")
     if not problems:
-        click.echo(f"{store_path}: every recorded chunk matches its checksum")
+        click.echo(f"{store_path}: every recorded chunk and array matches its checksum")
         return
     units = sorted({p.unit for p in problems})
     if repair:

@@ -249,7 +249,10 @@ def is_list_field(hint: Any) -> bool:
 
 def canonical(cfg: Any, include_runtime: bool = False) -> dict[str, Any]:
     """The config as a JSON-able dict (tuples as lists, path fields absolute and normalised),
-    optionally without runtime fields."""
+    optionally without runtime fields. A plain dict (a stage's narrower identity) is returned in
+    its JSON form."""
+    if not dataclasses.is_dataclass(cfg):
+        return json.loads(json.dumps(cfg, sort_keys=True, default=str))
     out = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("runtime") and not include_runtime:

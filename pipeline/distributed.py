@@ -1,6 +1,6 @@
 """Running stages on a dask.distributed cluster: chunks as tasks, the fitter as a tree reduction.
 
-``run_stage(..., client=...)`` (pipeline/lifecycle.py) and the fit come here when a stage config
+``pipeline.lifecycle.run`` (with a cluster) and the fit come here when a stage config
 names a cluster (``pipeline/cluster.py`` gets the client). The coordinating process (the one you ran) keeps everything that touches shared metadata:
 the unit locks, the config check, ``prepare`` (arrays are created at their final shape before any
 worker writes), and ``finalize`` and the complete flag after the last task. Each chunk is one task:
@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline.cluster import n_workers
 from pipeline.config import canonical, fingerprint
 from pipeline.errors import XprobeError
-from pipeline.lifecycle import ChunkResult, Stage, write_chunk
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult, write_chunk
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -53,14 +54,14 @@ def open_store(spec: tuple[str, list[str]], mode: str = "a") -> Store:
 
 
 # ---- chunk stages -----------------------------------------------------------------------------
-_CACHE: OrderedDict[tuple[type, str], Stage] = OrderedDict()
+_CACHE: OrderedDict[tuple[type, str], ChunkedStage] = OrderedDict()
 _CACHE_SIZE = 2  # stages (models, SAEs) kept per worker process; the oldest is dropped
 _CACHE_LOCK = threading.Lock()
 LOADS: dict[str, int] = {}
 """How often this process built each cached stage (a worker builds each config once)."""
 
 
-def worker_stage(stage_cls: type[Stage], cfg: Any) -> Stage:
+def worker_stage(stage_cls: type[ChunkedStage], cfg: Any) -> ChunkedStage:
     """This worker process's instance of ``stage_cls(cfg)``, built (model loaded) once."""
     config = fingerprint(canonical(cfg, include_runtime=True))
     key = (stage_cls, config)
@@ -107,7 +108,11 @@ def _check_writable(store: Store, result: ChunkResult) -> None:
 
 
 def chunk_task(
-    stage_cls: type[Stage], cfg: Any, spec: tuple[str, list[str]], units: list[str], index: int
+    stage_cls: type[ChunkedStage],
+    cfg: Any,
+    spec: tuple[str, list[str]],
+    units: list[str],
+    index: int,
 ) -> dict:
     """On a worker: compute chunk ``index`` and write it to the store. Returns a small record."""
 
@@ -133,7 +138,7 @@ def chunk_task(
 
 def run_chunks(
     client: Client,
-    stage: Stage,
+    stage: ChunkedStage,
     store: Store,
     units: list[str],
     todo: Sequence[int],

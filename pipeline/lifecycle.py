@@ -1,134 +1,279 @@
-"""The stage contract and the runner that makes every stage resumable.
+"""The one stage lifecycle: every stage (``pipeline.stage``) runs through ``run`` here.
 
-A stage declares the units it writes, checks its inputs, creates its arrays and then computes
-whole chunks of sequences. The runner owns everything else: refusing a store written with another
-config (or starting over with ``force``), skipping chunks already recorded complete, writing each
-chunk on a background thread while the next one is computed, fsyncing it, recording it in the
-manifest only then, and showing progress in tokens/s with an ETA.
+Before doing or skipping anything, each unit the stage writes is assessed against the store:
+
+- *complete*: recorded complete, with this config and the same inputs (lineage): skipped;
+- *stale*: its inputs changed since it was computed (a model or SAE folder rewritten, an input
+  unit recomputed to other bytes, a hub model moved on), or an input unit is itself stale. Never
+  served as complete and never resumed: refused with one line naming the unit, the input that
+  changed and the command that recomputes it (``--force`` on the stage, ``--rebuild-stale``);
+- *another config*: refused likewise (``--force`` starts it over);
+- *restart*: started but with nothing committed (no chunk, no checkpoint), under another config
+  or other inputs: deleted and started again without asking (a first attempt that failed);
+- *resume*: started with this config and these inputs: only the missing work is done;
+- *new*.
+
+Then, for the units that need work, under a per-unit lock: create them with their provenance
+(the stage's config, its fingerprint and the lineage), and either compute the missing chunks
+(``ChunkedStage``: each written on a background thread while the next is computed, fsynced,
+recorded in the manifest only then; or as tasks on a dask cluster) or ``build`` the unit
+(``WholeStage``). A unit is marked complete, with its content fingerprint, only after that.
+
+Read-only stores (remote, zip, a local folder opened read-only or without write permission) take
+no locks: complete units are served, anything else says the store is read-only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.config import diff_keys, fingerprint
+from pipeline.config import canonical, diff_keys, fingerprint
 from pipeline.errors import XprobeError
+from pipeline.lineage import Input, Stale, changed_inputs, staleness
+from pipeline.stage import ChunkedStage, Stage, WholeStage
 from pipeline.store import Store
-from pipeline.store.io import checksum, provenance
+from pipeline.store.checkpoint import checkpoint_path
+from pipeline.store.chunks import ChunkResult, write_chunk
+from pipeline.store.io import provenance
+
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-@dataclass
-class ChunkResult:
-    """What a stage computed for chunk ``index``: rows to write, keyed by full array path."""
+@dataclass(frozen=True)
+class Assessment:
+    """What a run must do with one unit (see the module docstring)."""
 
-    index: int
-    arrays: dict[str, np.ndarray]
-    n_tok: int
-    record: dict[str, Any] = field(default_factory=dict)  # extra facts for the manifest
-
-
-class Stage(ABC):
-    """One step of the pipeline. Subclasses set ``name`` and implement the abstract methods."""
-
-    name: ClassVar[str]
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-
-    @abstractmethod
-    def units(self, store: Store) -> dict[str, dict[str, Any]]:
-        """Unit paths this stage writes, each with its stage-specific provenance."""
-
-    def validate(self, store: Store) -> None:
-        """Check inputs before anything is written; raise XprobeError with what to do."""
-
-    @abstractmethod
-    def prepare(self, store: Store) -> int | None:
-        """Create the output arrays; return the number of chunks, or None if not known yet."""
-
-    @abstractmethod
-    def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
-        """Yield a ChunkResult for every chunk index ``i`` with ``todo(i)`` true, in order."""
-
-    def tokens_todo(self, store: Store, done: set[int]) -> int | None:
-        """Tokens left to process, for the progress bar (None if unknown)."""
-        return None
-
-    def load_prepared(self, store: Store) -> None:
-        """Restore, without writing, what ``prepare`` set on this instance (a dask worker computes
-        chunks of a stage that the coordinating process prepared)."""
-
-    def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
-        """After all chunks are written: extra provenance (must include n_chunks if it was None)."""
-        return {}
+    unit: str
+    state: str  # complete | stale | config | restart | resume | new
+    stale: Stale | None = None
+    diffs: tuple[str, ...] = ()
 
 
-def check_config(store: Store, stage: Any, units: dict[str, dict[str, Any]], force: bool) -> bool:
-    """Refuse (or with ``force`` clear) units written with another config. True if all complete.
+def _has_work(store: Store, unit: str) -> bool:
+    """Whether a started unit holds anything worth keeping: a committed chunk or a checkpoint."""
+    if store.done_chunks(unit):
+        return True
+    return store.local_path is not None and checkpoint_path(store, unit).exists()
 
-    ``stage`` is anything with the stage's ``name`` and ``cfg``. The units are claimed for the
-    local store: a unit of the same name in a read-only cache is shadowed, never written or
-    compared here.
+
+def assess(
+    store: Store,
+    stage: Stage,
+    unit: str,
+    now: dict[str, Input],
+    memo: dict[str, Stale | None] | None = None,
+) -> Assessment:
+    """The state of ``unit`` for a run of ``stage`` whose inputs are ``now``."""
+    memo = {} if memo is None else memo
+    upstream = _stale_input_unit(store, unit, now, memo)
+    if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
+        return Assessment(unit, "stale", upstream) if upstream else Assessment(unit, "new")
+    info = store.info(unit)
+    changed = changed_inputs(info.get("lineage") or {}, now)
+    stale = Stale(unit, changed[0][0], changed[0][1].describe()) if changed else upstream
+    same_config = info.get("config_fingerprint") == fingerprint(stage.identity())
+    if info.get("complete"):
+        if stale is not None:
+            return Assessment(unit, "stale", stale)
+        if not same_config:
+            return Assessment(unit, "config", diffs=_diffs(stage, info))
+        return Assessment(unit, "complete")
+    if stale is not None and upstream is not None:
+        return Assessment(unit, "stale", stale)  # its inputs must be recomputed first
+    if not _has_work(store, unit):
+        return Assessment(unit, "restart" if (stale or not same_config) else "resume")
+    if stale is not None:
+        return Assessment(unit, "stale", stale)
+    if not same_config:
+        return Assessment(unit, "config", diffs=_diffs(stage, info))
+    return Assessment(unit, "resume")
+
+
+def _stale_input_unit(
+    store: Store, unit: str, now: dict[str, Input], memo: dict[str, Stale | None]
+) -> Stale | None:
+    for name, inp in now.items():
+        if inp.kind == "unit" and store.has(inp.ref):
+            upstream = staleness(store, inp.ref, memo=memo)
+            if upstream is not None:
+                return Stale(unit, name, inp.describe(), via=upstream)
+    return None
+
+
+def _diffs(stage: Stage, info: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(diff_keys(info.get("config", {}), canonical(stage.identity())))
+
+
+def refusal(stage: Stage, a: Assessment) -> XprobeError:
+    """The one-line error for a unit a run must not skip, resume or overwrite unasked."""
+    if a.state == "config":
+        return XprobeError(
+            f"{a.unit} was written by stage {stage.name!r} with another config:\n  "
+            + "\n  ".join(a.diffs)
+            + f"\nUse the same config to resume, or --force to delete {a.unit} and start it over."
+        )
+    assert a.stale is not None
+    if a.stale.via is not None:
+        root = a.stale.via
+        while root.via is not None:
+            root = root.via
+        return XprobeError(
+            f"{a.unit} is stale: {a.stale.reason()}. Recompute {root.unit} and what follows "
+            f"from it first: `xprobe run CONFIG --rebuild-stale` recomputes every stale unit in order."
+        )
+    return XprobeError(
+        f"{a.unit} is stale: {a.stale.reason()}. Recompute it with `xprobe {stage.name} --force` "
+        "(same config), or `xprobe run CONFIG --rebuild-stale` to recompute every stale unit."
+    )
+
+
+def _summary(stage: Stage, units: list[str], written: int, **extra: Any) -> dict[str, Any]:
+    return {"stage": stage.name, "units": units, "chunks_written": written, **extra}
+
+
+def _done(stage: Stage, store: Store, units: list[str], **extra: Any) -> dict[str, Any]:
+    summary = _summary(stage, units, 0, already_complete=True, **extra)
+    if isinstance(stage, WholeStage):
+        summary = stage.publish(store, summary)
+    return summary
+
+
+def run(
+    stage: Stage,
+    store: Store,
+    force: bool = False,
+    rebuild_stale: bool = False,
+    progress: bool = True,
+    cluster: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
+    """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary.
+
+    ``force`` starts the stage's units over; ``rebuild_stale`` recomputes those that are stale
+    (and nothing else). ``cluster()`` gives a dask client (or None) for the work, entered only
+    when there is work to do: chunks then run as tasks on its workers (``pipeline.distributed``)
+    while this process holds the locks, prepares and finalizes. ``client``: a client to use as is.
     """
-    store.claim(list(units))
-    new_fp = fingerprint(stage.cfg)
-    all_complete = True
-    for unit in units:
-        if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
-            all_complete = False
-            continue
-        info = store.info(unit)
-        if info.get("config_fingerprint") != new_fp:
-            if force:
-                store.delete(unit)
-                all_complete = False
-                continue
-            diffs = diff_keys(info.get("config", {}), provenance(stage.name, stage.cfg)["config"])
-            raise XprobeError(
-                f"{unit} was written by stage {info.get('stage')!r} with another config:\n  "
-                + "\n  ".join(diffs)
-                + f"\nUse the same config to resume, or --force to delete {unit} and start it over."
+    if client is not None:
+        cluster = lambda: contextlib.nullcontext(client)  # noqa: E731
+    stage.validate(store)
+    unit_facts = stage.units(store)
+    units = list(unit_facts)
+    now = stage.inputs(store)
+    memo: dict[str, Stale | None] = {}
+    config_fp = fingerprint(stage.identity())
+    if not force and (cache := store.cached_complete(units, config_fp)):
+        stale = [a for u in units if (a := assess(store, stage, u, now, memo)).state == "stale"]
+        if not stale:
+            return _done(stage, store, units, cache=cache)
+        if not rebuild_stale:
+            raise refusal(stage, stale[0])
+    if store.local_path is None or store.mode == "r":
+        return _read_only(stage, store, units, now, memo, why="is open read-only")
+    store.claim(units)
+    locked: list[str] = []
+    try:
+        for unit in units:
+            try:
+                store.acquire_lock(unit, stage.name)
+            except OSError as e:
+                if e.errno in READ_ONLY_ERRNOS:
+                    return _read_only(
+                        stage, store, units, now, memo, why=f"is not writable ({e.strerror})"
+                    )
+                raise
+            locked.append(unit)
+        return _run_locked(
+            stage, store, unit_facts, now, memo, force, rebuild_stale, progress, cluster
+        )
+    except OSError as e:  # metadata, side files and locks can hit a full disk too
+        if e.errno == errno.ENOSPC:
+            raise disk_full(store) from e
+        raise
+    finally:
+        for unit in locked:
+            store.release_lock(unit)
+
+
+def _read_only(
+    stage: Stage,
+    store: Store,
+    units: list[str],
+    now: dict[str, Input],
+    memo: dict[str, Stale | None],
+    why: str,
+) -> dict[str, Any]:
+    states = [assess(store, stage, u, now, memo) for u in units]
+    if all(a.state == "complete" for a in states):
+        return _done(stage, store, units)
+    for a in states:
+        if a.state == "stale" or (a.state == "config" and not stage.recompute_on_config_change):
+            raise refusal(stage, a)
+    if isinstance(stage, WholeStage) and stage.can_publish_read_only:
+        return stage.publish(store, _summary(stage, units, 0, already_complete=False))
+    todo = [a.unit for a in states if a.state != "complete"]
+    raise XprobeError(
+        f"the store {store.url} {why}, and {', '.join(todo)} must be computed: write to a local "
+        f"store that reads this one as a cache (`--store NEW --cache {store.url}`)"
+    )
+
+
+def _run_locked(
+    stage: Stage,
+    store: Store,
+    unit_facts: dict[str, dict[str, Any]],
+    now: dict[str, Input],
+    memo: dict[str, Stale | None],
+    force: bool,
+    rebuild_stale: bool,
+    progress: bool,
+    cluster: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+) -> dict[str, Any]:
+    units = list(unit_facts)
+    states = [assess(store, stage, u, now, memo) for u in units]
+    for a in states:
+        if a.state == "stale" and not (force or rebuild_stale):
+            raise refusal(stage, a)
+        if a.state == "stale" and a.stale is not None and a.stale.via is not None:
+            raise refusal(stage, a)  # recomputing this unit cannot help: its input is stale
+        if a.state == "config" and not (force or stage.recompute_on_config_change):
+            raise refusal(stage, a)
+    if not force and all(a.state == "complete" for a in states):
+        return _done(stage, store, units)
+    lineage = {name: inp.record() for name, inp in now.items()}
+    for a in states:
+        if store.has_local(a.unit) and (force or a.state in ("stale", "config", "restart")):
+            store.delete(a.unit)
+        if not store.has_local(a.unit) or "xprobe" not in store.group(a.unit).attrs:
+            store.create_unit(
+                a.unit,
+                provenance(stage.name, stage.identity(), lineage=lineage, **unit_facts[a.unit]),
             )
-        if force:
-            store.delete(unit)
-            all_complete = False
-        elif not info.get("complete"):
-            all_complete = False
-    return all_complete
+    with (cluster or contextlib.nullcontext)() as client:
+        if isinstance(stage, ChunkedStage):
+            summary = _run_chunks(stage, store, units, progress, client)
+        else:
+            assert isinstance(stage, WholeStage)
+            n_chunks, facts = stage.build(store, client)
+            for unit in units:
+                store.mark_complete(unit, n_chunks, **facts)
+            summary = _summary(
+                stage, units, n_chunks, already_complete=False, summary=facts.get("summary")
+            )
+    if isinstance(stage, WholeStage):
+        summary = stage.publish(store, summary)
+    return summary
 
 
-def write_chunk(store: Store, units: list[str], result: ChunkResult) -> None:
-    """Write one chunk's arrays, fsync them, then record the chunk complete in each unit."""
-    crcs: dict[str, dict[str, int]] = {u: {} for u in units}
-    for path, data in result.arrays.items():
-        arr = store.array(path)
-        start = result.index * arr.chunks[0]
-        stop = start + data.shape[0]
-        if stop > arr.shape[0]:
-            arr.resize((stop,) + arr.shape[1:])
-        arr[start:stop] = data
-        store.sync_chunk(arr, result.index)
-        unit, name = path.rsplit("/", 1)
-        crcs.setdefault(unit, {})[name] = checksum(data)
-    for unit in units:
-        record = {
-            "chunk": result.index,
-            "n_tok": result.n_tok,
-            "crc32": crcs.get(unit, {}),
-            **result.record,
-        }
-        store.mark_done(unit, result.index, record)
-
-
+# ---- chunked stages ----------------------------------------------------------------------------------
 class _Writer:
     """A background thread that writes chunks while the stage computes the next ones."""
 
@@ -174,62 +319,16 @@ def disk_full(store: Store) -> XprobeError:
     )
 
 
-def run_stage(
-    stage: Stage, store: Store, force: bool = False, progress: bool = True, client: Any = None
+def _run_chunks(
+    stage: ChunkedStage, store: Store, units: list[str], progress: bool, client: Any
 ) -> dict[str, Any]:
-    """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary.
-
-    With a dask ``client``, chunks are computed and written by the cluster's workers
-    (``pipeline.distributed``); this process still holds the locks, prepares and finalizes.
-    """
-    stage.validate(store)
-    unit_provs = stage.units(store)
-    units = list(unit_provs)
-    if not force and (cache := store.cached_complete(units, fingerprint(stage.cfg))):
-        return {
-            "stage": stage.name,
-            "units": units,
-            "chunks_written": 0,
-            "already_complete": True,
-            "cache": cache,
-        }
-    locked: list[str] = []
-    try:
-        for unit in units:
-            store.acquire_lock(unit, stage.name)
-            locked.append(unit)
-        return _run_locked(stage, store, unit_provs, force, progress, client)
-    except OSError as e:  # metadata, side files and locks can hit a full disk too
-        if e.errno == errno.ENOSPC:
-            raise disk_full(store) from e
-        raise
-    finally:
-        for unit in locked:
-            store.release_lock(unit)
-
-
-def _run_locked(
-    stage: Stage,
-    store: Store,
-    unit_provs: dict[str, dict[str, Any]],
-    force: bool,
-    progress: bool,
-    client: Any = None,
-) -> dict[str, Any]:
-    units = list(unit_provs)
-    if check_config(store, stage, unit_provs, force):
-        return {"stage": stage.name, "units": units, "chunks_written": 0, "already_complete": True}
-    for unit, extra in unit_provs.items():
-        if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
-            store.create_unit(unit, provenance(stage.name, stage.cfg, **extra))
     n_chunks = stage.prepare(store)
     if n_chunks is not None:
         for unit in units:
             store.update_info(unit, n_chunks_planned=n_chunks)
     done = set.intersection(*(store.done_chunks(u) for u in units)) if units else set()
-    total = stage.tokens_todo(store, done)
     bar = tqdm(
-        total=total,
+        total=stage.tokens_todo(store, done),
         unit="tok",
         unit_scale=True,
         desc=f"{stage.name}",
@@ -251,9 +350,15 @@ def _run_locked(
             )
         from pipeline.distributed import run_chunks
 
-        todo = [i for i in range(n_chunks) if i not in done]
         try:
-            run_chunks(client, stage, store, units, todo, on_written)
+            run_chunks(
+                client,
+                stage,
+                store,
+                units,
+                [i for i in range(n_chunks) if i not in done],
+                on_written,
+            )
         finally:
             bar.close()
     else:
@@ -277,47 +382,4 @@ def _run_locked(
                 f"{unit}: chunks {missing[:10]} are still missing after the run; rerun to resume"
             )
         store.mark_complete(unit, n_chunks, **extras)
-    return {
-        "stage": stage.name,
-        "units": units,
-        "chunks_written": len(written),
-        "already_complete": False,
-    }
-
-
-@dataclass(frozen=True)
-class _Identity:
-    name: str
-    cfg: Any
-
-
-def run_whole_unit(
-    name: str,
-    cfg: Any,
-    store: Store,
-    unit: str,
-    extra: dict[str, Any],
-    force: bool,
-    work: Callable[[], tuple[int, dict[str, Any]]],
-) -> dict[str, Any]:
-    """Run a stage that writes one unit from accumulated state (fit, match) rather than chunk by
-    chunk: lock the unit, refuse another config (or start over with ``force``), create it with
-    its provenance, then ``work()`` (which resumes from its own checkpoint) returns the chunk
-    count and the facts to record; the unit is marked complete only after that."""
-    store.acquire_lock(unit, name)
-    try:
-        if check_config(store, _Identity(name, cfg), {unit: extra}, force):
-            return {"stage": name, "units": [unit], "chunks_written": 0, "already_complete": True}
-        if not store.has(unit) or "xprobe" not in store.group(unit).attrs:
-            store.create_unit(unit, provenance(name, cfg, **extra))
-        n_chunks, facts = work()
-        store.mark_complete(unit, n_chunks, **facts)
-        return {
-            "stage": name,
-            "units": [unit],
-            "chunks_written": n_chunks,
-            "already_complete": False,
-            "summary": facts.get("summary"),
-        }
-    finally:
-        store.release_lock(unit)
+    return _summary(stage, units, len(written), already_complete=False)

@@ -1,7 +1,8 @@
 """The stages xprobe knows, in the order ``xprobe run`` runs them.
 
-Each entry names a module in ``stages/`` with a config dataclass and a ``run(cfg, store, force)``
-function. Modules are imported only when used, so the CLI starts fast.
+Each entry names a module in ``stages/`` with a config dataclass and a
+``run(cfg, store, force, rebuild_stale)`` function (which hands the module's stage to
+``pipeline.lifecycle.run``). Modules are imported only when used, so the CLI starts fast.
 """
 
 from __future__ import annotations

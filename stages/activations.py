@@ -33,8 +33,10 @@ from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.inputs.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
-from pipeline.lifecycle import ChunkResult, Stage
+from pipeline.lineage import Input, model_input, unit_input
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
 from pipeline.store.layout import (
     RESID_HOOK,
     RESID_HOOK_ADVICE,
@@ -170,7 +172,7 @@ def _vocab_from_json(text: str) -> dict[int, str]:
     return vocab
 
 
-class ActivationsStage(Stage):
+class ActivationsStage(ChunkedStage):
     name = "activations"
     cfg: ActivationsConfig
 
@@ -258,6 +260,12 @@ class ActivationsStage(Stage):
                 "chunk_seqs": int(tinfo["chunk_seqs"]),
             }
         return out
+
+    def inputs(self, store: Store) -> dict[str, Input]:
+        return {
+            "tokens": unit_input(store, self.tokens),
+            "model": model_input(self.cfg.model, self.cfg.revision),
+        }
 
     def validate(self, store: Store) -> None:
         if not store.has(self.tokens):
@@ -370,10 +378,16 @@ class ActivationsStage(Stage):
             yield ChunkResult(index, arrays, n_tok=len(ids) * ctx)
 
 
-def run(cfg: ActivationsConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.lifecycle import run_stage
+def run(
+    cfg: ActivationsConfig, store: Store, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
+    from pipeline import lifecycle
 
-    with client_for(cfg) as client:  # None unless scheduler / workers is set
-        return run_stage(
-            ActivationsStage(cfg), store, force=force, progress=cfg.progress, client=client
-        )
+    return lifecycle.run(
+        ActivationsStage(cfg),
+        store,
+        force=force,
+        rebuild_stale=rebuild_stale,
+        progress=cfg.progress,
+        cluster=lambda: client_for(cfg),  # None unless scheduler / workers is set
+    )

@@ -42,7 +42,7 @@ from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs import sae as sae_loader
-from pipeline.lifecycle import ChunkResult, Stage
+from pipeline.lineage import Input, sae_input, unit_input
 from pipeline.maths.sparse_pack import (
     CALIBRATION_TOKENS,
     STATS,
@@ -53,7 +53,9 @@ from pipeline.maths.sparse_pack import (
     pack_sparse,
 )
 from pipeline.maths.transfer import PAIR, SCALARS, add_transfer_sums, transfer_metrics
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
 from pipeline.store.layout import (
     RESID_HOOK,
     RESID_HOOK_ADVICE,
@@ -126,7 +128,7 @@ def load_sae(cfg: FeaturesConfig, device: str) -> Any:
     )
 
 
-class FeaturesStage(Stage):
+class FeaturesStage(ChunkedStage):
     name = "features"
     cfg: FeaturesConfig
 
@@ -192,6 +194,17 @@ class FeaturesStage(Stage):
                 "transfer_models": list(self.cfg.transfer_models),
             }
         }
+
+    def inputs(self, store: Store) -> dict[str, Input]:
+        cfg = self.cfg
+        out = {
+            "tokens": unit_input(store, self.tokens),
+            "activations": unit_input(store, self.acts_of(cfg.model)),
+            "sae": sae_input(cfg.sae, cfg.sae_id, cfg.sae_path),
+        }
+        for b in cfg.transfer_models:
+            out[f"activations of {b}"] = unit_input(store, self.acts_of(b))
+        return out
 
     def _require_acts(self, store: Store, model: str) -> dict[str, Any]:
         if not RESID_HOOK.match(self.hook):
@@ -426,10 +439,16 @@ class FeaturesStage(Stage):
         store.sync_chunk(arr, 0)
 
 
-def run(cfg: FeaturesConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.lifecycle import run_stage
+def run(
+    cfg: FeaturesConfig, store: Store, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
+    from pipeline import lifecycle
 
-    with client_for(cfg) as client:  # None unless scheduler / workers is set
-        return run_stage(
-            FeaturesStage(cfg), store, force=force, progress=cfg.progress, client=client
-        )
+    return lifecycle.run(
+        FeaturesStage(cfg),
+        store,
+        force=force,
+        rebuild_stale=rebuild_stale,
+        progress=cfg.progress,
+        cluster=lambda: client_for(cfg),  # None unless scheduler / workers is set
+    )

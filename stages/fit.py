@@ -15,7 +15,6 @@ and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,15 +27,15 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
-from pipeline.lifecycle import run_whole_unit
+from pipeline.lineage import Input, unit_input
 from pipeline.maths.lstsq import SufficientStats, solve_ridge
 from pipeline.maths.split import held_out_sequences
+from pipeline.stage import WholeStage
 from pipeline.store import Store
+from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
 from pipeline.store.reader import load_acts
 from pipeline.store.sparse import load_sparse, select_rows
-
-CHECKPOINT = "_checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,9 @@ class Fit:
         }
 
     def _load_checkpoint(self, d: int, n_feat: int) -> tuple[list[int], dict]:
-        path = self.store.local_path / self.unit / CHECKPOINT
-        if not path.exists():
+        state = load_checkpoint(self.store, self.unit)
+        if state is None:
             return [], self.fresh_stats(d, n_feat)
-        state = torch.load(path, map_location="cpu", weights_only=False)
         stats = {
             hook: {
                 split: SufficientStats.from_state_dict(sd, self.device, self.dtype)
@@ -164,17 +162,11 @@ class Fit:
         return list(state["consumed"]), stats
 
     def _save_checkpoint(self, consumed: list[int], stats: dict) -> None:
-        path = self.store.local_path / self.unit / CHECKPOINT
-        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         state = {
             "consumed": consumed,
             "stats": {h: {s: st.state_dict() for s, st in sp.items()} for h, sp in stats.items()},
         }
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_checkpoint(self.store, self.unit, state)
 
     def held_out_mask(self) -> torch.Tensor:
         """[n_seq] bool: the held-out sequences of this fit's corpus."""
@@ -317,19 +309,51 @@ class Fit:
         return summary
 
 
-def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    fit = Fit(cfg, store)
-    extra = fit.validate()
+class FitStage(WholeStage):
+    """The fit as a stage of the lifecycle: one unit ``probes/<name>``."""
 
-    def work() -> tuple[int, dict[str, Any]]:
-        with client_for(cfg) as client:  # None unless scheduler / workers is set
-            stats = fit.accumulate(extra["d_model"], extra["n_feat"], client)
-        summary = fit.solve_and_write(stats, extra["n_feat"])
-        first = stats[cfg.hooks[0]]
-        return extra["n_chunks_planned"], {
+    name = "fit"
+    cfg: FitConfig
+
+    def validate(self, store: Store) -> None:
+        self.fit = Fit(self.cfg, store)
+        self.facts = self.fit.validate()
+
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        return {self.fit.unit: self.facts}
+
+    def inputs(self, store: Store) -> dict[str, Input]:
+        fit = self.fit
+        return {
+            "tokens": unit_input(store, fit.tokens),
+            "features": unit_input(store, fit.feats),
+            **{
+                f"activations at {hook}": unit_input(store, unit) for hook, unit in fit.acts.items()
+            },
+        }
+
+    def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
+        facts = self.facts
+        stats = self.fit.accumulate(facts["d_model"], facts["n_feat"], client)
+        summary = self.fit.solve_and_write(stats, facts["n_feat"])
+        first = stats[self.cfg.hooks[0]]
+        return facts["n_chunks_planned"], {
             "summary": summary,
             "n_tok_train": int(first["train"].n),
             "n_tok_held_out": int(first["held_out"].n),
         }
 
-    return run_whole_unit("fit", cfg, store, fit.unit, extra, force, work)
+
+def run(
+    cfg: FitConfig, store: Store, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
+    from pipeline import lifecycle
+
+    return lifecycle.run(
+        FitStage(cfg),
+        store,
+        force=force,
+        rebuild_stale=rebuild_stale,
+        progress=cfg.progress,
+        cluster=lambda: client_for(cfg),  # None unless scheduler / workers is set
+    )

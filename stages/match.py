@@ -24,9 +24,7 @@ Writes ``matches/<name>/``:
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +36,7 @@ from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs.sae import load_sae_of
-from pipeline.lifecycle import run_whole_unit
+from pipeline.lineage import Input, unit_input
 from pipeline.maths.coactivation import (
     DensePairs,
     Marginals,
@@ -49,11 +47,12 @@ from pipeline.maths.coactivation import (
     top_k_per_row,
     update_best_per_column,
 )
+from pipeline.stage import WholeStage
 from pipeline.store import Store
+from pipeline.store.checkpoint import drop_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.store.layout import feats_unit, matches_unit, tokens_unit
 from pipeline.store.sparse import load_sparse
 
-CHECKPOINT = "_checkpoint.pt"
 DENSE_BYTES_PER_PAIR = 16  # float64 Σab + int64 count
 EXTRACT_BYTES_PER_PAIR = 160  # correlations, sort orders and masks while taking the top-k
 
@@ -175,7 +174,6 @@ class Match:
     def _fresh_state(self, n_a: int, n_b: int) -> dict[str, Any]:
         k = self.cfg.k
         return {
-            "inputs": self._inputs(),
             "plan": self.plan(n_a, n_b),
             "block": 0,
             "consumed": [],
@@ -194,42 +192,14 @@ class Match:
             },
         }
 
-    def _checkpoint_path(self):
-        return self.store.local_path / self.unit / CHECKPOINT
-
     def _load_state(self, n_a: int, n_b: int) -> dict[str, Any]:
-        path = self._checkpoint_path()
-        if not path.exists():
-            return self._fresh_state(n_a, n_b)
-        # the plan stored there is kept even if memory_budget_mb changed: resuming never re-plans
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("inputs") != self._inputs():
-            raise XprobeError(
-                f"{self.feats_a} or {self.feats_b} was rewritten after {self.unit} was started; "
-                "rerun with --force to match the new features"
-            )
-        return state
-
-    def _inputs(self) -> dict[str, str]:
-        """Content identity of the features units read (a hash of their chunk checksums), so a
-        checkpoint is never resumed on other features."""
-        out = {}
-        for unit in (self.feats_a, self.feats_b):
-            h = hashlib.sha256()
-            for i in range(int(self.store.info(unit)["n_chunks"])):
-                crc = (self.store.chunk_record(unit, i) or {}).get("crc32", {})
-                h.update(f"{crc.get('idx')}:{crc.get('val')};".encode())
-            out[unit] = h.hexdigest()[:16]
-        return out
+        # the plan stored there is kept even if memory_budget_mb changed: resuming never re-plans.
+        # Its inputs cannot have changed: the lifecycle refuses (or restarts) a stale unit.
+        state = load_checkpoint(self.store, self.unit)
+        return self._fresh_state(n_a, n_b) if state is None else state
 
     def _save_state(self, state: dict[str, Any]) -> None:
-        path = self._checkpoint_path()
-        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_checkpoint(self.store, self.unit, state)
 
     # ---- accumulation -------------------------------------------------------------------------
     def _chunk(self, index: int) -> tuple[int, tuple, tuple, int]:
@@ -431,14 +401,39 @@ class Match:
         return sae.W_dec.detach().float().cpu().numpy()
 
 
-def run(cfg: MatchConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    match = Match(cfg, store)
-    extra = match.validate()
+class MatchStage(WholeStage):
+    """The matching as a stage of the lifecycle: one unit ``matches/<name>``."""
 
-    def work() -> tuple[int, dict[str, Any]]:
-        state = match.accumulate(extra["n_feat_a"], extra["n_feat_b"])
-        summary = match.write(state)
-        match._checkpoint_path().unlink(missing_ok=True)  # the results are written: no resume left
-        return extra["n_chunks_planned"], {"summary": summary}
+    name = "match"
+    cfg: MatchConfig
 
-    return run_whole_unit("match", cfg, store, match.unit, extra, force, work)
+    def validate(self, store: Store) -> None:
+        self.match = Match(self.cfg, store)
+        self.facts = self.match.validate()
+
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        return {self.match.unit: self.facts}
+
+    def inputs(self, store: Store) -> dict[str, Input]:
+        m = self.match
+        return {
+            "tokens": unit_input(store, m.tokens),
+            "features A": unit_input(store, m.feats_a),
+            "features B": unit_input(store, m.feats_b),
+        }
+
+    def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
+        state = self.match.accumulate(self.facts["n_feat_a"], self.facts["n_feat_b"])
+        summary = self.match.write(state)
+        drop_checkpoint(store, self.match.unit)  # the results are written: no resume left
+        return self.facts["n_chunks_planned"], {"summary": summary}
+
+
+def run(
+    cfg: MatchConfig, store: Store, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
+    from pipeline import lifecycle
+
+    return lifecycle.run(
+        MatchStage(cfg), store, force=force, rebuild_stale=rebuild_stale, progress=cfg.progress
+    )

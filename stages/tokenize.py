@@ -22,10 +22,12 @@ import numpy as np
 
 from pipeline.config import check_fields, path_field, runtime
 from pipeline.errors import XprobeError
-from pipeline.inputs.corpus import iter_documents, resolve_paths, source_fingerprint
+from pipeline.inputs.corpus import iter_documents, resolve_paths
 from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.lifecycle import ChunkResult, Stage
+from pipeline.lineage import Input, files_input, tokenizer_input
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
 from pipeline.store.layout import tokens_unit
 
 
@@ -159,7 +161,7 @@ class _Packer:
         return out
 
 
-class TokenizeStage(Stage):
+class TokenizeStage(ChunkedStage):
     name = "tokenize"
     cfg: TokenizeConfig
 
@@ -203,24 +205,23 @@ class TokenizeStage(Stage):
                 "tokenizer": self.cfg.tokenizer,
                 "tokenizer_revision": self.cfg.tokenizer_revision,
                 "tokenizer_fingerprint": tokenizer_fingerprint(self.tok),
-                "source_fingerprint": source_fingerprint(self.paths),
                 "ctx": self.cfg.ctx,
                 "chunk_seqs": self.cfg.chunk_seqs,
                 "dtype": "int32",
             }
         }
 
+    def inputs(self, store: Store) -> dict[str, Input]:
+        cfg = self.cfg
+        return {
+            "corpus": files_input(self.paths),
+            "tokenizer": tokenizer_input(
+                cfg.tokenizer, cfg.tokenizer_revision, tokenizer_fingerprint(self.tok)
+            ),
+        }
+
     def validate(self, store: Store) -> None:
         self._special()
-        if store.has_local(self.unit) and "xprobe" in store.group(self.unit).attrs:
-            info = store.info(self.unit)
-            if not info.get("complete") and info.get("source_fingerprint") != source_fingerprint(
-                self.paths
-            ):
-                raise XprobeError(
-                    f"the corpus files changed since {self.unit} was started; resuming would mix two corpora. "
-                    "Restore them or rerun with --force."
-                )
 
     def prepare(self, store: Store) -> int | None:
         cfg = self.cfg
@@ -334,7 +335,11 @@ class TokenizeStage(Stage):
         }
 
 
-def run(cfg: TokenizeConfig, store: Store, force: bool = False) -> dict[str, Any]:
-    from pipeline.lifecycle import run_stage
+def run(
+    cfg: TokenizeConfig, store: Store, force: bool = False, rebuild_stale: bool = False
+) -> dict[str, Any]:
+    from pipeline import lifecycle
 
-    return run_stage(TokenizeStage(cfg), store, force=force, progress=cfg.progress)
+    return lifecycle.run(
+        TokenizeStage(cfg), store, force=force, rebuild_stale=rebuild_stale, progress=cfg.progress
+    )

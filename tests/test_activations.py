@@ -215,7 +215,7 @@ def test_float16_overflow_is_located_not_stored(tmp_path, corpus_jsonl, tokenize
 
 KILL_SCRIPT = """
 import sys, time
-from pipeline.lifecycle import run_stage
+from pipeline.lifecycle import run as run_stage
 from pipeline.store import Store
 from stages.activations import ActivationsConfig, ActivationsStage
 

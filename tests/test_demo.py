@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.cli import cli
 from pipeline.config import load_toml
 from pipeline.demo.build import SIZES, build
 from pipeline.demo.run import run_demo
-from pipeline.errors import XprobeError
 
 MODELS = ("model_a", "b_finetune", "b_scratch", "b_random", "b_ablated", "b_erased")
 
@@ -89,6 +90,7 @@ def test_builder_is_reproducible(demo_data, tmp_path):
 
 def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     root = tmp_path / "xprobe-demo"
+    demo_data = Path(shutil.copytree(demo_data, tmp_path / "data"))  # this test rewrites a model
     first = run_demo(root, demo_data, max_tokens=20_000, progress=False)
     stages = [s["stage"] for s in first.summaries]
     assert stages[:2] == ["tokenize", "activations"] and stages.count("fit") == 6
@@ -113,9 +115,17 @@ def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     assert "AUROC" in result.output and "R²/ceiling" in result.output
     again = run_demo(root, demo_data, max_tokens=20_000, progress=False)
     assert json.dumps(again.numbers, sort_keys=True) == json.dumps(n, sort_keys=True)
-    (root / "demo_models.sha256").write_text("made with other models\n")
-    with pytest.raises(XprobeError, match="other demo models"):
-        run_demo(root, demo_data, max_tokens=20_000, progress=False)
+    # a rebuilt demo model under the same path: exactly what was computed from it is redone
+    weights = demo_data / "b_random" / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1.5 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    rebuilt = run_demo(root, demo_data, max_tokens=20_000, progress=False)
+    redone = sorted(
+        u for s in rebuilt.summaries if not s.get("already_complete") for u in s["units"]
+    )
+    assert [u.rsplit("/", 1)[0] for u in redone] == ["acts/stdlib/b_random", "probes", "report"]
+    assert redone[1:] == ["probes/random", "report/demo"]  # the report renders on every run
+    assert rebuilt.numbers["ratio_median"]["random"] != n["ratio_median"]["random"]
 
 
 def test_erased_model_changes_only_what_feeds_the_sae_layer(demo_data):

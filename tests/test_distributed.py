@@ -25,14 +25,15 @@ from pipeline.cluster import local_cluster, visible_gpus
 from pipeline.config import fingerprint
 from pipeline.distributed import merge_tree, partitions
 from pipeline.errors import XprobeError
-from pipeline.lifecycle import run_stage
+from pipeline.lifecycle import run as run_stage
 from pipeline.maths.lstsq import SufficientStats, solve_ridge
 from pipeline.store import Store
+from pipeline.store.checkpoint import CHECKPOINT
 from stages.activations import ActivationsConfig, ActivationsStage
 from stages.activations import run as activations
 from stages.features import FeaturesConfig
 from stages.features import run as features
-from stages.fit import CHECKPOINT, FitConfig
+from stages.fit import FitConfig
 from stages.fit import run as fit
 from tests.helpers import save_standard_sae, tokenize_small
 

@@ -213,7 +213,7 @@ def test_cache_supplies_inputs_outputs_stay_local(
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pipeline.lifecycle import run_stage
+from pipeline.lifecycle import run as run_stage
 from pipeline.store import Store
 from stages.tokenize import TokenizeConfig, TokenizeStage
 

@@ -223,7 +223,7 @@ def test_overflow_records_dropped_mass_and_refuses_past_limit(store_path, sae_di
 
 KILL_SCRIPT = """
 import sys, time
-from pipeline.lifecycle import run_stage
+from pipeline.lifecycle import run as run_stage
 from pipeline.store import Store
 from stages.features import FeaturesConfig, FeaturesStage
 

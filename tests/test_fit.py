@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from pipeline.errors import XprobeError
-from pipeline.lifecycle import ChunkResult, Stage, run_stage
+from pipeline.lifecycle import run as run_stage
+from pipeline.lineage import unit_input
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.fit import FitConfig, held_out_sequences
@@ -32,7 +35,7 @@ class _ToyConfig:
     seed: int = 0
 
 
-class _FakeFeatures(Stage):
+class _FakeFeatures(ChunkedStage):
     """Writes a features unit in the features stage's format from a known map of A's activations:
     y = relu(x_A · W + b), dense top-K with K = N_FEAT (no drops), so the test knows the targets."""
 
@@ -45,6 +48,9 @@ class _FakeFeatures(Stage):
         self.w = torch.randn(64, N_FEAT, generator=g) / (8 * x_scale)  # pre-activations ~ N(0, 1)
         self.b = -torch.rand(N_FEAT, generator=g) * torch.linspace(0, 2, N_FEAT)
         self.b[-1] = -1e9  # a dead feature
+
+    def inputs(self, store):
+        return {"tokens": unit_input(store, "tokens/c")}
 
     def units(self, store):
         t = store.info("tokens/c")

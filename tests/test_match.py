@@ -14,8 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.errors import XprobeError
-from pipeline.lifecycle import ChunkResult, Stage, run_stage
+from pipeline.lifecycle import run as run_stage
+from pipeline.lineage import unit_input
+from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
 from stages.match import MatchConfig, run
 from tests.helpers import tokenize_small
 
@@ -62,7 +65,7 @@ def toy_features(side: str, n_rows: int, mask: np.ndarray, seed: int) -> np.ndar
     return a * mask[:, None]
 
 
-class _ToyFeatures(Stage):
+class _ToyFeatures(ChunkedStage):
     """Writes a features unit in the features stage's format (top-K idx/val, -1 padding)."""
 
     name = "features"
@@ -72,6 +75,9 @@ class _ToyFeatures(Stage):
         self.corpus = corpus
         self.unit = f"feats/{corpus}/s{cfg.side}"
         self.n_feat = N_A if cfg.side == "a" else N_B
+
+    def inputs(self, store):
+        return {"tokens": unit_input(store, f"tokens/{self.corpus}")}
 
     def units(self, store):
         t = store.info(f"tokens/{self.corpus}")
@@ -295,7 +301,7 @@ def test_sparse_interrupted_mid_pass(store, monkeypatch):
         run(_cfg(name="w", accumulator="sparse", checkpoint_every=2), store)
     failing.off()
     run_stage(_ToyFeatures(_ToyConfig("b", seed=1)), store, force=True, progress=False)
-    with pytest.raises(XprobeError, match="was rewritten after matches/w was started"):
+    with pytest.raises(XprobeError, match="matches/w is stale: feats/c/sb changed since"):
         run(_cfg(name="w", accumulator="sparse", checkpoint_every=2), store)
     resumed, uninterrupted = _read(store, "r"), _read(store, "u")
     for key in OUT:

@@ -21,7 +21,7 @@ from pipeline.report.plots import png
 from pipeline.store.layout import feats_unit, matches_unit, safe_name
 
 if TYPE_CHECKING:
-    from stages.report import Report, Role
+    from pipeline.report.model import Report, Role
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pipeline.store import Store
 from pipeline.store.layout import probes_unit, safe_name
 
 if TYPE_CHECKING:
-    from stages.report import Report, Role
+    from pipeline.report.model import Report, Role
 
 
 def _probe(store: Store, fit: str, hook: str, key: str) -> np.ndarray:
@@ -32,8 +32,9 @@ def cached_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str
     or the features change (loading sae-lens alone takes seconds)."""
     store, path = report.store, f"{report.unit}/encoder_cosine"
     cinfo = store.info(probes_unit(ceiling.fit))
-    key = fingerprint(
-        [cinfo["config_fingerprint"], cinfo["created"], store.info(report.feats)["created"]]
+    finfo = store.info(report.feats)
+    key = fingerprint(  # what the cosine was computed from, by content (lineage fingerprints)
+        [cinfo.get("content_fingerprint") or cinfo["created"], finfo.get("content_fingerprint")]
     )
     if store.has(path) and store.array(path).attrs.get("xprobe", {}).get("cosine_key") == key:
         return store.array(path)[:], ""

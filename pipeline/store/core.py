@@ -24,10 +24,12 @@ in ``pipeline.store.io``; the per-unit write locks in ``pipeline.store.locks``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from pipeline.errors import XprobeError
 from pipeline.store import io as store_io
 from pipeline.store import locks
 from pipeline.store.io import checksum
+from pipeline.store.layout import UNIT_KINDS, tokens_unit, unit_of
 
 # Our side files (_done/, tokenizer.json) live inside unit folders; zarr warns about every non-zarr
 # entry when it lists a group. They are ours, so that warning says nothing useful.
@@ -47,14 +50,6 @@ warnings.filterwarnings(
 )
 
 DONE_DIR = "_done"
-UNIT_DEPTH = {"tokens": 2, "acts": 4, "feats": 3, "probes": 2, "matches": 2, "report": 2}
-"""Path components that name a unit, by top-level group (``acts/<corpus>/<model>/<hook>``: 4)."""
-
-
-def unit_of(path: str) -> str:
-    """The unit a store path belongs to: ``acts/c/m/blocks.1.hook_resid_post/x`` -> its first 4 parts."""
-    parts = path.strip("/").split("/")
-    return "/".join(parts[: UNIT_DEPTH.get(parts[0], len(parts))])
 
 
 class Store:
@@ -113,8 +108,6 @@ class Store:
         corpus = info.get("corpus")
         if unit.startswith("tokens/") or corpus is None:
             return
-        from pipeline.store.layout import tokens_unit
-
         tokens = tokens_unit(corpus)
         source = self._source(tokens)
         if not source.has(tokens):
@@ -363,7 +356,31 @@ class Store:
                 arr.attrs["xprobe"] = {**arr.attrs["xprobe"], **extra}
 
     def mark_complete(self, unit: str, n_chunks: int, **extra: Any) -> None:
-        self.update_info(unit, complete=True, n_chunks=n_chunks, **extra)
+        """Record ``unit`` complete with its content fingerprint (what downstream lineage names).
+
+        A chunked unit's fingerprint hashes its chunk markers' checksums (no data is read); a
+        whole unit's arrays are read back once for their crc32s, recorded as ``checksums`` so
+        that ``xprobe verify`` can check them, and hashed into the fingerprint.
+        """
+        facts: dict[str, Any] = {}
+        if UNIT_KINDS[unit.split("/")[0]].chunked:
+            h = hashlib.sha256()
+            for index in range(n_chunks):
+                record = self.chunk_record(unit, index) or {}
+                h.update(f"{index}:{json.dumps(record.get('crc32', {}), sort_keys=True)};".encode())
+        else:
+            facts["checksums"] = self.array_checksums(unit)
+            h = hashlib.sha256(json.dumps(facts["checksums"], sort_keys=True).encode())
+        facts["content_fingerprint"] = h.hexdigest()[:16]
+        self.update_info(unit, complete=True, n_chunks=n_chunks, **extra, **facts)
+
+    def array_checksums(self, unit: str) -> dict[str, int]:
+        """crc32 of every array under ``unit`` (path relative to it), read in row blocks."""
+        out = {}
+        for path, node in sorted(self.group(unit).members(max_depth=None), key=lambda m: m[0]):
+            if isinstance(node, zarr.Array):
+                out[path] = array_crc32(node)
+        return out
 
     def require_chunk(self, unit: str, index: int) -> None:
         if index not in self.done_chunks(unit):
@@ -413,3 +430,16 @@ class Store:
                 f"the copy at {src.url} is damaged: fetch it again or ask its author to re-share it"
             )
         return f"chunk {index} of {array_path} is corrupted ({why}); {todo}"
+
+
+def array_crc32(array: zarr.Array, max_bytes: int = 256 * 2**20) -> int:
+    """crc32 of a whole array's bytes in C order, read a block of rows at a time."""
+    crc = 0
+    if array.ndim == 0:
+        return zlib.crc32(np.ascontiguousarray(array[...]).tobytes())
+    row_bytes = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+    step = max(1, max_bytes // row_bytes)
+    for start in range(0, array.shape[0], step):
+        block = np.ascontiguousarray(array[start : start + step])
+        crc = zlib.crc32(block.view(np.uint8).reshape(-1), crc)
+    return crc

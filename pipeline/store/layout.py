@@ -1,9 +1,10 @@
-"""Where each stage's units live in the store, and safe names for path components."""
+"""Where each stage's units live in the store, what arrays they hold, and safe path components."""
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from pipeline.errors import XprobeError
 
@@ -56,3 +57,90 @@ def probes_unit(name: str) -> str:
 
 def matches_unit(name: str) -> str:
     return f"matches/{safe_name(name)}"
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of unit: how many path components name it, which stage writes it, whether it is
+    written chunk by chunk (a manifest of ``_done/<i>.json`` markers) or as a whole (its arrays'
+    checksums recorded in its provenance at completion), and the arrays it holds."""
+
+    depth: int
+    stage: str
+    chunked: bool
+    arrays: dict[str, str]
+
+
+UNIT_KINDS: dict[str, UnitKind] = {
+    "tokens": UnitKind(
+        2,
+        "tokenize",
+        True,
+        {
+            "ids": "[n_seq, ctx] int32 token ids",
+            "mask": "[n_seq, ctx] bool positions that count (not BOS, not padding)",
+            "doc": "[n_seq, ctx] int32 document index (-1: padding)",
+        },
+    ),
+    "acts": UnitKind(
+        4,
+        "activations",
+        True,
+        {"x": "[n_tok, d_model] the model's dtype (bfloat16 as uint16 bits)"},
+    ),
+    "feats": UnitKind(
+        3,
+        "features",
+        True,
+        {
+            "idx": "[n_tok, K] int32 active feature ids, ascending, -1 = padding",
+            "val": "[n_tok, K] float32 their activations",
+            "chunk_stats": "[n_chunks, 4, n_feat] float64 per-chunk partial statistics",
+            "stats/{count,frequency,mean,max,sum,sum_sq,dead}": "[n_feat]",
+            "transfer/<B>/corr": "[n_feat] float64 direct-transfer correlation",
+        },
+    ),
+    "probes": UnitKind(
+        2,
+        "fit",
+        False,
+        {
+            "<hook>/direction": "[F, d_B] float32 B's direction per feature",
+            "<hook>/{intercept,lam,r2_train,r2_held_out,pearson_held_out}": "[F]",
+            "<hook>/{n_active_train,n_active_held_out}": "[F] int64",
+            "<hook>/status": "[F] int8",
+            "best_hook": "[F] int32 index into hooks",
+        },
+    ),
+    "matches": UnitKind(
+        2,
+        "match",
+        False,
+        {
+            "best_idx, best_corr, mutual": "[F_A]",
+            "top_idx, top_corr, top_n_coactive": "[F_A, k]",
+            "b_best_idx, b_best_corr": "[F_B]",
+        },
+    ),
+    "report": UnitKind(
+        2,
+        "report",
+        False,
+        {
+            "token_r2": "[F] float64",
+            "top_value, top_token": "[F, n_contexts]",
+        },
+    ),
+}
+"""Every top-level group of the store, keyed by its name (``acts/<corpus>/<model>/<hook>``: 4)."""
+
+
+def unit_of(path: str) -> str:
+    """The unit a store path belongs to: ``acts/c/m/blocks.1.hook_resid_post/x`` -> its first 4 parts."""
+    parts = path.strip("/").split("/")
+    kind = UNIT_KINDS.get(parts[0])
+    return "/".join(parts[: kind.depth if kind else len(parts)])
+
+
+def report_unit(name: str) -> str:
+    return f"report/{safe_name(name)}"

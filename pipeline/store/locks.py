@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.errors import XprobeError
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +62,7 @@ def acquire_lock(path: Path, unit: str, stage: str) -> None:
                 holder = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+            if holder.get("host") == me["host"] and not pid_alive(holder.get("pid", -1)):
                 _remove_stale_lock(path, holder)  # its process is gone
                 continue
             raise XprobeError(

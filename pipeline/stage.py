@@ -1,0 +1,98 @@
+"""The stage contract: what every stage declares, in one of two shapes.
+
+A stage writes one or more *units* of the store. It declares them (``units``), the inputs they
+are computed from (``inputs``: store units, models, SAEs, corpus files, tokenizers; see
+``pipeline.lineage``), and checks what it needs before anything is written (``validate``). The
+lifecycle (``pipeline.lifecycle.run``) does everything else, the same way for every stage: locks,
+refusing another config, lineage (a unit whose inputs changed is stale, never complete),
+creating units with their provenance, resuming, marking complete.
+
+Two shapes of work:
+
+- ``ChunkedStage`` (tokenize, activations, features) computes whole chunks of sequences, each
+  written and recorded on its own (``prepare``, ``compute``, ``finalize``), so a rerun does only
+  the missing chunks and chunks can run as tasks on a dask cluster.
+- ``WholeStage`` (fit, match, report) builds its unit from a pass over its inputs (``build``,
+  which resumes from its own checkpoint, ``pipeline.store.checkpoint``); ``publish`` runs after
+  every run, complete or already complete (the report renders its files there).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+from pipeline.lineage import Input
+from pipeline.store import Store
+from pipeline.store.chunks import ChunkResult
+
+
+class Stage(ABC):
+    """One step of the pipeline. Subclasses set ``name`` and implement the abstract methods."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @abstractmethod
+    def units(self, store: Store) -> dict[str, dict[str, Any]]:
+        """Unit paths this stage writes, each with its stage-specific provenance facts."""
+
+    @abstractmethod
+    def inputs(self, store: Store) -> dict[str, Input]:
+        """What the units are computed from, by name (``pipeline.lineage``); called after
+        ``validate``, before anything is done or skipped."""
+
+    recompute_on_config_change: ClassVar[bool] = False
+    """True for a unit that is only a cache (the report's pass): another config recomputes it
+    instead of being refused."""
+
+    def validate(self, store: Store) -> None:
+        """Check inputs before anything is written; raise XprobeError with what to do."""
+
+    def identity(self) -> Any:
+        """What the units' config fingerprint covers: the config (runtime fields excluded)."""
+        return self.cfg
+
+
+class ChunkedStage(Stage):
+    """A stage whose units are written chunk by chunk (one chunk = ``chunk_seqs`` sequences)."""
+
+    @abstractmethod
+    def prepare(self, store: Store) -> int | None:
+        """Create the output arrays; return the number of chunks, or None if not known yet."""
+
+    @abstractmethod
+    def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
+        """Yield a ChunkResult for every chunk index ``i`` with ``todo(i)`` true, in order."""
+
+    def tokens_todo(self, store: Store, done: set[int]) -> int | None:
+        """Tokens left to process, for the progress bar (None if unknown)."""
+        return None
+
+    def load_prepared(self, store: Store) -> None:
+        """Restore, without writing, what ``prepare`` set on this instance (a dask worker computes
+        chunks of a stage that the coordinating process prepared)."""
+
+    def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
+        """After all chunks are written: extra provenance (must include n_chunks if it was None)."""
+        return {}
+
+
+class WholeStage(Stage):
+    """A stage that writes each unit from one accumulated pass (fit, match, report)."""
+
+    can_publish_read_only: ClassVar[bool] = False
+    """Whether ``publish`` can run on a read-only store whose unit is missing (computing in
+    memory what it would have cached)."""
+
+    @abstractmethod
+    def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
+        """Compute and write the unit(s), resuming from a checkpoint if there is one; return the
+        number of chunks read and the facts to record at completion."""
+
+    def publish(self, store: Store, summary: dict[str, Any]) -> dict[str, Any]:
+        """After the units are complete (now or before): anything rebuilt on every run."""
+        return summary
