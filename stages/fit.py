@@ -88,6 +88,15 @@ class Fit:
         store, cfg = self.store, self.cfg
         if not cfg.hooks:
             raise XprobeError("fit needs at least one hook of model B (hooks = [...])")
+        for value, what in [
+            (cfg.checkpoint_every, "checkpoint_every"),
+            (cfg.feature_block, "feature_block"),
+            (cfg.min_active, "min_active"),
+        ]:
+            if value < 1:
+                raise XprobeError(f"{what} must be at least 1, got {value}")
+        if cfg.checkpoint_seconds <= 0:
+            raise XprobeError(f"checkpoint_seconds must be positive, got {cfg.checkpoint_seconds}")
         for unit, what in [
             (self.tokens, "tokenize"),
             (self.feats, "features"),

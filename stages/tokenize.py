@@ -158,6 +158,10 @@ class TokenizeStage(ChunkedStage):
             raise XprobeError(f"ctx must be at least 2, got {cfg.ctx}")
         if cfg.chunk_seqs < 1:
             raise XprobeError(f"chunk_seqs must be positive, got {cfg.chunk_seqs}")
+        if cfg.max_tokens is not None and cfg.max_tokens < 1:
+            raise XprobeError(
+                f"max_tokens must be at least 1, got {cfg.max_tokens}; leave it out for no cap"
+            )
         self.unit = tokens_unit(cfg.corpus)
         self._tok = None
         self._paths = None
