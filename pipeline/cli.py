@@ -17,7 +17,7 @@ import click
 
 from pipeline.api import _sections, plan, store_location
 from pipeline.config import field_docs, from_dict, is_list_field, load_toml, parse_flag, relative_to
-from pipeline.errors import XprobeError
+from pipeline.errors import Interrupted, XprobeError
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
 
@@ -417,13 +417,40 @@ def _human(n: int | None) -> str:
     return f"{n}"
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    import signal
+
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _interrupted(e: BaseException) -> None:
+    """One line for Ctrl-C or a termination signal, then the shell's exit status (128 + N)."""
+    import signal
+
+    name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+    where = "Ctrl-C" if name == "SIGINT" else name
+    click.echo(
+        f"interrupted ({where}): completed chunks and checkpoints are kept and the locks released; "
+        "run the same command again to resume",
+        err=True,
+    )
+    sys.exit(128 + int(getattr(signal, name)))
+
+
 def main() -> None:
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupted)
     try:
         cli.main(standalone_mode=False)
     except XprobeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            _interrupted(e.__cause__)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
@@ -434,11 +461,8 @@ def main() -> None:
             raise
         click.echo(f"error: the disk is full ({e}); free some space and rerun to resume", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo(
-            "interrupted; completed chunks are kept, rerun the same command to resume", err=True
-        )
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
 
 
 if __name__ == "__main__":

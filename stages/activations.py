@@ -32,7 +32,12 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
-from pipeline.inputs.tokenizer import first_difference, load_tokenizer, tokenizer_fingerprint
+from pipeline.inputs.tokenizer import (
+    first_difference,
+    load_tokenizer,
+    require_local_folder,
+    tokenizer_fingerprint,
+)
 from pipeline.lineage import Input, model_input, unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
@@ -192,6 +197,7 @@ class ActivationsStage(ChunkedStage):
         if self._model_config is None:
             from transformers import AutoConfig
 
+            require_local_folder(self.cfg.model, "model")
             try:
                 config = AutoConfig.from_pretrained(self.cfg.model, revision=self.cfg.revision)
             except (OSError, ValueError) as e:
@@ -268,6 +274,7 @@ class ActivationsStage(ChunkedStage):
         }
 
     def validate(self, store: Store) -> None:
+        require_local_folder(self.cfg.model, "model")
         if not store.has(self.tokens):
             raise XprobeError(f"{self.tokens} is not in the store; run the tokenize stage first")
         tinfo = store.info(self.tokens)

@@ -87,7 +87,9 @@ class FitConfig:
             (self.checkpoint_every, "checkpoint_every"),
         ]:
             if value < 1:
-                raise XprobeError(f"{what} must be positive, got {value}")
+                raise XprobeError(f"{what} must be at least 1, got {value}")
+        if self.checkpoint_seconds <= 0:
+            raise XprobeError(f"checkpoint_seconds must be positive, got {self.checkpoint_seconds}")
 
 
 class Fit:

@@ -74,7 +74,9 @@ class TokenizeConfig:
         if self.chunk_seqs < 1:
             raise XprobeError(f"chunk_seqs must be positive, got {self.chunk_seqs}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise XprobeError(f"max_tokens must be positive, got {self.max_tokens}")
+            raise XprobeError(
+                f"max_tokens must be at least 1, got {self.max_tokens}; leave it out for no cap"
+            )
         if self.batch_docs < 1:
             raise XprobeError(f"batch_docs must be positive, got {self.batch_docs}")
 

@@ -174,3 +174,46 @@ def save_gated_sae(
         sae.b_dec.copy_(0.01 * torch.randn(d_in))
     sae.save_model(str(out))
     return out
+
+
+def pipeline_config(
+    root: Path,
+    corpus: Path,
+    tokenizer: Path,
+    model: Path,
+    sae: Path,
+    sae_b: Path | None = None,
+    hook: str = "blocks.0.hook_resid_post",
+) -> Path:
+    """A TOML running every stage on a tiny corpus into ``root/store``: tokens ``c``, activations
+    of ``model`` as ``a``, features ``sae_a`` (and ``sae_b``, matched against ``sae_a``, with a
+    second fit and a report when ``sae_b`` is given), and the fit ``B`` of ``a`` at ``hook``."""
+    config = root / "x.toml"
+    text = (
+        f'store = "{root / "store"}"\n\n'
+        f'[tokenize]\ncorpus = "c"\nsource = ["{corpus}"]\ntokenizer = "{tokenizer}"\n'
+        "ctx = 32\nchunk_seqs = 4\nmax_tokens = 1536\nprogress = false\n\n"
+        f'[activations]\ncorpus = "c"\nmodel = "{model}"\nname = "a"\nhooks = ["{hook}"]\n'
+        'dtype = "float32"\ndevice = "cpu"\nprogress = false\n\n'
+    )
+    for name, path in [("sae_a", sae), ("sae_b", sae_b)]:
+        if path is not None:
+            text += (
+                f'[[features]]\ncorpus = "c"\nmodel = "a"\nsae_path = "{path}"\nname = "{name}"\n'
+                'device = "cpu"\nprogress = false\n\n'
+            )
+    for fit in ["B"] + (["B2"] if sae_b is not None else []):
+        text += (
+            f'[[fit]]\nname = "{fit}"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\n'
+            f'hooks = ["{hook}"]\ndevice = "cpu"\nmin_active = 1\nprogress = false\n'
+            f"lambdas = [{0.0 if fit == 'B' else 0.01}]\n\n"
+        )
+    if sae_b is not None:
+        text += (
+            '[match]\nname = "ab"\ncorpus = "c"\nfeatures_a = "sae_a"\nfeatures_b = "sae_b"\n'
+            'device = "cpu"\nprogress = false\n\n'
+            '[report]\ncorpus = "c"\nfeatures = "sae_a"\nfits = ["B2"]\nceiling = "B"\n'
+            "n_shown = 1\nencoder_cosine = false\nprogress = false\n"
+        )
+    config.write_text(text)
+    return config

@@ -24,26 +24,10 @@ from pipeline.cli import cli
 from pipeline.errors import XprobeError
 from pipeline.lineage import files_fingerprint
 from pipeline.store import Store
-from tests.helpers import save_standard_sae
+from tests.helpers import pipeline_config, save_standard_sae
 
 HOOK = "blocks.0.hook_resid_post"
 UNITS = ["tokens/c", f"acts/c/a/{HOOK}", "feats/c/sae_a", "probes/B"]
-
-
-def _config(root: Path, corpus: Path, tokenizer: Path, model: Path, sae: Path) -> Path:
-    config = root / "x.toml"
-    config.write_text(
-        f'store = "{root / "store"}"\n\n'
-        f'[tokenize]\ncorpus = "c"\nsource = ["{corpus}"]\ntokenizer = "{tokenizer}"\n'
-        "ctx = 32\nchunk_seqs = 4\nmax_tokens = 1536\nprogress = false\n\n"
-        f'[activations]\ncorpus = "c"\nmodel = "{model}"\nname = "a"\nhooks = ["{HOOK}"]\n'
-        'dtype = "float32"\ndevice = "cpu"\nprogress = false\n\n'
-        f'[features]\ncorpus = "c"\nmodel = "a"\nsae_path = "{sae}"\nname = "sae_a"\n'
-        'device = "cpu"\nprogress = false\n\n'
-        f'[fit]\nname = "B"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\nhooks = ["{HOOK}"]\n'
-        'device = "cpu"\nmin_active = 1\nprogress = false\n'
-    )
-    return config
 
 
 @pytest.fixture
@@ -55,7 +39,7 @@ def built(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, monkeypatch):
     sae = save_standard_sae(tmp_path / "sae", hook=HOOK, seed=0)
     corpus = tmp_path / "docs.jsonl"
     shutil.copy(corpus_jsonl, corpus)
-    config = _config(tmp_path, corpus, tokenizer_dir, model, sae)
+    config = pipeline_config(tmp_path, corpus, tokenizer_dir, model, sae, hook=HOOK)
     result = CliRunner().invoke(cli, ["run", str(config)])
     assert result.exit_code == 0, result.output
     return {

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import XprobeError
+
+
+def require_local_folder(name: str, what: str) -> None:
+    """Refuse, in words, a name that can only be a local path (absolute, ``./``, ``../``, ``~``,
+    or more than one ``/``: a hub id is ``org/name``) when nothing is there; transformers would
+    otherwise report it as an invalid hub repository id."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise XprobeError(
+            f"the {what} folder {name} does not exist; give an existing local folder (saved with "
+            "save_pretrained) or a hub id such as org/name"
+        )
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
     """A fast HF tokenizer by hub name or local path."""
     from transformers import AutoTokenizer
 
+    require_local_folder(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:

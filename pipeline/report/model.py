@@ -73,7 +73,10 @@ class Report:
             raise XprobeError(
                 (f"several fits could be the ceiling ({found}); set ceiling = NAME in [report]")
                 if found
-                else "the report needs the ceiling, a fit of A on itself at the SAE's hook. Add\n"
+                else "the report needs the ceiling, a fit of A on itself at the SAE's hook, and "
+                f"no such fit is in the store yet ({a_model!r} at {sae_hook!r} on these features). "
+                "If your config has that [[fit]], run it first (`xprobe run CONFIG` runs the fits "
+                "before the report; or set ceiling = NAME in [report]); otherwise add\n"
                 f'  [[fit]]\n  name = "ceiling"\n  corpus = "{self.cfg.corpus}"\n'
                 f'  features = "{self.cfg.features}"\n  model = "{a_model}"\n'
                 f'  hooks = ["{sae_hook}"]\nto the config (same split as the other fits) and run it.'

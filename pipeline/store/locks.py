@@ -27,20 +27,44 @@ def pid_alive(pid: int) -> bool:
     return pid > 0
 
 
-def _remove_stale_lock(path: Path, holder: dict[str, Any]) -> None:
-    """Delete the lock ``path`` if it still names ``holder``. Two runs that find the same stale
+GARBLED_LOCK_SECONDS = 2.0
+"""An empty or unreadable lock older than this was left by a writer killed while taking it."""
+
+
+def _raw(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The holder a lock file names, or None if it is empty, garbled or not a holder record."""
+    try:
+        holder = json.loads(_raw(path) or "")
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder.get("host")
+    return holder if ok else None
+
+
+def _age(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_stale_lock(path: Path, holder: str | None) -> None:
+    """Delete the lock ``path`` if it still holds the text ``holder``. Two runs that find the same stale
     lock take turns here, so the second cannot delete the fresh lock the first just took."""
     import fcntl
 
     with open(path.with_name(f".{path.name}"), "a") as guard:  # ".<unit>.lock": not packed
         fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            current = json.loads(path.read_text() or "{}")
-        except FileNotFoundError:
-            return
-        except (OSError, json.JSONDecodeError):
-            current = {}
-        if current == holder:
+        if _raw(path) == holder:
             path.unlink(missing_ok=True)
 
 
@@ -58,12 +82,20 @@ def acquire_lock(path: Path, unit: str, stage: str) -> None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
+            holder = _read_holder(path)
+            if holder is None:  # empty or garbled: a writer killed between create and write,
+                # or one writing right now (a few microseconds): wait that out, then take it over
+                if _age(path) > GARBLED_LOCK_SECONDS:
+                    _remove_stale_lock(path, _raw(path))
+                    continue
+                raise XprobeError(
+                    f"{unit} has a lock file {path} that is empty or unreadable and was written "
+                    f"{_age(path):.1f} s ago; if no run is using {unit}, run again in a few seconds "
+                    "(such a lock is taken over after "
+                    f"{GARBLED_LOCK_SECONDS:.0f} s) or delete it"
+                ) from None
             if holder.get("host") == me["host"] and not pid_alive(holder.get("pid", -1)):
-                _remove_stale_lock(path, holder)  # its process is gone
+                _remove_stale_lock(path, _raw(path))  # its process is gone
                 continue
             raise XprobeError(
                 f"{unit} is being written by another run (stage {holder.get('stage')!r}, pid {holder.get('pid')} "
