@@ -128,25 +128,29 @@ def open_store(path: str | Path, mode: str = "r", cache: Sequence[str | Path] = 
     return Store(path, mode=mode, cache=cache)
 
 
-def load_table(store: Store | str | Path, name: str = "main") -> pd.DataFrame:
+def load_table(
+    store: Store | str | Path, name: str = "main", out_dir: str | Path | None = None
+) -> pd.DataFrame:
     """The report's per-feature table (``report/<name>``): one row per SAE feature, the columns
-    listed in the README's "Report" section."""
+    listed in the README's "Report" section. ``out_dir``: where the report wrote it, if its config
+    set ``out_dir`` (default: ``report/<name>/`` in the store)."""
     import pandas as pd
 
     if not isinstance(store, Store):
         store = Store(store, mode="r")
     unit = f"report/{name}"
-    if not store.has(unit):
+    if out_dir is not None:
+        table = Path(out_dir) / "table.parquet"
+    elif store.local_path is not None and (store.local_path / unit / "table.parquet").exists():
+        table = store.local_path / unit / "table.parquet"
+    else:
         have = sorted(
             u.removeprefix("report/") for u, _ in store.units() if u.startswith("report/")
         )
         raise XprobeError(
-            f"{store.url} has no report {name!r} (reports: {have or 'none'}); run the report stage"
+            f"{store.url} has no table for report {name!r} (reports: {have or 'none'}); run the "
+            "report stage, or give out_dir if its config set one"
         )
-    outputs = store.info(unit).get("outputs") or []
-    table = next((p for p in outputs if p.endswith(".parquet")), None)
-    if table is None or not Path(table).exists():
-        raise XprobeError(f"the table of {unit} is not at {table}; rerun the report stage")
     return pd.read_parquet(table)
 
 

@@ -503,12 +503,15 @@ def test_contexts_keep_sentencepiece_spaces():
     assert len(pieces) == len(ids) and " Programming" in pieces
 
 
-def test_load_table_from_python(pipeline_store):
+def test_load_table_from_python(pipeline_store, tmp_path):
     import pipeline
 
     report(_report_cfg(name="api"), Store(pipeline_store))
+    report(_report_cfg(name="api_out", out_dir=str(tmp_path)), Store(pipeline_store))
+    elsewhere = pipeline.load_table(pipeline_store, "api_out", out_dir=tmp_path)
+    pd.testing.assert_frame_equal(elsewhere, pd.read_parquet(tmp_path / "table.parquet"))
     table = pipeline.load_table(pipeline.open_store(pipeline_store), "api")
     expected = pd.read_parquet(pipeline_store / "report/api/table.parquet")
     pd.testing.assert_frame_equal(table, expected)
-    with pytest.raises(XprobeError, match="no report 'nope'"):
+    with pytest.raises(XprobeError, match="no table for report .nope."):
         pipeline.load_table(pipeline_store, "nope")
