@@ -74,6 +74,11 @@ def cli() -> None:
     help="Recompute the units whose inputs changed since they were computed (and nothing else).",
 )
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what each stage would do with each unit (complete, stale, to do) and do nothing.",
+)
+@click.option(
     "--scheduler",
     help="Run activations, features and fit on this dask cluster (address or scheduler file).",
 )
@@ -90,12 +95,16 @@ def run(
     only: tuple[str, ...],
     force: bool,
     rebuild_stale: bool,
+    dry_run: bool,
     scheduler: str | None,
     workers: int | None,
 ) -> None:
     """Run every stage configured in CONFIG_PATH in order, skipping finished work."""
     config = load_toml(config_path)
     _unknown_sections(config)
+    if dry_run:
+        _dry_run(config, config_path, store_path, cache, only)
+        return
     store = _open_store(config, store_path, cache)
     ran = 0
     with contextlib.ExitStack() as stack:
@@ -122,6 +131,54 @@ def run(
                 ran += 1
     if ran == 0:
         raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
+
+
+_PLAN_WORDS = {
+    "complete": "complete",
+    "new": "to do",
+    "resume": "to resume",
+    "restart": "to redo (nothing committed yet, or a cache of other settings)",
+}
+
+
+def _dry_run(
+    config: dict[str, Any],
+    config_path: str,
+    store_path: str | None,
+    cache: tuple[str, ...],
+    only: tuple[str, ...],
+) -> None:
+    """``run --dry-run``: each configured unit's state, as the lifecycle assesses it now. A stage
+    whose inputs are not complete yet is shown as waiting for them (an earlier stage makes them)."""
+    from pipeline.lifecycle import plan, refusal
+
+    path = _store_path(config, store_path)
+    caches = list(cache) or config.get("cache") or []
+    store = None  # a store not created yet: everything is to do
+    if "://" in path or Path(path).exists():
+        store = Store(path, mode="r", cache=[caches] if isinstance(caches, str) else caches)
+    for entry in STAGES:
+        if only and entry.name not in only:
+            continue
+        for i, section in enumerate(_sections(config, entry.name)):
+            cfg_cls, _ = entry.load()
+            where = entry.name if i == 0 else f"{entry.name}.{i}"
+            stage = entry.load_stage()(from_dict(cfg_cls, section, where=where))
+            if store is None:
+                click.echo(f"{entry.name:<12} {'(new store)':<60} to do")
+                continue
+            try:
+                states = plan(stage, store)
+            except XprobeError as e:
+                click.echo(f"{entry.name:<12} {'':<60} waits: {str(e).splitlines()[0]}")
+                continue
+            for a in states:
+                if a.state in ("stale", "config"):
+                    words = str(refusal(stage, a)).split(". Recompute")[0].split("\nUse")[0]
+                    words = words.replace(f"{a.unit} ", "", 1).replace("\n ", ";")
+                else:
+                    words = _PLAN_WORDS[a.state]
+                click.echo(f"{entry.name:<12} {a.unit:<60} {words}")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
