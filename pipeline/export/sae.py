@@ -1,0 +1,311 @@
+"""Export one fit as an SAE on B's hook that ``sae_lens.SAE.load_from_disk`` loads.
+
+Per kept feature f of A's SAE (F_kept of them), from ``probes/<fit>/<hook>/``:
+
+    W_enc [d_B, F_kept] = direction[f]ᵀ           the probe (read direction)
+    b_enc [F_kept]      = intercept[f]             so encode(x) = relu(x·direction + intercept)
+    W_dec [F_kept, d_B] = write_direction[f]       slope of B's residual on the feature
+    b_dec [d_B]         = mean over training tokens of x − Σ_f encode(x)_f · W_dec[f]
+
+with ReLU, or TopK with A's k when A's SAE is a TopK SAE (k capped at F_kept), and
+``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction. The folder
+holds sae-lens's own ``cfg.json`` and ``sae_weights.safetensors`` (written by its ``save_model``),
+with ``cfg.metadata.xprobe`` naming A, its SAE, the fit and the kept feature ids, and
+``steering.safetensors``: ``feature_ids [F_kept]`` int64 (A's ids), ``write_direction
+[F_kept, d_B]`` float32 and ``write_norm [F_kept]`` (row i steers with feature ``feature_ids[i]``).
+
+Which features: those the report scores present (``{fit}_presence >= present_at`` in
+``report/<name>/table.parquet``), or, with ``min_r2``, every ok probe with held-out R² >= min_r2
+(the ceiling A → A has no presence score). Only ok probes are ever kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import XprobeError
+from pipeline.inputs.sae import load_sae_of
+from pipeline.maths.lstsq import STATUS_OK
+from pipeline.maths.split import held_out_sequences
+from pipeline.store import Store
+from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.store.reader import load_acts
+
+STEERING_FILE = "steering.safetensors"
+TOPK_ARCHITECTURES = ("topk",)
+
+
+@dataclass(frozen=True)
+class FitSource:
+    """What one fit at one hook was computed from, resolved from the store's provenance."""
+
+    store: Store
+    fit: str
+    hook: str
+    corpus: str
+    features: str  # store name of A's SAE features
+    model_b: str  # B's store name
+    config: dict[str, Any]  # the fit's config
+
+    @classmethod
+    def resolve(cls, store: Store, fit: str, hook: str | None = None) -> FitSource:
+        unit = probes_unit(fit)
+        if not store.has(unit) or not store.info(unit).get("complete"):
+            raise XprobeError(f"{unit} is not in the store or not complete; run the fit {fit!r}")
+        config = store.info(unit)["config"]
+        hooks = list(config["hooks"])
+        if hook is None:
+            if len(hooks) > 1:
+                raise XprobeError(f"fit {fit!r} probes hooks {hooks}; choose one with --hook")
+            hook = hooks[0]
+        if hook not in hooks:
+            raise XprobeError(f"fit {fit!r} has no hook {hook!r}; its hooks are {hooks}")
+        if not store.has(f"{unit}/{hook}/write_direction"):
+            raise XprobeError(
+                f"{unit} has no write directions (fitted by an older xprobe); "
+                f"rerun the fit with --force: xprobe fit --name {fit} ... --force"
+            )
+        return cls(store, fit, hook, config["corpus"], config["features"], config["model"], config)
+
+    @property
+    def probes(self) -> str:
+        return f"{probes_unit(self.fit)}/{self.hook}"
+
+    @property
+    def tokens(self) -> str:
+        return tokens_unit(self.corpus)
+
+    @property
+    def feats(self) -> str:
+        return feats_unit(self.corpus, self.features)
+
+    @property
+    def acts_b(self) -> str:
+        return acts_unit(self.corpus, safe_name(self.model_b), self.hook)
+
+    def probe(self, key: str) -> np.ndarray:
+        """``probes/<fit>/<hook>/<key>`` as a numpy array."""
+        return self.store.array(f"{self.probes}/{key}")[:]
+
+    def held_out(self) -> np.ndarray:
+        """[n_seq] bool: the fit's held-out sequences."""
+        n_seq = int(self.store.info(self.tokens)["n_seq"])
+        return held_out_sequences(
+            n_seq, self.config["held_out_fraction"], self.config["split_seed"]
+        )
+
+    def sae_a(self, device: str = "cpu") -> Any:
+        """A's SAE, as the features unit recorded it."""
+        return load_sae_of(self.store, self.feats, device=device)
+
+    def identity(self) -> dict[str, Any]:
+        """A, its SAE, B and the fit, as recorded in the store (for the export's metadata)."""
+        feats, acts_b = self.store.info(self.feats), self.store.info(self.acts_b)
+        feats_config = feats.get("config", {})
+        a_unit = acts_unit(self.corpus, safe_name(feats_config.get("model", "")), self.hook)
+        model_a = (
+            self.store.info(a_unit).get("model") if self.store.has(a_unit) else None
+        ) or feats_config.get("model")
+        return {
+            "model_a": model_a,
+            "sae_a": {k: feats_config.get(k) for k in ("sae", "sae_id", "sae_path", "hook")},
+            "features": self.feats,
+            "model_b": acts_b.get("model"),
+            "model_b_revision": acts_b.get("revision"),
+            "model_b_store_name": self.model_b,
+            "hook": self.hook,
+            "fit": self.fit,
+            "fit_config": self.config,
+            "fit_config_fingerprint": self.store.info(probes_unit(self.fit)).get(
+                "config_fingerprint"
+            ),
+            "corpus": self.corpus,
+            "corpus_fingerprint": self.store.info(self.tokens).get("corpus_fingerprint"),
+            "store": str(self.store.url),
+        }
+
+
+def select_features(
+    source: FitSource,
+    report: str | None = None,
+    present_at: float = 0.7,
+    min_r2: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A's feature ids to export, ascending ``[F_kept]`` int64, and how they were chosen.
+
+    With ``min_r2``: ok probes with held-out R² >= min_r2. Otherwise presence from the report
+    ``report`` (default: the one report in the store that scores this fit).
+    """
+    ok = source.probe("status") == STATUS_OK
+    if min_r2 is not None:
+        keep = ok & (source.probe("r2_held_out") >= min_r2)
+        return np.flatnonzero(keep), {"by": "r2_held_out", "min_r2": min_r2}
+    column = f"{source.fit}_presence"
+    tables = _report_tables(source.store, report)
+    scoring = {name: path for name, path in tables.items() if column in _columns(path)}
+    if report is None and len(scoring) != 1:
+        found = sorted(scoring) or "none"
+        raise XprobeError(
+            f"cannot tell which report scores fit {source.fit!r} (found: {found}); name it with "
+            "--report NAME, or keep features by held-out R² with --min-r2 X"
+        )
+    if report is not None and report not in scoring:
+        raise XprobeError(
+            f"report {report!r} has no presence score for fit {source.fit!r}: run the report "
+            f"with {source.fit!r} in its fits, or keep features by held-out R² with --min-r2 X"
+        )
+    name, path = next(iter(scoring.items())) if report is None else (report, scoring[report])
+    import pandas as pd
+
+    table = pd.read_parquet(path, columns=["feature", column])
+    presence = np.full(len(ok), np.nan)
+    presence[table["feature"].to_numpy()] = table[column].to_numpy()
+    keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
+    return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+
+
+def _report_tables(store: Store, report: str | None) -> dict[str, Path]:
+    """``{report name: table.parquet}`` of the reports written in this store's folder."""
+    if store.local_path is None:
+        raise XprobeError("the store is not a local folder: keep features with --min-r2 X")
+    root = store.local_path / "report"
+    names = [report] if report is not None else sorted(p.name for p in root.glob("*"))
+    return {n: root / n / "table.parquet" for n in names if (root / n / "table.parquet").exists()}
+
+
+def _columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def build_sae(
+    source: FitSource,
+    feature_ids: np.ndarray,
+    bias_tokens: int = 100_000,
+    device: str = "cpu",
+) -> Any:
+    """The sae-lens SAE (StandardSAE, or TopKSAE with A's k) of the kept features, float32.
+
+    ``b_dec`` is fitted on at most ``bias_tokens`` counted training tokens of B (whole chunks,
+    in order): the mean of ``x − decode_without_bias(encode(x))``.
+    """
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    if len(feature_ids) == 0:
+        raise XprobeError(
+            f"no feature of fit {source.fit!r} passes the selection; lower the threshold"
+        )
+    direction = source.store.array(f"{source.probes}/direction")
+    write = source.store.array(f"{source.probes}/write_direction")
+    d_in = int(direction.shape[1])
+    a_cfg = source.sae_a().cfg
+    architecture, k = a_cfg.architecture(), getattr(a_cfg, "k", None)
+    common = dict(
+        d_in=d_in,
+        d_sae=len(feature_ids),
+        dtype="float32",
+        device=device,
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(
+            model_name=source.identity()["model_b"],
+            hook_name=source.hook,
+            context_size=int(source.store.info(source.tokens)["ctx"]),
+        ),
+    )
+    if architecture in TOPK_ARCHITECTURES and k is not None:
+        sae = TopKSAE(TopKSAEConfig(k=min(int(k), len(feature_ids)), **common))
+    else:
+        sae = StandardSAE(StandardSAEConfig(**common))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.from_numpy(direction.oindex[feature_ids, :].T.astype(np.float32)))
+        sae.b_enc.copy_(torch.from_numpy(source.probe("intercept")[feature_ids].astype(np.float32)))
+        sae.W_dec.copy_(torch.from_numpy(write.oindex[feature_ids, :].astype(np.float32)))
+        sae.b_dec.zero_()
+        sae.b_dec.copy_(_decoder_bias(source, sae, bias_tokens, device))
+    return sae.eval()
+
+
+def _decoder_bias(source: FitSource, sae: Any, bias_tokens: int, device: str) -> torch.Tensor:
+    """Mean of ``x − sae.decode(sae.encode(x))`` (b_dec = 0) over counted training tokens [d]."""
+    store, info = source.store, source.store.info(source.tokens)
+    held = source.held_out()
+    ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
+    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    n = 0
+    for index in range(int(info["n_chunks"])):
+        if n >= bias_tokens:
+            break
+        mask = store.read_chunk(f"{source.tokens}/mask", index).reshape(-1)
+        seq = index * chunk_seqs + np.arange(len(mask)) // ctx
+        keep = torch.from_numpy(mask & ~held[seq])
+        if not bool(keep.any()):
+            continue
+        x = load_acts(store, source.acts_b, index)[keep].to(device, torch.float32)
+        with torch.no_grad():
+            residual = x - sae.decode(sae.encode(x))
+        total += residual.sum(0, dtype=torch.float64).cpu()
+        n += len(x)
+    if n == 0:
+        raise XprobeError(f"fit {source.fit!r} has no counted training tokens to fit b_dec on")
+    return (total / n).to(torch.float32)
+
+
+def write_export(
+    source: FitSource,
+    sae: Any,
+    feature_ids: np.ndarray,
+    selection: dict[str, Any],
+    out: Path,
+    force: bool = False,
+) -> Path:
+    """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` to ``out``,
+    via a temporary sibling folder renamed into place. An existing ``out`` needs ``force``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise XprobeError(f"{out} exists and is not empty; choose another --out or pass --force")
+    identity = source.identity()
+    sae.cfg.metadata.xprobe = {
+        **identity,
+        "what": "B's dictionary: encoder rows = probe directions, decoder rows = write directions",
+        "selection": selection,
+        "feature_ids": [int(f) for f in feature_ids],
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_model(tmp)
+    write = sae.W_dec.detach().to("cpu", torch.float32).contiguous()
+    save_file(
+        {
+            "feature_ids": torch.from_numpy(np.asarray(feature_ids, dtype=np.int64)),
+            "write_direction": write,
+            "write_norm": torch.from_numpy(source.probe("write_norm")[feature_ids]),
+        },
+        tmp / STEERING_FILE,
+        metadata={
+            "hook": source.hook,
+            "model_b": str(identity["model_b"]),
+            "fit": source.fit,
+            "units": "residual change per unit of the feature's activation",
+        },
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """The ``xprobe`` metadata of an exported SAE folder."""
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    return cfg.get("metadata", {}).get("xprobe", {})

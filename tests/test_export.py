@@ -1,0 +1,205 @@
+"""``xprobe export``: the exported folder loads in sae-lens and encodes as the clipped probes; the
+figures it reports match direct computation on the same held-out tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import XprobeError
+from pipeline.export.measure import measure
+from pipeline.export.run import DIRECT, EXPORTED, export_fit
+from pipeline.export.sae import FitSource, read_metadata
+from pipeline.maths.split import held_out_sequences
+from pipeline.store import Store
+from stages.activations import ActivationsConfig
+from stages.activations import run as activations
+from stages.features import FeaturesConfig
+from stages.features import run as features
+from stages.fit import FitConfig
+from stages.fit import run as fit
+from tests.helpers import save_standard_sae, save_topk_sae, tokenize_small
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir, llama_dir) -> Path:
+    """A (GPT-2) and B (Llama) at layer 0, a ReLU and a TopK SAE on A, fits of B and of A."""
+    root = tmp_path_factory.mktemp("export")
+    store = Store(root / "store")
+    tokenize_small(store, corpus_jsonl, tokenizer_dir, 8000)
+    for name, model in (("A", gpt2_dir), ("B", llama_dir)):
+        activations(
+            ActivationsConfig(
+                corpus="c", model=str(model), name=name, hooks=(HOOK,), device="cpu", progress=False
+            ),
+            store,
+        )
+    saes = {"relu": save_standard_sae(root / "relu"), "topk": save_topk_sae(root / "topk", k=8)}
+    for name, folder in saes.items():
+        features(
+            FeaturesConfig(
+                corpus="c", model="A", sae_path=str(folder), name=name, device="cpu", progress=False
+            ),
+            store,
+        )
+    for name, (feats, model) in {
+        "b": ("relu", "B"),
+        "b_topk": ("topk", "B"),
+        "ceiling": ("relu", "A"),
+    }.items():
+        fit(
+            FitConfig(
+                name=name,
+                corpus="c",
+                features=feats,
+                model=model,
+                hooks=(HOOK,),
+                held_out_fraction=0.25,
+                device="cpu",
+                progress=False,
+            ),
+            store,
+        )
+    return root / "store"
+
+
+def _probe(store: Store, fit_name: str, key: str) -> np.ndarray:
+    return store.array(f"probes/{fit_name}/{HOOK}/{key}")[:]
+
+
+def _x(store: Store, model: str) -> torch.Tensor:
+    return torch.from_numpy(store.array(f"acts/c/{model}/{HOOK}/x")[:].astype(np.float32))
+
+
+def test_exported_sae_loads_and_encodes_as_clipped_probes(store_path, tmp_path):
+    from sae_lens import SAE, StandardSAE
+    from safetensors.torch import load_file
+
+    store = Store(store_path, mode="r")
+    out = tmp_path / "sae_b"
+    summary = export_fit(store, "b", out, min_r2=0.0, eval_tokens=None)
+    ok = _probe(store, "b", "status") == 0
+    r2 = _probe(store, "b", "r2_held_out")
+    ids = np.flatnonzero(ok & (r2 >= 0.0))
+    assert summary["n_kept"] == len(ids) > 10
+
+    sae = SAE.load_from_disk(str(out))
+    assert isinstance(sae, StandardSAE) and sae.cfg.d_sae == len(ids)
+    assert sae.cfg.metadata.hook_name == HOOK
+    meta = read_metadata(out)
+    assert meta["feature_ids"] == ids.tolist() and meta["fit"] == "b"
+    assert meta["sae_a"]["sae_path"].endswith("relu") and meta["model_b_store_name"] == "B"
+
+    x = _x(store, "B")
+    direction, intercept = (
+        _probe(store, "b", "direction")[ids],
+        _probe(store, "b", "intercept")[ids],
+    )
+    expected = np.maximum(x.numpy() @ direction.T + intercept, 0)
+    with torch.no_grad():
+        got = sae.encode(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    write = _probe(store, "b", "write_direction")[ids]
+    np.testing.assert_array_equal(sae.W_dec.detach().numpy(), write)
+
+    steering = load_file(str(out / "steering.safetensors"))
+    assert steering["feature_ids"].tolist() == ids.tolist()
+    np.testing.assert_array_equal(steering["write_direction"].numpy(), write)
+
+    with pytest.raises(XprobeError, match="not empty"):
+        export_fit(store, "b", out, min_r2=0.0, eval_tokens=None)
+    with pytest.raises(XprobeError, match="cannot tell which report"):
+        export_fit(store, "b", tmp_path / "other", eval_tokens=None)
+
+
+def test_topk_sae_exports_as_topk_with_its_k(store_path, tmp_path):
+    from sae_lens import SAE, TopKSAE
+
+    store = Store(store_path, mode="r")
+    export_fit(store, "b_topk", tmp_path / "sae", min_r2=0.0, eval_tokens=None)
+    sae = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert isinstance(sae, TopKSAE) and sae.cfg.k == 8
+    ids = np.array(read_metadata(tmp_path / "sae")["feature_ids"])
+    x = _x(store, "B")[:500]
+    pred = x.numpy() @ _probe(store, "b_topk", "direction")[ids].T
+    pred += _probe(store, "b_topk", "intercept")[ids]
+    top = np.argsort(-pred, axis=1)[:, :8]
+    expected = np.zeros_like(pred)
+    np.put_along_axis(expected, top, np.maximum(np.take_along_axis(pred, top, 1), 0), 1)
+    with torch.no_grad():
+        got = sae.encode(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def _held_out(store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids [s, ctx], mask [s, ctx] and rows [s*ctx] of the held-out sequences (fit's split)."""
+    info = store.info("tokens/c")
+    held = held_out_sequences(info["n_seq"], 0.25, 0)
+    ids = store.array("tokens/c/ids")[:][held].astype(np.int64)
+    mask = store.array("tokens/c/mask")[:][held].astype(bool)
+    rows = (np.flatnonzero(held)[:, None] * info["ctx"] + np.arange(info["ctx"])).reshape(-1)
+    return ids, mask, rows
+
+
+def test_measure_matches_direct_computation(store_path, llama_dir):
+    """An SAE that is the identity leaves B unchanged (KL 0, CE clean); CE clean is HF's own
+    cross-entropy on the same positions; explained variance and L0 of the export are numpy's."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from transformers import AutoModelForCausalLM
+
+    store = Store(store_path, mode="r")
+    source = FitSource.resolve(store, "b")
+    d = 64
+    identity = StandardSAE(StandardSAEConfig(d_in=d, d_sae=d, apply_b_dec_to_input=False))
+    with torch.no_grad():  # relu(x + 4) - 4 = x for |x| < 4 (the test residuals are ~0.25)
+        identity.W_enc.copy_(torch.eye(d))
+        identity.W_dec.copy_(torch.eye(d))
+        identity.b_enc.fill_(4.0)
+        identity.b_dec.fill_(-4.0)
+    ids_b = np.flatnonzero(_probe(store, "b", "status") == 0)
+    exported = StandardSAE(StandardSAEConfig(d_in=d, d_sae=len(ids_b), apply_b_dec_to_input=False))
+    with torch.no_grad():
+        exported.W_enc.copy_(torch.from_numpy(_probe(store, "b", "direction")[ids_b].T))
+        exported.b_enc.copy_(torch.from_numpy(_probe(store, "b", "intercept")[ids_b]).float())
+        exported.W_dec.copy_(torch.from_numpy(_probe(store, "b", "write_direction")[ids_b]))
+    got = measure(source, {"identity": identity, "exported": exported}, max_tokens=10**9)
+
+    ids, mask, rows = _held_out(store)
+    assert got.n_tok == mask.sum()
+    assert got.saes["identity"].kl < 1e-9
+    assert abs(got.saes["identity"].ce - got.ce_clean) < 1e-6
+    assert got.saes["identity"].explained_variance > 1 - 1e-9
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids)).logits[:, :-1].double()
+    scored = torch.from_numpy(mask[:, :-1] & mask[:, 1:])
+    ce = torch.nn.functional.cross_entropy(
+        logits[scored], torch.from_numpy(ids[:, 1:])[scored], reduction="mean"
+    )
+    assert got.n_next == int(scored.sum())
+    assert abs(got.ce_clean - float(ce)) < 1e-6
+    assert got.ce_mean_ablated > got.ce_clean
+
+    x = _x(store, "B").numpy()[rows][mask.reshape(-1)].astype(np.float64)
+    with torch.no_grad():
+        feats = exported.encode(torch.from_numpy(x).float())
+        recon = exported.decode(feats).double().numpy()
+    ev = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert abs(got.saes["exported"].explained_variance - ev) < 1e-6
+    assert abs(got.saes["exported"].l0 - float((feats != 0).sum()) / len(x)) < 1e-9
+
+
+def test_ceiling_export_sits_beside_a_s_own_sae(store_path, tmp_path):
+    """A → A: the export and A's own SAE are both measured on A (direct transfer = A's SAE)."""
+    store = Store(store_path, mode="r")
+    summary = export_fit(store, "ceiling", tmp_path / "ceiling", min_r2=0.0, eval_tokens=2000)
+    metrics = summary["metrics"]["saes"]
+    assert set(metrics) == {EXPORTED, DIRECT}
+    assert (tmp_path / "ceiling" / "metrics.json").exists()
+    # A's own SAE reconstructs A better than the linear read of its features does
+    assert metrics[DIRECT]["explained_variance"] > metrics[EXPORTED]["explained_variance"]
