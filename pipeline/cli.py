@@ -322,7 +322,16 @@ def pack(store_path: str, out: str) -> None:
     "--present-at", default=0.7, show_default=True, help="Presence score to keep a feature."
 )
 @click.option("--min-r2", type=float, help="Keep ok probes by held-out R² instead of presence.")
-@click.option("--bias-tokens", default=100_000, show_default=True, help="Train tokens for b_dec.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["write", "lstsq"]),
+    default="write",
+    show_default=True,
+    help="Decoder rows: B's write directions, or the joint least-squares fit on the encoding.",
+)
+@click.option(
+    "--train-tokens", default=100_000, show_default=True, help="Train tokens to fit the decoder on."
+)
 @click.option(
     "--eval-tokens",
     default=20_000,
@@ -339,7 +348,8 @@ def export(
     report: str | None,
     present_at: float,
     min_r2: float | None,
-    bias_tokens: int,
+    decoder: str,
+    train_tokens: int,
     eval_tokens: int,
     device: str,
     force: bool,
@@ -356,7 +366,8 @@ def export(
         report=report,
         present_at=present_at,
         min_r2=min_r2,
-        bias_tokens=bias_tokens,
+        decoder=decoder,
+        train_tokens=train_tokens,
         eval_tokens=eval_tokens or None,
         device=device,
         force=force,

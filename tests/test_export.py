@@ -117,6 +117,33 @@ def test_exported_sae_loads_and_encodes_as_clipped_probes(store_path, tmp_path):
         export_fit(store, "b", tmp_path / "other", eval_tokens=None)
 
 
+def test_lstsq_decoder_is_joint_least_squares_on_training_tokens(store_path, tmp_path):
+    from sae_lens import SAE
+    from safetensors.torch import load_file
+
+    store = Store(store_path, mode="r")
+    export_fit(store, "b", tmp_path / "sae", min_r2=0.0, decoder="lstsq", eval_tokens=None)
+    sae = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert read_metadata(tmp_path / "sae")["decoder"] == "lstsq"
+    info = store.info("tokens/c")
+    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    train = store.array("tokens/c/mask")[:].reshape(-1) & ~held
+    x = _x(store, "B")[torch.from_numpy(train)]
+    with torch.no_grad():
+        a = sae.encode(x).double().numpy()
+    design = np.hstack([a, np.ones((len(a), 1))])
+    coef, *_ = np.linalg.lstsq(design, x.double().numpy(), rcond=None)
+    recon = design @ coef
+    got = a @ sae.W_dec.detach().double().numpy() + sae.b_dec.detach().double().numpy()
+    np.testing.assert_allclose(got, recon, atol=1e-4 * np.abs(recon).max())
+    # the steering vectors stay the per-feature write directions
+    ids = np.array(read_metadata(tmp_path / "sae")["feature_ids"])
+    steering = load_file(str(tmp_path / "sae" / "steering.safetensors"))
+    np.testing.assert_array_equal(
+        steering["write_direction"].numpy(), _probe(store, "b", "write_direction")[ids]
+    )
+
+
 def test_topk_sae_exports_as_topk_with_its_k(store_path, tmp_path):
     from sae_lens import SAE, TopKSAE
 

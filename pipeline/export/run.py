@@ -25,7 +25,8 @@ def export_fit(
     report: str | None = None,
     present_at: float = 0.7,
     min_r2: float | None = None,
-    bias_tokens: int = 100_000,
+    decoder: str = "write",
+    train_tokens: int = 100_000,
     eval_tokens: int | None = 20_000,
     device: str = "cpu",
     force: bool = False,
@@ -35,13 +36,13 @@ def export_fit(
     with ``lines`` to print."""
     source = FitSource.resolve(store, fit, hook)
     feature_ids, selection = select_features(source, report, present_at, min_r2)
-    sae = build_sae(source, feature_ids, bias_tokens, device)
-    write_export(source, sae, feature_ids, selection, out, force)
+    sae = build_sae(source, feature_ids, decoder, train_tokens, device)
+    write_export(source, sae, feature_ids, selection, out, decoder, force)
     n_feat = int(store.info(source.feats)["n_feat"])
     kind = f"TopK (k={sae.cfg.k})" if hasattr(sae.cfg, "k") else "ReLU"
     lines = [
         f"export: {len(feature_ids)} of {n_feat} features of fit {fit!r} ({_said(selection)}), "
-        f"{kind}, on {source.hook} of {source.identity()['model_b']}",
+        f"{kind}, {decoder} decoder, on {source.hook} of {source.identity()['model_b']}",
         f"        {out} (sae-lens folder; steering vectors in steering.safetensors)",
     ]
     summary: dict[str, Any] = {"n_kept": len(feature_ids), "selection": selection, "out": str(out)}

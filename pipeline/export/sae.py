@@ -7,6 +7,9 @@ Per kept feature f of A's SAE (F_kept of them), from ``probes/<fit>/<hook>/``:
     W_dec [F_kept, d_B] = write_direction[f]       slope of B's residual on the feature
     b_dec [d_B]         = mean over training tokens of x − Σ_f encode(x)_f · W_dec[f]
 
+(or, with ``decoder="lstsq"``, W_dec and b_dec the joint least-squares fit of x on the encoding:
+one feature's write direction is its own slope, and summed over co-active features the slopes
+overcount what they share, so the write decoder reconstructs poorly)
 with ReLU, or TopK with A's k when A's SAE is a TopK SAE (k capped at F_kept), and
 ``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction. The folder
 holds sae-lens's own ``cfg.json`` and ``sae_weights.safetensors`` (written by its ``save_model``),
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from pipeline.store.reader import load_acts
 
 STEERING_FILE = "steering.safetensors"
 TOPK_ARCHITECTURES = ("topk",)
+DECODERS = ("write", "lstsq")
 
 
 @dataclass(frozen=True)
@@ -189,17 +194,23 @@ def _columns(path: Path) -> list[str]:
 def build_sae(
     source: FitSource,
     feature_ids: np.ndarray,
-    bias_tokens: int = 100_000,
+    decoder: str = "write",
+    train_tokens: int = 100_000,
     device: str = "cpu",
 ) -> Any:
     """The sae-lens SAE (StandardSAE, or TopKSAE with A's k) of the kept features, float32.
 
-    ``b_dec`` is fitted on at most ``bias_tokens`` counted training tokens of B (whole chunks,
-    in order): the mean of ``x − decode_without_bias(encode(x))``.
+    ``decoder="write"``: ``W_dec`` rows are B's write directions and ``b_dec`` is the mean of
+    ``x − Σ_f encode(x)_f·W_dec[f]``. ``decoder="lstsq"``: ``W_dec`` and ``b_dec`` are the joint
+    least-squares fit of x on ``[encode(x), 1]`` (the best decoder for this encoder; rows are
+    then not the per-feature write directions, which stay in the steering file). Either is fitted
+    on at most ``train_tokens`` counted training tokens of B (whole chunks, in order).
     """
     from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
+    if decoder not in DECODERS:
+        raise XprobeError(f"decoder must be one of {DECODERS}, not {decoder!r}")
     if len(feature_ids) == 0:
         raise XprobeError(
             f"no feature of fit {source.fit!r} passes the selection; lower the threshold"
@@ -230,33 +241,61 @@ def build_sae(
         sae.b_enc.copy_(torch.from_numpy(source.probe("intercept")[feature_ids].astype(np.float32)))
         sae.W_dec.copy_(torch.from_numpy(write.oindex[feature_ids, :].astype(np.float32)))
         sae.b_dec.zero_()
-        sae.b_dec.copy_(_decoder_bias(source, sae, bias_tokens, device))
+        if decoder == "write":
+            sae.b_dec.copy_(_decoder_bias(source, sae, train_tokens, device))
+        else:
+            w_dec, b_dec = _joint_decoder(source, sae, train_tokens, device)
+            sae.W_dec.copy_(w_dec)
+            sae.b_dec.copy_(b_dec)
     return sae.eval()
 
 
-def _decoder_bias(source: FitSource, sae: Any, bias_tokens: int, device: str) -> torch.Tensor:
-    """Mean of ``x − sae.decode(sae.encode(x))`` (b_dec = 0) over counted training tokens [d]."""
+def _training_acts(source: FitSource, n_tokens: int, device: str) -> Iterator[torch.Tensor]:
+    """B's counted training tokens at the hook, chunk by chunk ``[n, d]`` float32, until at least
+    ``n_tokens`` are given (whole chunks)."""
     store, info = source.store, source.store.info(source.tokens)
     held = source.held_out()
     ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
-    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
-    n = 0
+    given = 0
     for index in range(int(info["n_chunks"])):
-        if n >= bias_tokens:
-            break
+        if given >= n_tokens:
+            return
         mask = store.read_chunk(f"{source.tokens}/mask", index).reshape(-1)
         seq = index * chunk_seqs + np.arange(len(mask)) // ctx
         keep = torch.from_numpy(mask & ~held[seq])
-        if not bool(keep.any()):
-            continue
-        x = load_acts(store, source.acts_b, index)[keep].to(device, torch.float32)
-        with torch.no_grad():
-            residual = x - sae.decode(sae.encode(x))
-        total += residual.sum(0, dtype=torch.float64).cpu()
+        if bool(keep.any()):
+            x = load_acts(store, source.acts_b, index)[keep].to(device, torch.float32)
+            given += len(x)
+            yield x
+    if given == 0:
+        raise XprobeError(f"fit {source.fit!r} has no counted training tokens to fit a decoder on")
+
+
+def _decoder_bias(source: FitSource, sae: Any, n_tokens: int, device: str) -> torch.Tensor:
+    """Mean of ``x − sae.decode(sae.encode(x))`` (b_dec = 0) over counted training tokens [d]."""
+    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
+    n = 0
+    for x in _training_acts(source, n_tokens, device):
+        total += (x - sae.decode(sae.encode(x))).sum(0, dtype=torch.float64)
         n += len(x)
-    if n == 0:
-        raise XprobeError(f"fit {source.fit!r} has no counted training tokens to fit b_dec on")
     return (total / n).to(torch.float32)
+
+
+def _joint_decoder(
+    source: FitSource, sae: Any, n_tokens: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares of x [n, d] on ``[encode(x), 1]`` over counted training tokens, from the
+    float64 Gram ``[F+1, F+1]`` and cross term ``[F+1, d]`` (pseudo-inverse: a feature that never
+    fires gets a zero row). Returns ``W_dec [F, d]`` and ``b_dec [d]``, float32."""
+    width = sae.cfg.d_sae + 1
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    cross = torch.zeros(width, sae.cfg.d_in, dtype=torch.float64, device=device)
+    for x in _training_acts(source, n_tokens, device):
+        a = torch.cat([sae.encode(x), torch.ones(len(x), 1, device=device)], 1).double()
+        gram += a.T @ a
+        cross += a.T @ x.double()
+    coef = torch.linalg.pinv(gram, hermitian=True) @ cross
+    return coef[:-1].float(), coef[-1].float()
 
 
 def write_export(
@@ -265,6 +304,7 @@ def write_export(
     feature_ids: np.ndarray,
     selection: dict[str, Any],
     out: Path,
+    decoder: str = "write",
     force: bool = False,
 ) -> Path:
     """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` to ``out``,
@@ -277,14 +317,18 @@ def write_export(
     identity = source.identity()
     sae.cfg.metadata.xprobe = {
         **identity,
-        "what": "B's dictionary: encoder rows = probe directions, decoder rows = write directions",
+        "what": "B's dictionary: encoder rows = probe directions, decoder rows = "
+        + ("write directions" if decoder == "write" else "joint least squares on the encoding"),
         "selection": selection,
+        "decoder": decoder,
         "feature_ids": [int(f) for f in feature_ids],
     }
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save_model(tmp)
-    write = sae.W_dec.detach().to("cpu", torch.float32).contiguous()
+    write = torch.from_numpy(
+        source.store.array(f"{source.probes}/write_direction").oindex[feature_ids, :]
+    )
     save_file(
         {
             "feature_ids": torch.from_numpy(np.asarray(feature_ids, dtype=np.int64)),
