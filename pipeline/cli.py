@@ -338,6 +338,13 @@ def pack(store_path: str, out: str) -> None:
     show_default=True,
     help="Held-out tokens to measure on (0: do not measure).",
 )
+@click.option(
+    "--causal",
+    default=0,
+    show_default=True,
+    help="Causal agreement of the N most present features and N others (0: skip).",
+)
+@click.option("--causal-contexts", default=8, show_default=True, help="Contexts per feature.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def export(
@@ -351,6 +358,8 @@ def export(
     decoder: str,
     train_tokens: int,
     eval_tokens: int,
+    causal: int,
+    causal_contexts: int,
     device: str,
     force: bool,
 ) -> None:
@@ -369,6 +378,8 @@ def export(
         decoder=decoder,
         train_tokens=train_tokens,
         eval_tokens=eval_tokens or None,
+        causal=causal,
+        causal_contexts=causal_contexts,
         device=device,
         force=force,
     )

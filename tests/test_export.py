@@ -230,3 +230,35 @@ def test_ceiling_export_sits_beside_a_s_own_sae(store_path, tmp_path):
     assert (tmp_path / "ceiling" / "metrics.json").exists()
     # A's own SAE reconstructs A better than the linear read of its features does
     assert metrics[DIRECT]["explained_variance"] > metrics[EXPORTED]["explained_variance"]
+
+
+def test_causal_agreement_is_one_for_a_s_own_direction_and_contexts_fire(store_path):
+    """Ceiling fit (B = A at the SAE's hook): steering B along A's own decoder direction is
+    steering A, so the cosine is 1; a random direction of the same norm is not."""
+    from pipeline.export.causal import causal_agreement, firing_contexts
+
+    store = Store(store_path, mode="r")
+    source = FitSource.resolve(store, "ceiling")
+    ok = np.flatnonzero(_probe(store, "ceiling", "status") == 0)
+    features = ok[:: max(1, len(ok) // 6)][:6]
+    contexts = firing_contexts(source, features, n_contexts=3)
+    val = store.array("feats/c/relu/val")[:]
+    idx = store.array("feats/c/relu/idx")[:]
+    info = store.info("tokens/c")
+    held = held_out_sequences(info["n_seq"], 0.25, 0)
+    mask = store.array("tokens/c/mask")[:]
+    for f, s, p, v in zip(
+        contexts.feature, contexts.seq, contexts.pos, contexts.value, strict=True
+    ):
+        t = s * info["ctx"] + p
+        assert held[s] and mask[s, p] and p < info["ctx"] - 1
+        assert v == val[t][idx[t] == f][0] > 0
+
+    sae = source.sae_a()
+    with torch.no_grad():
+        decoder = (sae.W_dec[torch.from_numpy(features)]).numpy()  # StandardSAE: decode is linear
+    table = causal_agreement(source, features, n_contexts=3, steer_b=decoder)
+    assert len(table) == len(set(contexts.feature.tolist()))
+    np.testing.assert_allclose(table["cos_steer"], 1.0, atol=1e-9)
+    assert (table["cos_null"] < 0.99).all()
+    assert np.isfinite(table[["dloss_probe", "dloss_random"]].to_numpy()).all()

@@ -152,6 +152,16 @@ def select_features(
     if min_r2 is not None:
         keep = ok & (source.probe("r2_held_out") >= min_r2)
         return np.flatnonzero(keep), {"by": "r2_held_out", "min_r2": min_r2}
+    presence, name = presence_scores(source, report)
+    keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
+    return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+
+
+def presence_scores(source: FitSource, report: str | None = None) -> tuple[np.ndarray, str]:
+    """The fit's presence score per feature ``[F]`` (NaN: not scored) from the report ``report``
+    (default: the one report in the store that scores this fit), and that report's name."""
+    import pandas as pd
+
     column = f"{source.fit}_presence"
     tables = _report_tables(source.store, report)
     scoring = {name: path for name, path in tables.items() if column in _columns(path)}
@@ -167,13 +177,10 @@ def select_features(
             f"with {source.fit!r} in its fits, or keep features by held-out R² with --min-r2 X"
         )
     name, path = next(iter(scoring.items())) if report is None else (report, scoring[report])
-    import pandas as pd
-
     table = pd.read_parquet(path, columns=["feature", column])
-    presence = np.full(len(ok), np.nan)
+    presence = np.full(len(source.probe("status")), np.nan)
     presence[table["feature"].to_numpy()] = table[column].to_numpy()
-    keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
-    return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+    return presence, name
 
 
 def _report_tables(store: Store, report: str | None) -> dict[str, Path]:
