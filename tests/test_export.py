@@ -261,4 +261,4 @@ def test_causal_agreement_is_one_for_a_s_own_direction_and_contexts_fire(store_p
     assert len(table) == len(set(contexts.feature.tolist()))
     np.testing.assert_allclose(table["cos_steer"], 1.0, atol=1e-9)
     assert (table["cos_null"] < 0.99).all()
-    assert np.isfinite(table[["dloss_probe", "dloss_random"]].to_numpy()).all()
+    assert np.isfinite(table[["dloss_probe", "dloss_write", "dloss_random"]].to_numpy()).all()

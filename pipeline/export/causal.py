@@ -10,8 +10,8 @@ in corpus order), with α_f the mean of those activations:
   Δ_B over the vocabulary, ``cos_null`` that of Δ_A and B steered along a random direction of
   the same norm (one per context, seeded);
 - ablation: B's next-token loss at t with the probe direction projected out of B's residual at
-  every position up to t, minus the clean loss (``dloss_probe``), and the same for a random
-  direction (``dloss_random``).
+  every position up to t, minus the clean loss (``dloss_probe``), the same for the write
+  direction (``dloss_write``) and for a random direction (``dloss_random``).
 
 Per feature the medians over its contexts are reported (one row per feature).
 """
@@ -104,7 +104,7 @@ def causal_agreement(
     steer_b: np.ndarray | None = None,
 ) -> Any:
     """One row per feature (pandas DataFrame): ``feature, n_contexts, alpha, cos_steer,
-    cos_null, dloss_probe, dloss_random`` (medians over its contexts; see the module).
+    cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
 
     ``features`` [n] ascending; ``steer_b [n, d_B]``: directions to steer B with, per unit of
     activation, instead of B's write directions (e.g. the probe directions)."""
@@ -135,7 +135,7 @@ def causal_agreement(
 
     ids_all = store.array(f"{source.tokens}/ids")
     columns: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("cos_steer", "cos_null", "dloss_probe", "dloss_random")
+        k: [] for k in ("cos_steer", "cos_null", "dloss_probe", "dloss_write", "dloss_random")
     }
     for start in range(0, len(contexts.feature), batch):
         sl = slice(start, start + batch)
@@ -163,7 +163,9 @@ def causal_agreement(
         columns["cos_null"].append(cos(delta_a, null_b, dim=1).cpu().numpy())
         target = ids[torch.arange(len(ids), device=device), p + 1]
         loss_clean = -clean_b.gather(1, target[:, None])[:, 0]
-        for key, u in (("dloss_probe", u_probe), ("dloss_random", u_rand)):
+        u_write = v_b / v_b.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        ablations = (("dloss_probe", u_probe), ("dloss_write", u_write), ("dloss_random", u_rand))
+        for key, u in ablations:
             ablated = _log_probs_at(model_b, source.hook, ids, p, _project_out(u))
             loss = -ablated.gather(1, target[:, None])[:, 0]
             columns[key].append((loss - loss_clean).cpu().numpy())

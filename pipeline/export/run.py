@@ -59,17 +59,19 @@ def export_fit(
     ]
     summary: dict[str, Any] = {"n_kept": len(feature_ids), "selection": selection, "out": str(out)}
     if eval_tokens is not None:
-        saes, labels = {EXPORTED: sae}, {EXPORTED: "exported (B's probes + write dirs)"}
+        decoded = "write dirs" if decoder == "write" else "lstsq decoder"
+        saes, labels = {EXPORTED: sae}, {EXPORTED: f"exported (probes + {decoded})"}
         sae_a = source.sae_a(device)
         if sae_a.cfg.d_in == sae.cfg.d_in and sae_a.cfg.metadata.hook_name == source.hook:
             saes[DIRECT] = sae_a
-            labels[DIRECT] = "A's SAE on B (direct transfer)"
+            same = source.identity()["model_a"] == source.identity()["model_b"]
+            labels[DIRECT] = "A's own SAE (B is A)" if same else "A's SAE on B (direct transfer)"
         figures = measure(source, saes, max_tokens=eval_tokens, device=device)
         (Path(out) / "metrics.json").write_text(json.dumps(figures.to_dict(), indent=1) + "\n")
         lines.append(format_measurement(figures, labels))
         summary["metrics"] = figures.to_dict()
     if causal > 0:
-        table = _causal(source, report, min_r2, causal, causal_contexts, device)
+        table = _causal(source, report, present_at, min_r2, causal, causal_contexts, device)
         table.to_csv(Path(out) / "causal.csv", index=False)
         lines += _causal_lines(table, causal_contexts)
         summary["causal"] = table
@@ -80,13 +82,15 @@ def export_fit(
 def _causal(
     source: FitSource,
     report: str | None,
+    present_at: float,
     min_r2: float | None,
     n: int,
     n_contexts: int,
     device: str,
 ) -> Any:
     """Causal agreement of the n features scored highest (presence, or held-out R² with
-    ``min_r2``) and of n others drawn at random among the scored ones; column ``group``."""
+    ``min_r2``) and of n others drawn at random among the scored ones below ``present_at``
+    (presence) or outside the top n (R²); column ``group``."""
     from pipeline.export.causal import causal_agreement
 
     ok = source.probe("status") == STATUS_OK
@@ -97,6 +101,8 @@ def _causal(
     scored = np.flatnonzero(np.isfinite(score) & ok)
     top = scored[np.argsort(-score[scored], kind="stable")[:n]]
     rest = np.setdiff1d(scored, top)
+    if min_r2 is None:
+        rest = rest[score[rest] < present_at]
     others = np.random.default_rng(0).choice(rest, size=min(n, len(rest)), replace=False)
     features = np.sort(np.concatenate([top, others]))
     table = causal_agreement(source, features, n_contexts, device)
@@ -110,15 +116,16 @@ def _causal_lines(table: Any, n_contexts: int) -> list[str]:
         f"causal agreement (medians over features; each feature's median over <= {n_contexts} "
         "held-out contexts where it fires in A):",
         f"  {'features':<22} {'n':>3} {'score':>6} {'cos steer':>9} {'cos null':>9} "
-        f"{'dloss probe':>11} {'dloss rand':>10}",
+        f"{'dloss probe':>11} {'dloss write':>11} {'dloss rand':>10}",
     ]
-    for group, label in (("top", "most present"), ("other", "random others")):
+    for group, label in (("top", "top by score"), ("other", "random others")):
         rows = table[table["group"] == group]
         if len(rows):
             med = rows.median(numeric_only=True)
             lines.append(
                 f"  {label:<22} {len(rows):>3} {med['score']:>6.2f} {med['cos_steer']:>9.3f} "
-                f"{med['cos_null']:>9.3f} {med['dloss_probe']:>11.4f} {med['dloss_random']:>10.4f}"
+                f"{med['cos_null']:>9.3f} {med['dloss_probe']:>11.4f} {med['dloss_write']:>11.4f} "
+                f"{med['dloss_random']:>10.4f}"
             )
     return lines
 
