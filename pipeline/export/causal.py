@@ -8,7 +8,9 @@ in corpus order), with α_f the mean of those activations:
   SAE reconstruction per unit of f (``decode(e_f) − decode(0)``) added at A's SAE hook, at t only;
   ``Δ_B`` the same in B with B's write direction at B's hook; ``cos_steer`` the cosine of Δ_A and
   Δ_B over the vocabulary, ``cos_null`` that of Δ_A and B steered along a random direction of
-  the same norm (one per context, seeded);
+  the same norm (one per context, seeded), and ``abs_cos_null`` its magnitude (a large push in
+  any direction moves log-probs in a shared way, so the null's cosine can be far from 0 either
+  way for one feature even where its median over features is near 0);
 - ablation: B's next-token loss at t with the probe direction projected out of B's residual at
   every position up to t, minus the clean loss (``dloss_probe``), the same for the write
   direction (``dloss_write``) and for a random direction (``dloss_random``).
@@ -104,7 +106,7 @@ def causal_agreement(
     steer_b: np.ndarray | None = None,
 ) -> Any:
     """One row per feature (pandas DataFrame): ``feature, n_contexts, alpha, cos_steer,
-    cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
+    cos_null, abs_cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
 
     ``features`` [n] ascending; ``steer_b [n, d_B]``: directions to steer B with, per unit of
     activation, instead of B's write directions (e.g. the probe directions)."""
@@ -135,7 +137,15 @@ def causal_agreement(
 
     ids_all = store.array(f"{source.tokens}/ids")
     columns: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("cos_steer", "cos_null", "dloss_probe", "dloss_write", "dloss_random")
+        k: []
+        for k in (
+            "cos_steer",
+            "cos_null",
+            "abs_cos_null",
+            "dloss_probe",
+            "dloss_write",
+            "dloss_random",
+        )
     }
     for start in range(0, len(contexts.feature), batch):
         sl = slice(start, start + batch)
@@ -161,6 +171,7 @@ def causal_agreement(
         cos = torch.nn.functional.cosine_similarity
         columns["cos_steer"].append(cos(delta_a, delta_b, dim=1).cpu().numpy())
         columns["cos_null"].append(cos(delta_a, null_b, dim=1).cpu().numpy())
+        columns["abs_cos_null"].append(np.abs(columns["cos_null"][-1]))
         target = ids[torch.arange(len(ids), device=device), p + 1]
         loss_clean = -clean_b.gather(1, target[:, None])[:, 0]
         u_write = v_b / v_b.norm(dim=1, keepdim=True).clamp(min=1e-30)

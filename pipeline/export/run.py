@@ -115,7 +115,7 @@ def _causal_lines(table: Any, n_contexts: int) -> list[str]:
     lines = [
         f"causal agreement (medians over features; each feature's median over <= {n_contexts} "
         "held-out contexts where it fires in A):",
-        f"  {'features':<22} {'n':>3} {'score':>6} {'cos steer':>9} {'cos null':>9} "
+        f"  {'features':<22} {'n':>3} {'score':>6} {'cos steer':>9} {'cos null':>9} {'|null|':>6} "
         f"{'dloss probe':>11} {'dloss write':>11} {'dloss rand':>10}",
     ]
     for group, label in (("top", "top by score"), ("other", "random others")):
@@ -124,7 +124,8 @@ def _causal_lines(table: Any, n_contexts: int) -> list[str]:
             med = rows.median(numeric_only=True)
             lines.append(
                 f"  {label:<22} {len(rows):>3} {med['score']:>6.2f} {med['cos_steer']:>9.3f} "
-                f"{med['cos_null']:>9.3f} {med['dloss_probe']:>11.4f} {med['dloss_write']:>11.4f} "
+                f"{med['cos_null']:>9.3f} {med['abs_cos_null']:>6.3f} {med['dloss_probe']:>11.4f} "
+                f"{med['dloss_write']:>11.4f} "
                 f"{med['dloss_random']:>10.4f}"
             )
     return lines
