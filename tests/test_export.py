@@ -262,3 +262,22 @@ def test_causal_agreement_is_one_for_a_s_own_direction_and_contexts_fire(store_p
     np.testing.assert_allclose(table["cos_steer"], 1.0, atol=1e-9)
     assert (table["cos_null"] < 0.99).all()
     assert np.isfinite(table[["dloss_probe", "dloss_write", "dloss_random"]].to_numpy()).all()
+
+
+def test_cli_export_measures_beside_direct_transfer(store_path, tmp_path):
+    """``xprobe export`` from the command line: the folder, the table, metrics.json."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    out = tmp_path / "cli"
+    args = [str(store_path), "--fit", "b", "--out", str(out), "--min-r2", "0", "--eval-tokens"]
+    result = CliRunner().invoke(cli, ["export", *args, "500"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "TopK" not in result.output and "ReLU, write decoder" in result.output
+    assert "exported (probes + write dirs)" in result.output
+    assert "A's SAE on B (direct transfer)" in result.output  # same d_model and hook
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["saes"]) == {EXPORTED, DIRECT} and metrics["n_tok"] >= 500

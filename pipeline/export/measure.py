@@ -20,13 +20,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.errors import XprobeError
 from pipeline.export.sae import FitSource
 from pipeline.inputs.model import find_blocks
-from pipeline.store.reader import load_acts
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
@@ -101,28 +99,6 @@ def splice(
         handle.remove()
 
 
-def _held_out_chunks(
-    source: FitSource, max_tokens: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Held-out sequences, chunk by chunk: ids [s, ctx] int64, mask [s, ctx] bool and B's
-    activations [s, ctx, d] float32, until ``max_tokens`` counted tokens are given."""
-    store, info = source.store, source.store.info(source.tokens)
-    held = source.held_out()
-    ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
-    given = 0
-    for index in range(int(info["n_chunks"])):
-        if given >= max_tokens:
-            return
-        ids = store.read_chunk(f"{source.tokens}/ids", index).astype(np.int64)
-        mask = store.read_chunk(f"{source.tokens}/mask", index).astype(bool)
-        rows = held[index * chunk_seqs : index * chunk_seqs + len(ids)]
-        if not rows.any():
-            continue
-        x = load_acts(store, source.acts_b, index).to(torch.float32).reshape(len(ids), ctx, -1)
-        yield torch.from_numpy(ids[rows]), torch.from_numpy(mask[rows]), x[torch.from_numpy(rows)]
-        given += int(mask[rows].sum())
-
-
 def measure(
     source: FitSource,
     saes: dict[str, Any],
@@ -133,7 +109,7 @@ def measure(
     """Reconstruction and spliced next-token figures of each SAE in ``saes`` on B (see module)."""
     info = source.store.info(source.acts_b)
     model = load_model(info["model"], info.get("revision"), device)
-    chunks = list(_held_out_chunks(source, max_tokens))
+    chunks = list(source.sequences(held_out=True, max_tokens=max_tokens))
     if not chunks:
         raise XprobeError(f"fit {source.fit!r} has no held-out sequences to measure on")
     counted = torch.cat([x[m] for _, m, x in chunks]).to(torch.float64)

@@ -106,6 +106,28 @@ class FitSource:
             n_seq, self.config["held_out_fraction"], self.config["split_seed"]
         )
 
+    def sequences(
+        self, held_out: bool, max_tokens: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The held-out (or training) sequences, chunk by chunk: ids [s, ctx] int64, mask
+        [s, ctx] bool and B's activations [s, ctx, d] float32, until at least ``max_tokens``
+        counted tokens are given (whole chunks, in corpus order)."""
+        store, info = self.store, self.store.info(self.tokens)
+        split = self.held_out() if held_out else ~self.held_out()
+        ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
+        given = 0
+        for index in range(int(info["n_chunks"])):
+            if given >= max_tokens:
+                return
+            ids = store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64)
+            rows = split[index * chunk_seqs : index * chunk_seqs + len(ids)]
+            mask = store.read_chunk(f"{self.tokens}/mask", index).astype(bool)[rows]
+            if not mask.any():
+                continue
+            x = load_acts(store, self.acts_b, index).to(torch.float32).reshape(len(ids), ctx, -1)
+            yield torch.from_numpy(ids[rows]), torch.from_numpy(mask), x[torch.from_numpy(rows)]
+            given += int(mask.sum())
+
     def sae_a(self, device: str = "cpu") -> Any:
         """A's SAE, as the features unit recorded it."""
         return load_sae_of(self.store, self.feats, device=device)
@@ -260,20 +282,10 @@ def build_sae(
 def _training_acts(source: FitSource, n_tokens: int, device: str) -> Iterator[torch.Tensor]:
     """B's counted training tokens at the hook, chunk by chunk ``[n, d]`` float32, until at least
     ``n_tokens`` are given (whole chunks)."""
-    store, info = source.store, source.store.info(source.tokens)
-    held = source.held_out()
-    ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
     given = 0
-    for index in range(int(info["n_chunks"])):
-        if given >= n_tokens:
-            return
-        mask = store.read_chunk(f"{source.tokens}/mask", index).reshape(-1)
-        seq = index * chunk_seqs + np.arange(len(mask)) // ctx
-        keep = torch.from_numpy(mask & ~held[seq])
-        if bool(keep.any()):
-            x = load_acts(store, source.acts_b, index)[keep].to(device, torch.float32)
-            given += len(x)
-            yield x
+    for _, mask, x in source.sequences(held_out=False, max_tokens=n_tokens):
+        given += int(mask.sum())
+        yield x[mask].to(device)
     if given == 0:
         raise XprobeError(f"fit {source.fit!r} has no counted training tokens to fit a decoder on")
 
