@@ -7,10 +7,11 @@ in corpus order), with α_f the mean of those activations:
 - steering: ``Δ_A = log p_A(· | x_t + α_f·d_A) − log p_A(· | x_t)`` with d_A the change of A's
   SAE reconstruction per unit of f (``decode(e_f) − decode(0)``) added at A's SAE hook, at t only;
   ``Δ_B`` the same in B with B's write direction at B's hook; ``cos_steer`` the cosine of Δ_A and
-  Δ_B over the vocabulary, ``cos_null`` that of Δ_A and B steered along a random direction of
-  the same norm (one per context, seeded), and ``abs_cos_null`` its magnitude (a large push in
-  any direction moves log-probs in a shared way, so the null's cosine can be far from 0 either
-  way for one feature even where its median over features is near 0);
+  Δ_B over the vocabulary, ``cos_null`` the mean cosine of Δ_A with B steered along
+  ``n_null`` random directions of the same norm (drawn per context, seeded), and
+  ``abs_cos_null`` the mean of their magnitudes (a large push in any direction moves log-probs
+  in a shared way, so the null's cosine can be far from 0 either way for one feature even
+  where its median over features is near 0);
 - ablation: B's next-token loss at t with the probe direction projected out of B's residual at
   every position up to t, minus the clean loss (``dloss_probe``), the same for the write
   direction (``dloss_write``) and for a random direction (``dloss_random``).
@@ -104,6 +105,7 @@ def causal_agreement(
     batch: int = 64,
     seed: int = 0,
     steer_b: np.ndarray | None = None,
+    n_null: int = 4,
 ) -> Any:
     """One row per feature (pandas DataFrame): ``feature, n_contexts, alpha, cos_steer,
     cos_null, abs_cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
@@ -156,8 +158,6 @@ def causal_agreement(
         a = torch.tensor([alpha[int(f)] for f in feats], dtype=torch.float32, device=device)
         v_a = torch.stack([dec_a[int(f)] for f in feats]).to(device) * a[:, None]
         v_b = torch.stack([write_b[int(f)] for f in feats]).to(device) * a[:, None]
-        rand = torch.randn(v_b.shape, generator=generator).to(device)
-        v_rand = rand / rand.norm(dim=1, keepdim=True) * v_b.norm(dim=1, keepdim=True)
         u_probe = torch.stack([read_b[int(f)] for f in feats]).to(device)
         u_probe = u_probe / u_probe.norm(dim=1, keepdim=True).clamp(min=1e-30)
         rand = torch.randn(u_probe.shape, generator=generator).to(device)
@@ -167,11 +167,17 @@ def causal_agreement(
         delta_a = _log_probs_at(model_a, hook_a, ids, p, _at_position(v_a, p)) - clean_a
         clean_b = _log_probs_at(model_b, source.hook, ids, p, None)
         delta_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_b, p)) - clean_b
-        null_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_rand, p)) - clean_b
+        nulls = []
+        for _ in range(n_null):
+            rand = torch.randn(v_b.shape, generator=generator).to(device)
+            v_rand = rand / rand.norm(dim=1, keepdim=True) * v_b.norm(dim=1, keepdim=True)
+            null_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_rand, p))
+            nulls.append(torch.nn.functional.cosine_similarity(delta_a, null_b - clean_b, dim=1))
+        null = torch.stack(nulls)  # [n_null, R]
         cos = torch.nn.functional.cosine_similarity
         columns["cos_steer"].append(cos(delta_a, delta_b, dim=1).cpu().numpy())
-        columns["cos_null"].append(cos(delta_a, null_b, dim=1).cpu().numpy())
-        columns["abs_cos_null"].append(np.abs(columns["cos_null"][-1]))
+        columns["cos_null"].append(null.mean(0).cpu().numpy())
+        columns["abs_cos_null"].append(null.abs().mean(0).cpu().numpy())
         target = ids[torch.arange(len(ids), device=device), p + 1]
         loss_clean = -clean_b.gather(1, target[:, None])[:, 0]
         u_write = v_b / v_b.norm(dim=1, keepdim=True).clamp(min=1e-30)
