@@ -227,6 +227,7 @@ def test_ceiling_export_sits_beside_a_s_own_sae(store_path, tmp_path):
     summary = export_fit(store, "ceiling", tmp_path / "ceiling", min_r2=0.0, eval_tokens=2000)
     metrics = summary["metrics"]["saes"]
     assert set(metrics) == {EXPORTED, DIRECT}
+    assert "A's own SAE (B is A)" in "\n".join(summary["lines"])
     assert (tmp_path / "ceiling" / "metrics.json").exists()
     # A's own SAE reconstructs A better than the linear read of its features does
     assert metrics[DIRECT]["explained_variance"] > metrics[EXPORTED]["explained_variance"]
@@ -274,10 +275,18 @@ def test_cli_export_measures_beside_direct_transfer(store_path, tmp_path):
 
     out = tmp_path / "cli"
     args = [str(store_path), "--fit", "b", "--out", str(out), "--min-r2", "0", "--eval-tokens"]
-    result = CliRunner().invoke(cli, ["export", *args, "500"], catch_exceptions=False)
+    causal = ["--causal", "2", "--causal-contexts", "2"]
+    result = CliRunner().invoke(cli, ["export", *args, "500", *causal], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "TopK" not in result.output and "ReLU, write decoder" in result.output
     assert "exported (probes + write dirs)" in result.output
     assert "A's SAE on B (direct transfer)" in result.output  # same d_model and hook
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["saes"]) == {EXPORTED, DIRECT} and metrics["n_tok"] >= 500
+    import pandas as pd
+
+    table = pd.read_csv(out / "causal.csv")  # the 2 best probes by held-out R², 2 others
+    r2 = _probe(Store(store_path, mode="r"), "b", "r2_held_out")
+    top = table.loc[table["group"] == "top", "feature"].to_numpy()
+    assert len(table) == 4 and sorted(r2[top]) == sorted(np.sort(r2)[-2:])
+    assert "causal agreement" in result.output and (out / "causal.png").stat().st_size > 0

@@ -194,3 +194,25 @@ def causal_agreement(
     table.insert(0, "n_contexts", per_context.groupby("feature").size())
     table.insert(1, "alpha", [alpha[int(f)] for f in table.index])
     return table.reset_index()
+
+
+def causal_figure(table: Any, title: str) -> Any:
+    """A matplotlib Figure: each feature's steering cosine against its score (presence or R²),
+    its random-direction null magnitude in grey beneath; ``table`` has column ``score``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.scatter(table["score"], table["abs_cos_null"], s=14, c="#b8b8b8", label="|random null|")
+    for group, color, label in (("top", "#2a9d8f", "top by score"), ("other", "#d1495b", "others")):
+        rows = table[table["group"] == group]
+        ax.scatter(rows["score"], rows["cos_steer"], s=18, c=color, label=f"{label}: steering")
+    ax.axhline(0, color="#57606a", lw=0.6)
+    ax.set_xlabel("score (presence, or held-out R²)")
+    ax.set_ylabel("cosine with A's Δ log-probs")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

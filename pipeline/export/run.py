@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.export.causal import causal_agreement, causal_figure
 from pipeline.export.measure import format_measurement, measure
 from pipeline.export.sae import (
     FitSource,
@@ -45,7 +46,7 @@ def export_fit(
     """Export ``fit`` to ``out`` and, unless ``eval_tokens`` is None, measure it (and A's SAE
     applied directly to B where it fits B's hook) on B's held-out tokens. With ``causal`` > 0,
     the causal agreement of the ``causal`` most present features and of as many others (a
-    seeded random draw) goes to ``out/causal.csv``. Returns a summary with ``lines`` to print."""
+    seeded random draw) goes to ``out/causal.csv`` and ``out/causal.png``. Returns a summary with ``lines`` to print."""
     source = FitSource.resolve(store, fit, hook)
     feature_ids, selection = select_features(source, report, present_at, min_r2)
     sae = build_sae(source, feature_ids, decoder, train_tokens, device)
@@ -73,6 +74,8 @@ def export_fit(
     if causal > 0:
         table = _causal(source, report, present_at, min_r2, causal, causal_contexts, device)
         table.to_csv(Path(out) / "causal.csv", index=False)
+        figure = causal_figure(table, f"causal agreement: {fit} vs A ({source.hook})")
+        figure.savefig(Path(out) / "causal.png", dpi=100)
         lines += _causal_lines(table, causal_contexts)
         summary["causal"] = table
     summary["lines"] = lines
@@ -91,7 +94,6 @@ def _causal(
     """Causal agreement of the n features scored highest (presence, or held-out R² with
     ``min_r2``) and of n others drawn at random among the scored ones below ``present_at``
     (presence) or outside the top n (R²); column ``group``."""
-    from pipeline.export.causal import causal_agreement
 
     ok = source.probe("status") == STATUS_OK
     if min_r2 is None:
