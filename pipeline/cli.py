@@ -390,6 +390,80 @@ def pack(store_path: str, out: str) -> None:
 
 
 @cli.command()
+@click.argument("store_path")
+@click.option("--fit", "fit", required=True, help="Fit to export (probes/<fit>).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--hook", help="B's hook (needed when the fit probes several).")
+@click.option("--report", help="Report whose presence scores pick the features (default: the one).")
+@click.option(
+    "--present-at", default=0.7, show_default=True, help="Presence score to keep a feature."
+)
+@click.option("--min-r2", type=float, help="Keep ok probes by held-out R² instead of presence.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["write", "lstsq"]),
+    default="write",
+    show_default=True,
+    help="Decoder rows: B's write directions, or the joint least-squares fit on the encoding.",
+)
+@click.option(
+    "--train-tokens", default=100_000, show_default=True, help="Train tokens to fit the decoder on."
+)
+@click.option(
+    "--eval-tokens",
+    default=20_000,
+    show_default=True,
+    help="Held-out tokens to measure on (0: do not measure).",
+)
+@click.option(
+    "--causal",
+    default=0,
+    show_default=True,
+    help="Causal agreement of the N most present features and N others (0: skip).",
+)
+@click.option("--causal-contexts", default=8, show_default=True, help="Contexts per feature.")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+def export(
+    store_path: str,
+    fit: str,
+    out: str,
+    hook: str | None,
+    report: str | None,
+    present_at: float,
+    min_r2: float | None,
+    decoder: str,
+    train_tokens: int,
+    eval_tokens: int,
+    causal: int,
+    causal_contexts: int,
+    device: str,
+    force: bool,
+) -> None:
+    """Export a fit as an SAE on B's hook that sae-lens loads (with steering vectors) and measure
+    it on B's held-out tokens beside A's SAE applied directly to B."""
+    from pipeline.export.run import export_fit
+
+    summary = export_fit(
+        Store(store_path, mode="r"),
+        fit,
+        Path(out),
+        hook=hook,
+        report=report,
+        present_at=present_at,
+        min_r2=min_r2,
+        decoder=decoder,
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens or None,
+        causal=causal,
+        causal_contexts=causal_contexts,
+        device=device,
+        force=force,
+    )
+    click.echo("\n".join(summary["lines"]))
+
+
+@cli.command()
 @click.option(
     "--path", "root", default="xprobe-demo", show_default=True, help="Where the demo writes."
 )
