@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import from_dict, load_toml, normalize_path, relative_to
 from pipeline.errors import XprobeError
-from pipeline.registry import STAGES
+from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
 
 if TYPE_CHECKING:
@@ -44,9 +44,9 @@ def plan(
     base: Path | None = None,
     only: Sequence[str] = (),
     overrides: dict[str, Any] | None = None,
-) -> list[tuple[Any, Any]]:
-    """``(config dataclass, run function)`` for every stage section of ``config``, in run order,
-    all built (so all checked) before anything runs. ``base``: the folder relative paths are
+) -> list[tuple[StageEntry, Any, Any]]:
+    """``(stage entry, config dataclass, run function)`` for every stage section of ``config``,
+    in run order, all built (so all checked) before anything runs. ``base``: the folder relative paths are
     relative to; ``overrides``: field values set in every section whose stage has that field."""
     check_sections(config)
     unknown = sorted(set(only) - {s.name for s in STAGES})
@@ -67,7 +67,7 @@ def plan(
             if "scheduler" in (overrides or {}):  # a cluster given for the run replaces any
                 section.pop("workers", None)
             where = entry.name if i == 0 else f"{entry.name}.{i}"
-            planned.append((from_dict(cfg_cls, section, where=where), run_fn))
+            planned.append((entry, from_dict(cfg_cls, section, where=where), run_fn))
     return planned
 
 
@@ -107,7 +107,9 @@ def run(
         mode="a",
         cache=[store_location(c, base) for c in caches],
     )
-    return [run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale) for cfg, run_fn in planned]
+    return [
+        run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale) for _, cfg, run_fn in planned
+    ]
 
 
 def run_stage(

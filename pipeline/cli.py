@@ -101,6 +101,11 @@ def cli() -> None:
     help="Recompute the units whose inputs changed since they were computed (and nothing else).",
 )
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what each stage would do with each unit (complete, stale, to do) and do nothing.",
+)
+@click.option(
     "--scheduler",
     help="Run activations, features and fit on this dask cluster (address or scheduler file).",
 )
@@ -118,6 +123,7 @@ def run(
     force: bool,
     no_progress: bool,
     rebuild_stale: bool,
+    dry_run: bool,
     scheduler: str | None,
     workers: int | None,
 ) -> None:
@@ -137,6 +143,9 @@ def run(
     planned = plan(config, base, only, overrides)  # every section checked before any runs
     if not planned:
         raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
+    if dry_run:
+        _dry_run(planned, path, _caches(config, cache, base))
+        return
     with _new_store_removed_on_failure(path), contextlib.ExitStack() as stack:
         store = Store(path, mode="a", cache=_caches(config, cache, base))
         if workers is not None:
@@ -145,15 +154,52 @@ def run(
             address = stack.enter_context(local_cluster(workers)).scheduler_address
             planned = [
                 (
+                    entry,
                     dataclasses.replace(cfg, scheduler=address)
                     if hasattr(cfg, "scheduler")
                     else cfg,
                     fn,
                 )
-                for cfg, fn in planned
+                for entry, cfg, fn in planned
             ]
-        for cfg, run_fn in planned:
+        for _, cfg, run_fn in planned:
             _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
+
+
+_PLAN_WORDS = {
+    "complete": "complete",
+    "new": "to do",
+    "resume": "to resume",
+    "restart": "to redo (nothing committed yet, or a cache of other settings)",
+}
+
+
+def _dry_run(planned: list[tuple[StageEntry, Any, Any]], path: str, caches: list[str]) -> None:
+    """``run --dry-run``: each configured unit's state, as the lifecycle assesses it now. A stage
+    whose inputs are not complete yet is shown as waiting for them (an earlier stage makes them)."""
+    from pipeline.lifecycle import plan as assess
+    from pipeline.lifecycle import refusal
+
+    store = None  # a store not created yet: everything is to do
+    if "://" in path or Path(path).exists():
+        store = Store(path, mode="r", cache=caches)
+    for entry, cfg, _ in planned:
+        stage = entry.load_stage()(cfg)
+        if store is None:
+            click.echo(f"{entry.name:<12} {'(new store)':<60} to do")
+            continue
+        try:
+            states = assess(stage, store)
+        except XprobeError as e:
+            click.echo(f"{entry.name:<12} {'':<60} waits: {str(e).splitlines()[0]}")
+            continue
+        for a in states:
+            if a.state in ("stale", "config"):
+                words = str(refusal(stage, a)).split(". Recompute")[0].split("\nUse")[0]
+                words = words.replace(f"{a.unit} ", "", 1).replace("\n ", ";")
+            else:
+                words = _PLAN_WORDS[a.state]
+            click.echo(f"{entry.name:<12} {a.unit:<60} {words}")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -377,6 +423,80 @@ def pack(store_path: str, out: str) -> None:
     """Pack STORE_PATH into one zip file OUT to share (opens read-only: `xprobe info OUT`)."""
     path = Store(store_path, mode="a").pack(out)
     click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--fit", "fit", required=True, help="Fit to export (probes/<fit>).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--hook", help="B's hook (needed when the fit probes several).")
+@click.option("--report", help="Report whose presence scores pick the features (default: the one).")
+@click.option(
+    "--present-at", default=0.7, show_default=True, help="Presence score to keep a feature."
+)
+@click.option("--min-r2", type=float, help="Keep ok probes by held-out R² instead of presence.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["write", "lstsq"]),
+    default="write",
+    show_default=True,
+    help="Decoder rows: B's write directions, or the joint least-squares fit on the encoding.",
+)
+@click.option(
+    "--train-tokens", default=100_000, show_default=True, help="Train tokens to fit the decoder on."
+)
+@click.option(
+    "--eval-tokens",
+    default=20_000,
+    show_default=True,
+    help="Held-out tokens to measure on (0: do not measure).",
+)
+@click.option(
+    "--causal",
+    default=0,
+    show_default=True,
+    help="Causal agreement of the N most present features and N others (0: skip).",
+)
+@click.option("--causal-contexts", default=8, show_default=True, help="Contexts per feature.")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+def export(
+    store_path: str,
+    fit: str,
+    out: str,
+    hook: str | None,
+    report: str | None,
+    present_at: float,
+    min_r2: float | None,
+    decoder: str,
+    train_tokens: int,
+    eval_tokens: int,
+    causal: int,
+    causal_contexts: int,
+    device: str,
+    force: bool,
+) -> None:
+    """Export a fit as an SAE on B's hook that sae-lens loads (with steering vectors) and measure
+    it on B's held-out tokens beside A's SAE applied directly to B."""
+    from pipeline.export.run import export_fit
+
+    summary = export_fit(
+        Store(store_path, mode="r"),
+        fit,
+        Path(out),
+        hook=hook,
+        report=report,
+        present_at=present_at,
+        min_r2=min_r2,
+        decoder=decoder,
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens or None,
+        causal=causal,
+        causal_contexts=causal_contexts,
+        device=device,
+        force=force,
+    )
+    click.echo("\n".join(summary["lines"]))
 
 
 @cli.command()

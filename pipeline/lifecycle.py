@@ -135,6 +135,20 @@ def refusal(stage: Stage, a: Assessment) -> XprobeError:
     )
 
 
+def plan(stage: Stage, store: Store) -> list[Assessment]:
+    """What a run of ``stage`` would do with each of its units, doing nothing (``--dry-run``)."""
+    stage.validate(store)
+    now = stage.inputs(store)
+    memo: dict[str, Stale | None] = {}
+    out = []
+    for unit in stage.units(store):
+        a = assess(store, stage, unit, now, memo)
+        if a.state == "config" and stage.recompute_on_config_change:
+            a = Assessment(unit, "restart")
+        out.append(a)
+    return out
+
+
 def _summary(stage: Stage, units: list[str], written: int, **extra: Any) -> dict[str, Any]:
     return {"stage": stage.name, "units": units, "chunks_written": written, **extra}
 

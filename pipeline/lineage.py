@@ -30,6 +30,7 @@ not cached) is *unknown*: never a reason to call a unit stale, and shown as such
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -187,9 +188,11 @@ def _release_commit(release: str | None, sae_id: str | None) -> str | None:
     return hub_commit(repo_id, f"{folder}/cfg.json" if folder else "cfg.json")
 
 
+@functools.lru_cache(maxsize=256)
 def hub_commit(repo_id: str, filename: str, revision: str | None = None) -> str | None:
     """The commit ``revision`` of a hub repository resolves to: asked of the hub when online,
-    else read from the local Hugging Face cache (None if neither knows)."""
+    else read from the local Hugging Face cache (None if neither knows). Asked once per process:
+    every stage of one ``xprobe run`` checks the same repositories."""
     if revision and _HEX.match(revision):
         return revision
     try:

@@ -18,10 +18,15 @@ class StageEntry:
     module: str
     config: str
     help: str
+    stage: str = ""
+    """The module's ``pipeline.stage.Stage`` subclass (for ``xprobe run --dry-run``)."""
 
     def load(self) -> tuple[type, Any]:
         mod = importlib.import_module(self.module)
         return getattr(mod, self.config), mod.run
+
+    def load_stage(self) -> type:
+        return getattr(importlib.import_module(self.module), self.stage)
 
 
 STAGES: list[StageEntry] = [
@@ -30,31 +35,42 @@ STAGES: list[StageEntry] = [
         "stages.tokenize",
         "TokenizeConfig",
         "Tokenize a corpus into fixed-length sequences.",
+        "TokenizeStage",
     ),
     StageEntry(
         "activations",
         "stages.activations",
         "ActivationsConfig",
         "Store a model's residual activations.",
+        "ActivationsStage",
     ),
     StageEntry(
         "features",
         "stages.features",
         "FeaturesConfig",
         "Encode stored activations with an SAE (sparse top-K).",
+        "FeaturesStage",
     ),
-    StageEntry("fit", "stages.fit", "FitConfig", "Fit every feature's probe from B's activations."),
+    StageEntry(
+        "fit",
+        "stages.fit",
+        "FitConfig",
+        "Fit every feature's probe from B's activations.",
+        "FitStage",
+    ),
     StageEntry(
         "match",
         "stages.match",
         "MatchConfig",
         "Match A's SAE features to B's SAE features by activation correlation.",
+        "MatchStage",
     ),
     StageEntry(
         "report",
         "stages.report",
         "ReportConfig",
         "Presence scores against the controls: a per-feature table and an HTML report.",
+        "ReportStage",
     ),
 ]
 

@@ -32,6 +32,7 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
+from pipeline.inputs.model import find_blocks
 from pipeline.inputs.tokenizer import (
     first_difference,
     load_tokenizer,
@@ -87,29 +88,6 @@ class ActivationsConfig:
                 raise XprobeError(f"hook {h!r} is not a residual stream hook; {RESID_HOOK_ADVICE}")
         if not self.hooks and not self.layers:
             raise XprobeError('give layers (a list of ints or "all") or hooks to store')
-
-
-def find_blocks(model: Any, n_layers: int) -> Any:
-    """The decoder blocks of an HF model (``model.layers``, ``transformer.h``...), found generically."""
-    import torch
-
-    for path in (
-        "model.layers",
-        "transformer.h",
-        "gpt_neox.layers",
-        "model.decoder.layers",
-        "transformer.layers",
-        "model.language_model.layers",
-    ):
-        node = model
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, torch.nn.ModuleList) and len(node) == n_layers:
-            return node
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise XprobeError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
 
 
 class _Stop(Exception):

@@ -7,7 +7,9 @@ statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/maths/lstsq.py) 
 split, checkpointed with the list of consumed chunks, and all features are solved at once.
 
 Writes ``probes/<name>/<hook>/``:
-    direction [F, d_B] float32   B's direction for each feature
+    direction [F, d_B] float32   B's direction for each feature (the probe: read direction)
+    write_direction [F, d_B] float32   slope of B's activations on the feature (write direction)
+    write_norm, write_r2 [F]     its scale: norm, and share of B's residual variance it explains
     intercept, lam, r2_train, r2_held_out, pearson_held_out [F]
     n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/maths/lstsq.py)
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
@@ -28,7 +30,7 @@ from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.lineage import Input, unit_input
-from pipeline.maths.lstsq import SufficientStats, solve_ridge
+from pipeline.maths.lstsq import STATUS_OK, SufficientStats, solve_ridge, write_directions
 from pipeline.maths.split import held_out_sequences
 from pipeline.stage import WholeStage
 from pipeline.store import Store
@@ -270,6 +272,9 @@ class Fit:
                 feature_block=cfg.feature_block,
                 min_active=cfg.min_active,
             )
+            # B's write direction (decoder row) per feature, beside the probe (encoder row)
+            ok = np.asarray(result["status"]) == STATUS_OK
+            result.update(write_directions(train, ok, cfg.feature_block))
             for key, value in result.items():
                 value = (
                     value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

@@ -123,8 +123,6 @@ class ReportStage(WholeStage):
     def validate(self, store: Store) -> None:
         self.report = Report(self.cfg, store)
         self.facts = self.report.validate()
-        if self.cfg.out_dir is None and not self.report.writable:
-            raise XprobeError(f"store {store.url} is read-only: set out_dir for the report's files")
 
     def identity(self) -> dict[str, Any]:
         """The cached pass depends on the features, the split and these two settings only:
@@ -170,6 +168,8 @@ class ReportStage(WholeStage):
         from pipeline.report.html import render_html
 
         report, cfg = self.report, self.cfg
+        if cfg.out_dir is None and not report.writable:
+            raise XprobeError(f"store {store.url} is read-only: set out_dir for the report's files")
         out_dir = Path(cfg.out_dir) if cfg.out_dir else store.local_path / report.unit
         html_path = Path(cfg.html) if cfg.html else out_dir / "report.html"
         fresh = getattr(self, "scanned", None) is not None or not report.writable

@@ -186,6 +186,38 @@ def test_probes_equal_sklearn_ridge_and_lstsq(fitted_store):
     assert np.array_equal(best, r2s.argmax(0))
 
 
+def test_write_direction_is_lstsq_slope_of_b_on_the_feature(fitted_store):
+    """B's write direction: least squares of B's activations on [y_f, 1] (train tokens), numpy."""
+    path, feats = fitted_store
+    store = Store(path)
+    fit(_cfg(name="w", lambdas=(0.0,)), store)
+    hook = "blocks.0.hook_resid_post"
+    x, y, train, _ = _in_memory(store, feats, hook)
+    got = {
+        k: store.array(f"probes/w/{hook}/{k}")[:]
+        for k in ("write_direction", "write_norm", "write_r2", "status")
+    }
+    assert got["write_direction"].shape == (N_FEAT, x.shape[1])
+    assert got["write_direction"].dtype == np.float32
+    ok = got["status"] == 0
+    assert ok.sum() >= N_FEAT - 4
+    x_train = x[train]
+    total = ((x_train - x_train.mean(0)) ** 2).sum()
+    for f in range(N_FEAT):
+        if not ok[f]:  # the dead feature among them: no direction
+            assert not got["write_direction"][f].any() and got["write_r2"][f] == 0
+            continue
+        design = np.stack([y[train, f], np.ones(train.sum())], axis=1)
+        coef, *_ = np.linalg.lstsq(design, x_train, rcond=None)  # [2, d]: slope, intercept
+        np.testing.assert_allclose(
+            got["write_direction"][f], coef[0], rtol=1e-5, atol=1e-6 * np.abs(coef[0]).max()
+        )
+        assert abs(got["write_norm"][f] - np.linalg.norm(coef[0])) < 1e-6 * np.linalg.norm(coef[0])
+        r2 = 1 - ((x_train - design @ coef) ** 2).sum() / total
+        assert abs(got["write_r2"][f] - r2) < 1e-9
+    assert not got["write_direction"][-1].any()
+
+
 def test_rerun_is_noop_and_config_change_refused(fitted_store):
     path, _ = fitted_store
     store = Store(path)

@@ -269,3 +269,18 @@ def test_hub_model_identity_is_its_commit(tmp_path, corpus_jsonl, tokenizer_dir,
     status = xprobe("status", str(store))
     assert "STALE" in status.stdout
     json.loads(xprobe("info", "--json", str(store)).stdout)  # info still reads the store
+
+
+def test_dry_run_shows_complete_stale_and_waiting_units_and_changes_nothing(built):
+    store, config = built["store"], built["config"]
+    save_standard_sae(built["sae"], hook=HOOK, seed=4)
+    before = sorted(p for p in store.rglob("*") if p.is_file())
+    out = _run("run", str(config), "--dry-run")
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[1]: line for line in out.output.splitlines() if len(line.split()) > 2}
+    assert rows["tokens/c"].endswith("complete") and rows[f"acts/c/a/{HOOK}"].endswith("complete")
+    assert "is stale: the sae" in rows["feats/c/sae_a"] and "changed" in rows["feats/c/sae_a"]
+    assert "stale" in rows["probes/B"] and "feats/c/sae_a is stale" in rows["probes/B"]
+    assert sorted(p for p in store.rglob("*") if p.is_file()) == before
+    fresh = _run("run", str(config), "--dry-run", "--store", str(built["store"].parent / "new"))
+    assert fresh.output.count("to do") == 4

@@ -53,6 +53,14 @@ def _copy(complete: Path, tmp_path: Path) -> tuple[Path, Path]:
     return root, config
 
 
+def _fit_cfg(name: str, **kw):
+    """The config of fit ``name`` of model a on sae_a; the defaults are those of fit B."""
+    from stages.fit import FitConfig
+
+    kw = {"min_active": 1, "lambdas": (0.0,), "device": "cpu", "progress": False, **kw}
+    return FitConfig(name=name, corpus="c", features="sae_a", model="a", hooks=(HOOK,), **kw)
+
+
 # ---- 1. verify checks what each unit promises ------------------------------------------------------
 def test_verify_is_clean_on_whole_unit_outputs_and_catches_their_corruption(complete, tmp_path):
     root, config = _copy(complete, tmp_path)
@@ -153,16 +161,7 @@ def test_full_disk_in_a_fit_checkpoint_is_one_line_and_leaves_no_temp_file(
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save_until_full)
-    cfg = FitConfig(
-        name="F",
-        corpus="c",
-        features="sae_a",
-        model="a",
-        hooks=(HOOK,),
-        device="cpu",
-        checkpoint_every=2,
-        progress=False,
-    )
+    cfg = _fit_cfg("F", checkpoint_every=2, min_active=10, lambdas=FitConfig.lambdas)
     with pytest.raises(XprobeError) as e:
         fit(cfg, store)
     assert "disk holding" in str(e.value) and "is full" in str(e.value) and "\n" not in str(e.value)
@@ -226,24 +225,13 @@ def test_signals_keep_chunks_release_locks_and_say_how_to_resume(
 
 # ---- 5. read-only stores -----------------------------------------------------------------------------
 def test_read_only_store_serves_complete_work_and_refuses_writes_in_words(complete, tmp_path):
-    from stages.fit import FitConfig
     from stages.fit import run as fit
 
     store = Store(complete / "store", mode="r")
-    cfg = FitConfig(
-        name="B",
-        corpus="c",
-        features="sae_a",
-        model="a",
-        hooks=(HOOK,),
-        device="cpu",
-        min_active=1,
-        lambdas=(0.0,),
-        progress=False,
-    )
+    cfg = _fit_cfg("B")
     assert fit(cfg, store)["already_complete"]
     with pytest.raises(XprobeError, match="is open read-only, and probes/new must be computed"):
-        fit(FitConfig(**{**cfg.__dict__, "name": "new"}), store)
+        fit(_fit_cfg("new"), store)
     assert not (complete / "store/probes/new").exists()
 
 
@@ -317,7 +305,7 @@ def test_bad_inputs_get_words_not_tracebacks(complete, tmp_path, corpus_jsonl, t
     lock = root / "store/probes/B.lock"
     lock.write_text("")
     os.utime(lock, (time.time() - 60, time.time() - 60))
-    cfg = FitConfig("B", "c", "sae_a", "a", (HOOK,), lambdas=(0.0,), min_active=1, device="cpu")
+    cfg = _fit_cfg("B")
     assert fit(cfg, store)["already_complete"] and not lock.exists()
     lock.write_text("{garbled")  # fresh: it may be a run taking it right now
     with pytest.raises(XprobeError) as e:

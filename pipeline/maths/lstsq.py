@@ -428,3 +428,42 @@ def _solve_block(
 def _nonzero(values: torch.Tensor) -> torch.Tensor:
     """``values`` with zeros replaced by ones, for divisions whose result is masked anyway."""
     return torch.where(values != 0, values, torch.ones_like(values))
+
+
+def write_directions(
+    stats: SufficientStats,
+    ok: torch.Tensor | np.ndarray,
+    feature_block: int = 16384,
+) -> dict[str, np.ndarray]:
+    """B's write direction per feature: the least-squares slope of x on y_f, with an intercept.
+
+    Regressing every coordinate of x on the feature's activation alone gives the slope
+    ``write_direction[f] = cyx[f] / syy[f]`` [d]: how far (and which way) B's residual moves per
+    unit of activation, the decoder row of an SAE whose encoder row is the probe. Its scale:
+    ``write_norm[f] = ‖write_direction[f]‖`` and ``write_r2[f] = ‖cyx[f]‖² / (syy[f]·tr cxx)``,
+    the share of x's total variance that the line through the feature explains. From the
+    statistics alone (``stats``: train). ``ok [F]`` bool picks the features to compute; the
+    others (and any with ``syy == 0``) get zeros. Extra memory O(d·feature_block).
+
+    Returns numpy arrays ``write_direction [F, d]`` float32, ``write_norm [F]`` and
+    ``write_r2 [F]`` float64.
+    """
+    if feature_block < 1:
+        raise XprobeError(f"feature_block must be >= 1, got {feature_block}")
+    ok = torch.as_tensor(ok, device=stats.device).to(torch.bool)
+    if ok.shape != (stats.n_feat,):
+        raise XprobeError(f"ok has shape {tuple(ok.shape)}; expected [{stats.n_feat}]")
+    total = float(torch.trace(stats.cxx))
+    direction = np.zeros((stats.n_feat, stats.d), dtype=np.float32)
+    norm, r2 = np.zeros(stats.n_feat), np.zeros(stats.n_feat)
+    for start in range(0, stats.n_feat, feature_block):
+        block = slice(start, min(start + feature_block, stats.n_feat))
+        syy = stats.syy[block]
+        keep = ok[block] & (syy > 0)
+        slope = stats.cyx[block] / _nonzero(syy)[:, None] * keep[:, None]  # [B, d]
+        squared = (stats.cyx[block] ** 2).sum(1)  # ‖cyx_f‖²
+        direction[block] = slope.to("cpu", torch.float32).numpy()
+        norm[block] = slope.norm(dim=1).cpu().numpy()
+        explained = torch.where(keep, squared / _nonzero(syy * total), torch.zeros_like(syy))
+        r2[block] = (explained if total > 0 else torch.zeros_like(syy)).cpu().numpy()
+    return {"write_direction": direction, "write_norm": norm, "write_r2": r2}

@@ -1,0 +1,218 @@
+"""Causal agreement: does B's write direction do to B's next token what A's feature does to A's?
+
+A and B share a tokenizer, so their next-token distributions live in one vocabulary. For each
+chosen feature f and up to ``n_contexts`` held-out tokens t where f fires in A (the first ones
+in corpus order), with α_f the mean of those activations:
+
+- steering: ``Δ_A = log p_A(· | x_t + α_f·d_A) − log p_A(· | x_t)`` with d_A the change of A's
+  SAE reconstruction per unit of f (``decode(e_f) − decode(0)``) added at A's SAE hook, at t only;
+  ``Δ_B`` the same in B with B's write direction at B's hook; ``cos_steer`` the cosine of Δ_A and
+  Δ_B over the vocabulary, ``cos_null`` the mean cosine of Δ_A with B steered along
+  ``n_null`` random directions of the same norm (drawn per context, seeded), and
+  ``abs_cos_null`` the mean of their magnitudes (a large push in any direction moves log-probs
+  in a shared way, so the null's cosine can be far from 0 either way for one feature even
+  where its median over features is near 0);
+- ablation: B's next-token loss at t with the probe direction projected out of B's residual at
+  every position up to t, minus the clean loss (``dloss_probe``), the same for the write
+  direction (``dloss_write``) and for a random direction (``dloss_random``).
+
+Per feature the medians over its contexts are reported (one row per feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import XprobeError
+from pipeline.export.measure import load_model, splice
+from pipeline.export.sae import FitSource
+from pipeline.store.layout import acts_unit, safe_name
+from pipeline.store.sparse import load_sparse
+
+
+@dataclass
+class Contexts:
+    """Firing contexts, one row per (feature, context)."""
+
+    feature: np.ndarray  # [R] A's feature id
+    seq: np.ndarray  # [R] corpus sequence
+    pos: np.ndarray  # [R] position in the sequence
+    value: np.ndarray  # [R] the feature's activation there
+
+
+def firing_contexts(source: FitSource, features: np.ndarray, n_contexts: int) -> Contexts:
+    """Up to ``n_contexts`` held-out counted tokens per feature where A's feature fires."""
+    store, info = source.store, source.store.info(source.tokens)
+    held = source.held_out()
+    ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
+    wanted = set(int(f) for f in features)
+    found: dict[int, list[tuple[int, int, float]]] = {f: [] for f in wanted}
+    for index in range(int(info["n_chunks"])):
+        if all(len(v) >= n_contexts for v in found.values()):
+            break
+        mask = store.read_chunk(f"{source.tokens}/mask", index).reshape(-1)
+        rows, cols, vals = (t.numpy() for t in load_sparse(store, source.feats, index))
+        seq = index * chunk_seqs + rows // ctx
+        # the last position has no next token: skip it
+        keep = mask[rows] & held[seq] & (vals > 0) & (rows % ctx < ctx - 1)
+        for r, c, v, s in zip(rows[keep], cols[keep], vals[keep], seq[keep], strict=True):
+            if int(c) in wanted and len(found[int(c)]) < n_contexts:
+                found[int(c)].append((int(s), int(r % ctx), float(v)))
+    rows_out = [(f, s, p, v) for f in sorted(found) for s, p, v in found[f]]
+    if not rows_out:
+        raise XprobeError("none of the chosen features fires on the held-out tokens")
+    f, s, p, v = (np.array(col) for col in zip(*rows_out, strict=True))
+    return Contexts(f.astype(np.int64), s.astype(np.int64), p.astype(np.int64), v)
+
+
+def _at_position(vectors: torch.Tensor, pos: torch.Tensor):
+    """Add ``vectors [R, d]`` to the residual [R, L, d] at row r, position ``pos[r]``."""
+
+    def replace(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[torch.arange(len(h)), pos] += vectors.to(h.dtype)
+        return h
+
+    return replace
+
+
+def _project_out(units: torch.Tensor):
+    """Remove each row's component along ``units [R, d]`` (unit vectors) at every position."""
+
+    def replace(h: torch.Tensor) -> torch.Tensor:
+        u = units.to(h.dtype)[:, None, :]
+        return h - (h * u).sum(-1, keepdim=True) * u
+
+    return replace
+
+
+def _log_probs_at(model: Any, hook: str, ids: torch.Tensor, pos: torch.Tensor, replace) -> Any:
+    """log p(next token) at ``pos`` [R] for ``ids`` [R, L], the hook spliced: [R, vocab] float64."""
+    with torch.no_grad(), splice(model, hook, replace):
+        logits = model(input_ids=ids, use_cache=False).logits
+    return torch.log_softmax(logits[torch.arange(len(ids)), pos].double(), -1)
+
+
+def causal_agreement(
+    source: FitSource,
+    features: np.ndarray,
+    n_contexts: int = 8,
+    device: str = "cpu",
+    batch: int = 64,
+    seed: int = 0,
+    steer_b: np.ndarray | None = None,
+    n_null: int = 4,
+) -> Any:
+    """One row per feature (pandas DataFrame): ``feature, n_contexts, alpha, cos_steer,
+    cos_null, abs_cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
+
+    ``features`` [n] ascending; ``steer_b [n, d_B]``: directions to steer B with, per unit of
+    activation, instead of B's write directions (e.g. the probe directions)."""
+    import pandas as pd
+
+    store = source.store
+    contexts = firing_contexts(source, features, n_contexts)
+    sae_a = source.sae_a(device)
+    hook_a = sae_a.cfg.metadata.hook_name
+    feats_config = store.info(source.feats).get("config", {})
+    a_unit = acts_unit(source.corpus, safe_name(feats_config.get("model", "")), hook_a)
+    model_a = load_model(store.info(a_unit)["model"], store.info(a_unit).get("revision"), device)
+    b_info = store.info(source.acts_b)
+    model_b = load_model(b_info["model"], b_info.get("revision"), device)
+
+    with torch.no_grad():
+        zero = sae_a.decode(torch.zeros(1, sae_a.cfg.d_sae, device=device))
+        unit = torch.zeros(len(features), sae_a.cfg.d_sae, device=device)
+        unit[torch.arange(len(features)), torch.from_numpy(features)] = 1.0
+        dec_a = dict(zip(features.tolist(), sae_a.decode(unit) - zero, strict=True))
+    write = store.array(f"{source.probes}/write_direction")
+    probe = store.array(f"{source.probes}/direction")
+    steer = write.oindex[features, :] if steer_b is None else np.asarray(steer_b, np.float32)
+    write_b = dict(zip(features.tolist(), torch.from_numpy(steer), strict=True))
+    read_b = dict(zip(features.tolist(), torch.from_numpy(probe.oindex[features, :]), strict=True))
+    alpha = {int(f): float(contexts.value[contexts.feature == f].mean()) for f in features}
+    generator = torch.Generator().manual_seed(seed)
+
+    ids_all = store.array(f"{source.tokens}/ids")
+    columns: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "cos_steer",
+            "cos_null",
+            "abs_cos_null",
+            "dloss_probe",
+            "dloss_write",
+            "dloss_random",
+        )
+    }
+    for start in range(0, len(contexts.feature), batch):
+        sl = slice(start, start + batch)
+        feats, seqs, pos = contexts.feature[sl], contexts.seq[sl], contexts.pos[sl]
+        length = int(pos.max()) + 2  # up to the next token of the last context
+        ids = torch.from_numpy(ids_all.oindex[seqs, :length].astype(np.int64)).to(device)
+        p = torch.from_numpy(pos).to(device)
+        a = torch.tensor([alpha[int(f)] for f in feats], dtype=torch.float32, device=device)
+        v_a = torch.stack([dec_a[int(f)] for f in feats]).to(device) * a[:, None]
+        v_b = torch.stack([write_b[int(f)] for f in feats]).to(device) * a[:, None]
+        u_probe = torch.stack([read_b[int(f)] for f in feats]).to(device)
+        u_probe = u_probe / u_probe.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        rand = torch.randn(u_probe.shape, generator=generator).to(device)
+        u_rand = rand / rand.norm(dim=1, keepdim=True)
+
+        clean_a = _log_probs_at(model_a, hook_a, ids, p, None)
+        delta_a = _log_probs_at(model_a, hook_a, ids, p, _at_position(v_a, p)) - clean_a
+        clean_b = _log_probs_at(model_b, source.hook, ids, p, None)
+        delta_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_b, p)) - clean_b
+        nulls = []
+        for _ in range(n_null):
+            rand = torch.randn(v_b.shape, generator=generator).to(device)
+            v_rand = rand / rand.norm(dim=1, keepdim=True) * v_b.norm(dim=1, keepdim=True)
+            null_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_rand, p))
+            nulls.append(torch.nn.functional.cosine_similarity(delta_a, null_b - clean_b, dim=1))
+        null = torch.stack(nulls)  # [n_null, R]
+        cos = torch.nn.functional.cosine_similarity
+        columns["cos_steer"].append(cos(delta_a, delta_b, dim=1).cpu().numpy())
+        columns["cos_null"].append(null.mean(0).cpu().numpy())
+        columns["abs_cos_null"].append(null.abs().mean(0).cpu().numpy())
+        target = ids[torch.arange(len(ids), device=device), p + 1]
+        loss_clean = -clean_b.gather(1, target[:, None])[:, 0]
+        u_write = v_b / v_b.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        ablations = (("dloss_probe", u_probe), ("dloss_write", u_write), ("dloss_random", u_rand))
+        for key, u in ablations:
+            ablated = _log_probs_at(model_b, source.hook, ids, p, _project_out(u))
+            loss = -ablated.gather(1, target[:, None])[:, 0]
+            columns[key].append((loss - loss_clean).cpu().numpy())
+
+    per_context = pd.DataFrame(
+        {"feature": contexts.feature, **{k: np.concatenate(v) for k, v in columns.items()}}
+    )
+    table = per_context.groupby("feature").median()
+    table.insert(0, "n_contexts", per_context.groupby("feature").size())
+    table.insert(1, "alpha", [alpha[int(f)] for f in table.index])
+    return table.reset_index()
+
+
+def causal_figure(table: Any, title: str) -> Any:
+    """A matplotlib Figure: each feature's steering cosine against its score (presence or R²),
+    its random-direction null magnitude in grey beneath; ``table`` has column ``score``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.scatter(table["score"], table["abs_cos_null"], s=14, c="#b8b8b8", label="|random null|")
+    for group, color, label in (("top", "#2a9d8f", "top by score"), ("other", "#d1495b", "others")):
+        rows = table[table["group"] == group]
+        ax.scatter(rows["score"], rows["cos_steer"], s=18, c=color, label=f"{label}: steering")
+    ax.axhline(0, color="#57606a", lw=0.6)
+    ax.set_xlabel("score (presence, or held-out R²)")
+    ax.set_ylabel("cosine with A's Δ log-probs")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

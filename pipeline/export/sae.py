@@ -1,0 +1,374 @@
+"""Export one fit as an SAE on B's hook that ``sae_lens.SAE.load_from_disk`` loads.
+
+Per kept feature f of A's SAE (F_kept of them), from ``probes/<fit>/<hook>/``:
+
+    W_enc [d_B, F_kept] = direction[f]ᵀ           the probe (read direction)
+    b_enc [F_kept]      = intercept[f]             so encode(x) = relu(x·direction + intercept)
+    W_dec [F_kept, d_B] = write_direction[f]       slope of B's residual on the feature
+    b_dec [d_B]         = mean over training tokens of x − Σ_f encode(x)_f · W_dec[f]
+
+(or, with ``decoder="lstsq"``, W_dec and b_dec the joint least-squares fit of x on the encoding:
+one feature's write direction is its own slope, and summed over co-active features the slopes
+overcount what they share, so the write decoder reconstructs poorly)
+with ReLU, or TopK with A's k when A's SAE is a TopK SAE (k capped at F_kept), and
+``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction. The folder
+holds sae-lens's own ``cfg.json`` and ``sae_weights.safetensors`` (written by its ``save_model``),
+with ``cfg.metadata.xprobe`` naming A, its SAE, the fit and the kept feature ids, and
+``steering.safetensors``: ``feature_ids [F_kept]`` int64 (A's ids), ``write_direction
+[F_kept, d_B]`` float32 and ``write_norm [F_kept]`` (row i steers with feature ``feature_ids[i]``).
+
+Which features: those the report scores present (``{fit}_presence >= present_at`` in
+``report/<name>/table.parquet``), or, with ``min_r2``, every ok probe with held-out R² >= min_r2
+(the ceiling A → A has no presence score). Only ok probes are ever kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import XprobeError
+from pipeline.inputs.sae import load_sae_of
+from pipeline.maths.lstsq import STATUS_OK
+from pipeline.maths.split import held_out_sequences
+from pipeline.store import Store
+from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
+from pipeline.store.reader import load_acts
+
+STEERING_FILE = "steering.safetensors"
+TOPK_ARCHITECTURES = ("topk",)
+DECODERS = ("write", "lstsq")
+
+
+@dataclass(frozen=True)
+class FitSource:
+    """What one fit at one hook was computed from, resolved from the store's provenance."""
+
+    store: Store
+    fit: str
+    hook: str
+    corpus: str
+    features: str  # store name of A's SAE features
+    model_b: str  # B's store name
+    config: dict[str, Any]  # the fit's config
+
+    @classmethod
+    def resolve(cls, store: Store, fit: str, hook: str | None = None) -> FitSource:
+        unit = probes_unit(fit)
+        if not store.has(unit) or not store.info(unit).get("complete"):
+            raise XprobeError(f"{unit} is not in the store or not complete; run the fit {fit!r}")
+        config = store.info(unit)["config"]
+        hooks = list(config["hooks"])
+        if hook is None:
+            if len(hooks) > 1:
+                raise XprobeError(f"fit {fit!r} probes hooks {hooks}; choose one with --hook")
+            hook = hooks[0]
+        if hook not in hooks:
+            raise XprobeError(f"fit {fit!r} has no hook {hook!r}; its hooks are {hooks}")
+        if not store.has(f"{unit}/{hook}/write_direction"):
+            raise XprobeError(
+                f"{unit} has no write directions (fitted by an older xprobe); "
+                f"rerun the fit with --force: xprobe fit --name {fit} ... --force"
+            )
+        return cls(store, fit, hook, config["corpus"], config["features"], config["model"], config)
+
+    @property
+    def probes(self) -> str:
+        return f"{probes_unit(self.fit)}/{self.hook}"
+
+    @property
+    def tokens(self) -> str:
+        return tokens_unit(self.corpus)
+
+    @property
+    def feats(self) -> str:
+        return feats_unit(self.corpus, self.features)
+
+    @property
+    def acts_b(self) -> str:
+        return acts_unit(self.corpus, safe_name(self.model_b), self.hook)
+
+    def probe(self, key: str) -> np.ndarray:
+        """``probes/<fit>/<hook>/<key>`` as a numpy array."""
+        return self.store.array(f"{self.probes}/{key}")[:]
+
+    def held_out(self) -> np.ndarray:
+        """[n_seq] bool: the fit's held-out sequences."""
+        n_seq = int(self.store.info(self.tokens)["n_seq"])
+        return held_out_sequences(
+            n_seq, self.config["held_out_fraction"], self.config["split_seed"]
+        )
+
+    def sequences(
+        self, held_out: bool, max_tokens: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The held-out (or training) sequences, chunk by chunk: ids [s, ctx] int64, mask
+        [s, ctx] bool and B's activations [s, ctx, d] float32, until at least ``max_tokens``
+        counted tokens are given (whole chunks, in corpus order)."""
+        store, info = self.store, self.store.info(self.tokens)
+        split = self.held_out() if held_out else ~self.held_out()
+        ctx, chunk_seqs = int(info["ctx"]), int(info["chunk_seqs"])
+        given = 0
+        for index in range(int(info["n_chunks"])):
+            if given >= max_tokens:
+                return
+            ids = store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64)
+            rows = split[index * chunk_seqs : index * chunk_seqs + len(ids)]
+            mask = store.read_chunk(f"{self.tokens}/mask", index).astype(bool)[rows]
+            if not mask.any():
+                continue
+            x = load_acts(store, self.acts_b, index).to(torch.float32).reshape(len(ids), ctx, -1)
+            yield torch.from_numpy(ids[rows]), torch.from_numpy(mask), x[torch.from_numpy(rows)]
+            given += int(mask.sum())
+
+    def sae_a(self, device: str = "cpu") -> Any:
+        """A's SAE, as the features unit recorded it."""
+        return load_sae_of(self.store, self.feats, device=device)
+
+    def identity(self) -> dict[str, Any]:
+        """A, its SAE, B and the fit, as recorded in the store (for the export's metadata)."""
+        feats, acts_b = self.store.info(self.feats), self.store.info(self.acts_b)
+        feats_config = feats.get("config", {})
+        a_unit = acts_unit(self.corpus, safe_name(feats_config.get("model", "")), self.hook)
+        model_a = (
+            self.store.info(a_unit).get("model") if self.store.has(a_unit) else None
+        ) or feats_config.get("model")
+        return {
+            "model_a": model_a,
+            "sae_a": {k: feats_config.get(k) for k in ("sae", "sae_id", "sae_path", "hook")},
+            "features": self.feats,
+            "model_b": acts_b.get("model"),
+            "model_b_revision": acts_b.get("revision"),
+            "model_b_store_name": self.model_b,
+            "hook": self.hook,
+            "fit": self.fit,
+            "fit_config": self.config,
+            "fit_config_fingerprint": self.store.info(probes_unit(self.fit)).get(
+                "config_fingerprint"
+            ),
+            "corpus": self.corpus,
+            "corpus_fingerprint": self.store.info(self.tokens).get("corpus_fingerprint"),
+            "store": str(self.store.url),
+        }
+
+
+def select_features(
+    source: FitSource,
+    report: str | None = None,
+    present_at: float = 0.7,
+    min_r2: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A's feature ids to export, ascending ``[F_kept]`` int64, and how they were chosen.
+
+    With ``min_r2``: ok probes with held-out R² >= min_r2. Otherwise presence from the report
+    ``report`` (default: the one report in the store that scores this fit).
+    """
+    ok = source.probe("status") == STATUS_OK
+    if min_r2 is not None:
+        keep = ok & (source.probe("r2_held_out") >= min_r2)
+        return np.flatnonzero(keep), {"by": "r2_held_out", "min_r2": min_r2}
+    presence, name = presence_scores(source, report)
+    keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
+    return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+
+
+def presence_scores(source: FitSource, report: str | None = None) -> tuple[np.ndarray, str]:
+    """The fit's presence score per feature ``[F]`` (NaN: not scored) from the report ``report``
+    (default: the one report in the store that scores this fit), and that report's name."""
+    import pandas as pd
+
+    column = f"{source.fit}_presence"
+    tables = _report_tables(source.store, report)
+    scoring = {name: path for name, path in tables.items() if column in _columns(path)}
+    if report is None and len(scoring) != 1:
+        found = sorted(scoring) or "none"
+        raise XprobeError(
+            f"cannot tell which report scores fit {source.fit!r} (found: {found}); name it with "
+            "--report NAME, or keep features by held-out R² with --min-r2 X"
+        )
+    if report is not None and report not in scoring:
+        raise XprobeError(
+            f"report {report!r} has no presence score for fit {source.fit!r}: run the report "
+            f"with {source.fit!r} in its fits, or keep features by held-out R² with --min-r2 X"
+        )
+    name, path = next(iter(scoring.items())) if report is None else (report, scoring[report])
+    table = pd.read_parquet(path, columns=["feature", column])
+    presence = np.full(len(source.probe("status")), np.nan)
+    presence[table["feature"].to_numpy()] = table[column].to_numpy()
+    return presence, name
+
+
+def _report_tables(store: Store, report: str | None) -> dict[str, Path]:
+    """``{report name: table.parquet}`` of the reports written in this store's folder."""
+    if store.local_path is None:
+        raise XprobeError("the store is not a local folder: keep features with --min-r2 X")
+    root = store.local_path / "report"
+    names = [report] if report is not None else sorted(p.name for p in root.glob("*"))
+    return {n: root / n / "table.parquet" for n in names if (root / n / "table.parquet").exists()}
+
+
+def _columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def build_sae(
+    source: FitSource,
+    feature_ids: np.ndarray,
+    decoder: str = "write",
+    train_tokens: int = 100_000,
+    device: str = "cpu",
+) -> Any:
+    """The sae-lens SAE (StandardSAE, or TopKSAE with A's k) of the kept features, float32.
+
+    ``decoder="write"``: ``W_dec`` rows are B's write directions and ``b_dec`` is the mean of
+    ``x − Σ_f encode(x)_f·W_dec[f]``. ``decoder="lstsq"``: ``W_dec`` and ``b_dec`` are the joint
+    least-squares fit of x on ``[encode(x), 1]`` (the best decoder for this encoder; rows are
+    then not the per-feature write directions, which stay in the steering file). Either is fitted
+    on at most ``train_tokens`` counted training tokens of B (whole chunks, in order).
+    """
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    if decoder not in DECODERS:
+        raise XprobeError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    if len(feature_ids) == 0:
+        raise XprobeError(
+            f"no feature of fit {source.fit!r} passes the selection; lower the threshold"
+        )
+    direction = source.store.array(f"{source.probes}/direction")
+    write = source.store.array(f"{source.probes}/write_direction")
+    d_in = int(direction.shape[1])
+    a_cfg = source.sae_a().cfg
+    architecture, k = a_cfg.architecture(), getattr(a_cfg, "k", None)
+    common = dict(
+        d_in=d_in,
+        d_sae=len(feature_ids),
+        dtype="float32",
+        device=device,
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(
+            model_name=source.identity()["model_b"],
+            hook_name=source.hook,
+            context_size=int(source.store.info(source.tokens)["ctx"]),
+        ),
+    )
+    if architecture in TOPK_ARCHITECTURES and k is not None:
+        sae = TopKSAE(TopKSAEConfig(k=min(int(k), len(feature_ids)), **common))
+    else:
+        sae = StandardSAE(StandardSAEConfig(**common))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.from_numpy(direction.oindex[feature_ids, :].T.astype(np.float32)))
+        sae.b_enc.copy_(torch.from_numpy(source.probe("intercept")[feature_ids].astype(np.float32)))
+        sae.W_dec.copy_(torch.from_numpy(write.oindex[feature_ids, :].astype(np.float32)))
+        sae.b_dec.zero_()
+        if decoder == "write":
+            sae.b_dec.copy_(_decoder_bias(source, sae, train_tokens, device))
+        else:
+            w_dec, b_dec = _joint_decoder(source, sae, train_tokens, device)
+            sae.W_dec.copy_(w_dec)
+            sae.b_dec.copy_(b_dec)
+    return sae.eval()
+
+
+def _training_acts(source: FitSource, n_tokens: int, device: str) -> Iterator[torch.Tensor]:
+    """B's counted training tokens at the hook, chunk by chunk ``[n, d]`` float32, until at least
+    ``n_tokens`` are given (whole chunks)."""
+    given = 0
+    for _, mask, x in source.sequences(held_out=False, max_tokens=n_tokens):
+        given += int(mask.sum())
+        yield x[mask].to(device)
+    if given == 0:
+        raise XprobeError(f"fit {source.fit!r} has no counted training tokens to fit a decoder on")
+
+
+def _decoder_bias(source: FitSource, sae: Any, n_tokens: int, device: str) -> torch.Tensor:
+    """Mean of ``x − sae.decode(sae.encode(x))`` (b_dec = 0) over counted training tokens [d]."""
+    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
+    n = 0
+    for x in _training_acts(source, n_tokens, device):
+        total += (x - sae.decode(sae.encode(x))).sum(0, dtype=torch.float64)
+        n += len(x)
+    return (total / n).to(torch.float32)
+
+
+def _joint_decoder(
+    source: FitSource, sae: Any, n_tokens: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares of x [n, d] on ``[encode(x), 1]`` over counted training tokens, from the
+    float64 Gram ``[F+1, F+1]`` and cross term ``[F+1, d]`` (pseudo-inverse: a feature that never
+    fires gets a zero row). Returns ``W_dec [F, d]`` and ``b_dec [d]``, float32."""
+    width = sae.cfg.d_sae + 1
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    cross = torch.zeros(width, sae.cfg.d_in, dtype=torch.float64, device=device)
+    for x in _training_acts(source, n_tokens, device):
+        a = torch.cat([sae.encode(x), torch.ones(len(x), 1, device=device)], 1).double()
+        gram += a.T @ a
+        cross += a.T @ x.double()
+    coef = torch.linalg.pinv(gram, hermitian=True) @ cross
+    return coef[:-1].float(), coef[-1].float()
+
+
+def write_export(
+    source: FitSource,
+    sae: Any,
+    feature_ids: np.ndarray,
+    selection: dict[str, Any],
+    out: Path,
+    decoder: str = "write",
+    force: bool = False,
+) -> Path:
+    """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` to ``out``,
+    via a temporary sibling folder renamed into place. An existing ``out`` needs ``force``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise XprobeError(f"{out} exists and is not empty; choose another --out or pass --force")
+    identity = source.identity()
+    sae.cfg.metadata.xprobe = {
+        **identity,
+        "what": "B's dictionary: encoder rows = probe directions, decoder rows = "
+        + ("write directions" if decoder == "write" else "joint least squares on the encoding"),
+        "selection": selection,
+        "decoder": decoder,
+        "feature_ids": [int(f) for f in feature_ids],
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_model(tmp)
+    write = torch.from_numpy(
+        source.store.array(f"{source.probes}/write_direction").oindex[feature_ids, :]
+    )
+    save_file(
+        {
+            "feature_ids": torch.from_numpy(np.asarray(feature_ids, dtype=np.int64)),
+            "write_direction": write,
+            "write_norm": torch.from_numpy(source.probe("write_norm")[feature_ids]),
+        },
+        tmp / STEERING_FILE,
+        metadata={
+            "hook": source.hook,
+            "model_b": str(identity["model_b"]),
+            "fit": source.fit,
+            "units": "residual change per unit of the feature's activation",
+        },
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """The ``xprobe`` metadata of an exported SAE folder."""
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    return cfg.get("metadata", {}).get("xprobe", {})
