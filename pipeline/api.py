@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pipeline.store.reader import ActChunk
 
 
-def _sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+def stage_sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """A stage's TOML section(s): a table, or an array of tables for stages run several times."""
     section = config.get(name)
     if section is None:
@@ -54,7 +54,7 @@ def plan(
         raise XprobeError(f"only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
     planned = []
     for entry in STAGES:
-        sections = _sections(config, entry.name)
+        sections = stage_sections(config, entry.name)
         if (only and entry.name not in only) or not sections:
             continue
         cfg_cls, run_fn = entry.load()

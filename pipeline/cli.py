@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pipeline.api import _sections, plan, store_location
+from pipeline.api import plan, stage_sections, store_location
 from pipeline.config import field_docs, from_dict, is_list_field, load_toml, parse_flag, relative_to
 from pipeline.errors import Interrupted, XprobeError
 from pipeline.registry import STAGES, StageEntry
@@ -252,7 +252,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
     ) -> None:
         config = load_toml(config_path) if config_path else {}
         base = _config_dir(config_path)
-        sections = _sections(config, entry.name)
+        sections = stage_sections(config, entry.name)
         if sections and not 0 <= index < len(sections):
             raise XprobeError(
                 f"--index {index}: {config_path} has {len(sections)} [{entry.name}] section(s)"
