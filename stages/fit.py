@@ -4,13 +4,15 @@ Reads B's activations ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_B]`` at one
 A's sparse features ``feats/<corpus>/<sae>/{idx,val}`` and the tokens' mask. Sequences are split
 into train and held-out (deterministic, by sequence); masked positions are skipped. Sufficient
 statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/maths/lstsq.py) are accumulated per hook and
-split, checkpointed with the list of consumed chunks, and all features are solved at once.
+split, checkpointed with the list of consumed chunks, and all features are solved at once. λ and
+the best hook are chosen by GCV on the training statistics; held-out tokens only score.
 
 Writes ``probes/<name>/<hook>/``:
     direction [F, d_B] float32   B's direction for each feature
-    intercept, lam, r2_train, r2_held_out, pearson_held_out [F]
+    intercept, lam, r2_train, r2_gcv, r2_held_out, pearson_held_out [F]
     n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/maths/lstsq.py)
-and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
+    lambdas, df, mean_r2_held_out [L]
+and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ class Fit:
     def solve_and_write(self, stats: dict, n_feat: int) -> dict[str, Any]:
         store, cfg = self.store, self.cfg
         prov = store.info(self.unit)
-        held_r2 = []
+        gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
         summary = {}
         for hook in cfg.hooks:
             train, held = stats[hook]["train"], stats[hook]["held_out"]
@@ -279,7 +281,7 @@ class Fit:
                 if isinstance(result["r2_held_out"], torch.Tensor)
                 else result["r2_held_out"]
             )
-            held_r2.append(r2)
+            gcv_r2.append(np.asarray(result["r2_gcv"]))
             ok = (
                 np.asarray(
                     result["status"].cpu()
@@ -292,7 +294,7 @@ class Fit:
                 "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
                 "n_ok": int(ok.sum()),
             }
-        best = np.argmax(np.stack(held_r2), axis=0).astype(np.int32)
+        best = np.argmax(np.stack(gcv_r2), axis=0).astype(np.int32)
         if store.has(f"{self.unit}/best_hook"):
             store.delete(f"{self.unit}/best_hook")
         store.create_array(f"{self.unit}/best_hook", best.shape, best.shape, best.dtype, prov)[

@@ -199,11 +199,14 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def _best_r2(store: Store, fit: str) -> np.ndarray:
-    """Held-out R² of a fit at its best hook per feature ``[F]`` (0 where the probe failed)."""
+    """Held-out R² of a fit at its best hook per feature ``[F]`` (0 where the probe failed); the
+    hook is the fit's ``best_hook``, chosen on training tokens (a max over held-out R² would be
+    optimistic)."""
     info = store.info(f"probes/{fit}")
     hooks = info["config"]["hooks"]
     r2 = np.stack([store.array(f"probes/{fit}/{h}/r2_held_out")[:] for h in hooks])
-    return r2.max(0)
+    best = store.array(f"probes/{fit}/best_hook")[:].astype(np.int64)
+    return np.take_along_axis(r2, best[None], 0)[0]
 
 
 GROUND_TRUTH = ("ablated", "erased")
