@@ -12,6 +12,8 @@ Writes ``probes/<name>/<hook>/``:
     intercept, lam, r2_train, r2_gcv, r2_held_out, pearson_held_out [F]
     n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/maths/lstsq.py)
     lambdas, df, mean_r2_held_out [L]
+    r2_clipped_held_out, auroc_held_out [F] float64    from one pass over the held-out tokens
+    r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 """
 
@@ -31,7 +33,8 @@ from pipeline.config import runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.lifecycle import run_whole_unit
-from pipeline.maths.lstsq import SufficientStats, solve_ridge
+from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
+from pipeline.maths.lstsq import STATUS_OK, SufficientStats, solve_ridge
 from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
 from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
@@ -60,6 +63,9 @@ class FitConfig:
     """Ridge grid, in units of the mean eigenvalue of the centred XᵀX (scale-free); 0 = least squares."""
     min_active: int = 10
     """Features active on fewer training tokens get status 'too rare' instead of a probe."""
+    n_bootstrap: int = 200
+    """Bootstrap replicates over held-out sequences (Poisson weights seeded by split_seed, the same
+    in every fit of the corpus): intervals for held-out R² and presence. Device memory 32·F·n."""
     compute_dtype: Literal["float32", "float64"] = "float32"
     """Dtype of the per-chunk products (accumulation is always float64)."""
     device: str = "auto"
@@ -73,6 +79,10 @@ class FitConfig:
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
     workers: int | None = workers_field()
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 0:
+            raise XprobeError(f"n_bootstrap must be >= 0 (0: no intervals), got {self.n_bootstrap}")
 
 
 class Fit:
@@ -262,6 +272,8 @@ class Fit:
                 feature_block=cfg.feature_block,
                 min_active=cfg.min_active,
             )
+            if held.n > 0:
+                result.update(self.held_out_scores(hook, result, train))
             for key, value in result.items():
                 value = (
                     value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -301,6 +313,51 @@ class Fit:
             ...
         ] = best
         return summary
+
+    def held_out_scores(
+        self, hook: str, result: dict[str, np.ndarray], train: SufficientStats
+    ) -> dict[str, np.ndarray]:
+        """One pass over the held-out tokens of ``hook`` with its solved probes: R² of the prediction
+        clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and clipped) over held-out
+        sequences (pipeline/maths/evaluate.py). NaN where the probe's status is not ok."""
+        store, cfg = self.store, self.cfg
+        tokens = store.info(self.tokens)
+        ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
+        held = self.held_out_mask()
+        scores = ProbeScores(
+            torch.from_numpy(np.ascontiguousarray(result["direction"])),
+            torch.from_numpy(result["intercept"]),
+            train.mean_y.cpu(),
+            torch.sqrt(train.syy.cpu() / train.n),
+            self.device,
+            self.dtype,
+            n_boot=cfg.n_bootstrap,
+            feature_block=cfg.feature_block,
+        )
+        for index in range(tokens["n_chunks"]):
+            first = index * chunk_seqs
+            n_seqs = min(chunk_seqs, n_seq - first)
+            if not bool(held[first : first + n_seqs].any()):
+                continue
+            mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+            local_seq = torch.arange(len(mask)) // ctx
+            keep = mask & held[first + local_seq]
+            rows, cols, vals = select_rows(*load_sparse(store, self.feats, index), keep)
+            weights = torch.from_numpy(
+                bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
+            )[local_seq[keep]]
+            scores.update(load_acts(store, self.acts[hook], index)[keep], rows, cols, vals, weights)
+        out = scores.result()
+        bad = result["status"] != STATUS_OK
+        boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}
+        named = {"r2_clipped": "r2_clipped_held_out", "auroc": "auroc_held_out", **boot}
+        written = {}
+        for key, name in named.items():
+            if key in out:
+                value = out[key].astype(np.float32 if key in boot else np.float64)
+                value[bad] = np.nan
+                written[name] = value
+        return written
 
 
 def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:
