@@ -26,7 +26,14 @@ import numpy as np
 
 from pipeline.config import canonical, fingerprint, runtime
 from pipeline.errors import XprobeError
-from pipeline.maths.presence import CLASSES, TokenBaseline, TopActivations
+from pipeline.maths.evaluate import bootstrap_weights
+from pipeline.maths.presence import (
+    CLASSES,
+    TokenBaseline,
+    TokenBaselineReplicates,
+    TokenPredictor,
+    TopActivations,
+)
 from pipeline.maths.split import held_out_sequences
 from pipeline.report.match import agreement_line, pair_match
 from pipeline.report.table import feature_table
@@ -57,6 +64,9 @@ class ReportConfig:
     """Presence score at or above which a feature counts as present."""
     partial_at: float = 0.3
     """Presence score at or above which (and below present_at) a feature counts as partial."""
+    confidence: float = 0.95
+    """Coverage of the bootstrap intervals (the fits' ``n_bootstrap`` replicates); a class is given
+    only when the presence interval lies in one band, otherwise the feature is "undetermined"."""
     min_headroom: float = 0.05
     """Score a feature only where R²_ceiling exceeds max(R²_token, 0) by at least this much."""
     encoder_cosine: bool = True
@@ -94,6 +104,8 @@ class Report:
             raise XprobeError(
                 f"need 0 <= partial_at <= present_at <= 1, got {cfg.partial_at}, {cfg.present_at}"
             )
+        if not 0 < cfg.confidence < 1:
+            raise XprobeError(f"confidence must be in (0, 1), got {cfg.confidence}")
         if not 0 < cfg.match_at <= 1:
             raise XprobeError(f"match_at must be in (0, 1], got {cfg.match_at}")
         if cfg.n_contexts < 1 or cfg.n_shown < 0:
@@ -161,6 +173,7 @@ class Report:
                 f"{sae_hook!r}; it probes {cinfo['config']['model']!r} at {cinfo['config']['hooks']}"
             )
         split = (cinfo["config"]["held_out_fraction"], cinfo["config"]["split_seed"])
+        n_boot = int(cinfo["config"].get("n_bootstrap", 0))
         roles = [Role("ceiling", ceiling, a_model, [sae_hook])]
         named = [(fit, fit) for fit in cfg.fits if fit not in (ceiling, cfg.floor)]
         if cfg.floor:
@@ -172,10 +185,16 @@ class Report:
                     f"fit {fit!r} uses another held-out split than the ceiling {ceiling!r} "
                     f"(held_out_fraction, split_seed = {split}); refit it with the same split"
                 )
+            if int(info["config"].get("n_bootstrap", 0)) != n_boot:
+                raise XprobeError(
+                    f"fit {fit!r} has n_bootstrap = {info['config'].get('n_bootstrap', 0)} but the "
+                    f"ceiling {ceiling!r} has {n_boot}: intervals combine the fits replicate by "
+                    "replicate; refit with the same n_bootstrap"
+                )
             roles.append(Role(label, fit, info["config"]["model"], list(info["config"]["hooks"])))
         if len(roles) == 1:
             raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
-        self.roles, self.split = roles, split
+        self.roles, self.split, self.n_boot = roles, split, n_boot
         self.match_roles = [pair_match(self, spec, int(feats["n_feat"])) for spec in cfg.matches]
         if len({m.name for m in self.match_roles}) < len(self.match_roles):
             raise XprobeError(f"matches names a match twice: {list(cfg.matches)}")
@@ -190,6 +209,7 @@ class Report:
             "matches": {m.name: m.role.fit for m in self.match_roles},
             "held_out_fraction": split[0],
             "split_seed": split[1],
+            "n_bootstrap": n_boot,
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
         }
@@ -204,13 +224,14 @@ class Report:
                 "split": list(self.split),
                 "n_contexts": self.cfg.n_contexts,
                 "token_baseline": self.cfg.token_baseline,
+                "n_bootstrap": self.n_boot,
             }
         )
 
     def scan(self, extra: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         """Token baseline R² and top activations, from the cache or one pass; (arrays, chunks read)."""
         store, key = self.store, self._scan_key()
-        names = ("token_r2", "top_value", "top_token")
+        names = ("token_r2", "token_r2_boot", "top_value", "top_token")
         if (
             store.has(self.unit)
             and store.info(self.unit).get("scan_key") == key
@@ -224,8 +245,9 @@ class Report:
             prov = provenance("report", self.cfg, **extra, scan_key=key)
             store.create_unit(self.unit, prov)
             for name, value in arrays.items():
+                chunks = tuple(max(1, n) for n in value.shape)  # [F, 0] without replicates
                 arr = store.create_array(
-                    f"{self.unit}/{name}", value.shape, value.shape, value.dtype, prov
+                    f"{self.unit}/{name}", value.shape, chunks, value.dtype, prov
                 )
                 arr[...] = value
         return arrays, n_chunks
@@ -254,7 +276,36 @@ class Report:
                 sel = keep[rows]
                 baseline.update(split, ids[keep], new_row[rows[sel]], cols[sel], vals[sel])
         token_r2 = baseline.r2_held_out() if self.cfg.token_baseline else np.zeros(n_feat)
-        return {"token_r2": token_r2, "top_value": top.value, "top_token": top.token}, n_chunks
+        token_r2_boot = np.zeros((n_feat, 0))
+        if self.cfg.token_baseline and self.n_boot:
+            token_r2_boot = self._token_replicates(baseline.predictor())
+        arrays = {"token_r2": token_r2, "token_r2_boot": token_r2_boot}
+        return {**arrays, "top_value": top.value, "top_token": top.token}, n_chunks
+
+    def _token_replicates(self, predictor: TokenPredictor) -> np.ndarray:
+        """[F, n_boot]: the token baseline's held-out R² in each bootstrap replicate of held-out
+        sequences (the fits' weights), from a pass over the held-out chunks' tokens and features."""
+        store, tokens = self.store, self.store.info(self.tokens)
+        ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
+        held = held_out_sequences(n_seq, *self.split)
+        replicates = TokenBaselineReplicates(predictor, self.n_boot)
+        for index in range(tokens["n_chunks"]):
+            first = index * chunk_seqs
+            n_seqs = min(chunk_seqs, n_seq - first)
+            if not held[first : first + n_seqs].any():
+                continue
+            ids = store.read_chunk(f"{self.tokens}/ids", index).reshape(-1)
+            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            local_seq = np.arange(len(ids)) // ctx
+            keep = mask & held[first + local_seq]
+            rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))
+            new_row = np.cumsum(keep) - 1
+            sel = keep[rows]
+            weights = bootstrap_weights(self.split[1], index, n_seqs, self.n_boot)
+            replicates.update(
+                ids[keep], new_row[rows[sel]], cols[sel], vals[sel], weights[local_seq[keep]]
+            )
+        return replicates.result()[1]
 
     # ---- the table --------------------------------------------------------------------------------
     def table(self, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
@@ -269,6 +320,12 @@ class Report:
             f"presence = (R²_B − {token}) / (R²_ceiling − {token}), clipped to [0, 1]",
             f"present: ≥ {cfg.present_at:g}   partial: ≥ {cfg.partial_at:g}   absent: < {cfg.partial_at:g}"
             f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
+            (
+                f"classes from {cfg.confidence:.0%} bootstrap intervals ({self.n_boot} replicates "
+                "over held-out sequences): undetermined = the interval straddles a threshold"
+                if self.n_boot
+                else "classes from the point score (the fits have no bootstrap replicates)"
+            ),
             "features: "
             + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
             + f" (of {len(df)})",

@@ -19,8 +19,11 @@ from pipeline.maths.presence import (
     TokenBaseline,
     TopActivations,
     classify,
+    classify_interval,
     feature_status,
+    percentile_interval,
     presence,
+    presence_replicates,
 )
 from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
@@ -145,6 +148,15 @@ def test_report_end_to_end(pipeline_store):
         "B_transfer_corr",
         f"B_r2@{HOOKS_B[0]}",
         "B_best_hook",
+        "B_r2_clipped",
+        "B_auroc",
+        "B_r2_lo",
+        "B_r2_hi",
+        "B_presence_lo",
+        "B_presence_hi",
+        "ceiling_r2_clipped",
+        "ceiling_auroc",
+        "ceiling_r2_lo",
     ):
         assert col in df, col
     # a score exists exactly where the feature is scored, and is then in [0, 1]
@@ -153,15 +165,23 @@ def test_report_end_to_end(pipeline_store):
         assert (score.notna() == (df["status"] == "scored")).all()
         assert (cls == "unscored").eq(score.isna()).all()
         assert score.dropna().between(0, 1).all()
-        assert (cls[score >= 0.7] == "present").all() and (cls[score < 0.3] == "absent").all()
+        low, high = df[f"{label}_presence_lo"], df[f"{label}_presence_hi"]
+        assert (low.notna() == score.notna()).all()
+        assert ((low <= high) | low.isna()).all()
+        # a class only where the whole interval lies in its band; straddling: undetermined
+        assert (cls[low >= 0.7] == "present").all() and (cls[high < 0.3] == "absent").all()
+        assert (cls[(low >= 0.3) & (high < 0.7)] == "partial").all()
+        straddles = ((low < 0.7) & (high >= 0.7)) | ((low < 0.3) & (high >= 0.3))
+        assert (cls[straddles] == "undetermined").all()
+        assert (cls[score >= 0.7].isin(["present", "undetermined"])).all()
     assert (df["status"] == "scored").sum() >= 20
     dead = store.array("feats/c/sae/stats/dead")[:]
     assert dead.sum() == 2 and (df["status"][dead] == "dead").all()
     # B is A plus 10% noise: it has A's features; the random model has far fewer
     assert df["B_presence"].median() > 0.8
     assert df["B_presence"].median() > df["floor_presence"].median() + 0.2
-    # best layer is B's probed hook with the larger held-out R²
-    r2_by_hook = np.stack([df[f"B_r2@{h}"] for h in HOOKS_B])
+    # best layer is B's probed hook with the larger GCV R² (chosen on training tokens)
+    r2_by_hook = np.stack([store.array(f"probes/B/{h}/r2_gcv")[:] for h in HOOKS_B])
     ok = df["B_fit_status"] == "ok"
     assert (df["B_best_hook"][ok] == np.asarray(HOOKS_B)[r2_by_hook.argmax(0)][ok]).all()
     # calibration: the A -> A probe points along the SAE's encoder row
@@ -187,9 +207,10 @@ def test_report_end_to_end(pipeline_store):
     # the terminal summary shows the thresholds and the table's counts
     counts = df["B_class"].value_counts()
     line = next(s for s in out["message"].splitlines() if s.strip().startswith("B "))
-    assert line.split()[1:5] == [
-        str(int(counts.get(c, 0))) for c in ("present", "partial", "absent", "unscored")
-    ]
+    classes = ("present", "partial", "absent", "undetermined", "unscored")
+    assert line.split()[1:6] == [str(int(counts.get(c, 0))) for c in classes]
+    assert counts.get("undetermined", 0) > 0  # 25% of 16 sequences held out: wide intervals
+    assert "undetermined = the interval straddles a threshold" in out["message"]
     assert "present: ≥ 0.7" in out["message"] and "partial: ≥ 0.3" in out["message"]
 
 
@@ -214,6 +235,27 @@ def test_token_baseline_equals_numpy(pipeline_store):
     assert defined.sum() >= 20 and (~defined).any()  # both cases occur
     np.testing.assert_allclose(got[defined], 1 - sse[defined] / sst[defined], rtol=1e-9, atol=1e-9)
     assert np.isnan(got[~defined]).all()
+    # bootstrap replicates: the fits' Poisson weights per held-out sequence, R² weighted by them
+    from pipeline.maths.evaluate import bootstrap_weights
+
+    boot = store.array("report/tb/token_r2_boot")[:]
+    n_boot = boot.shape[1]
+    assert n_boot == 200
+    per_chunk = [
+        bootstrap_weights(
+            0, i, min(info["chunk_seqs"], info["n_seq"] - i * info["chunk_seqs"]), n_boot
+        )
+        for i in range(info["n_chunks"])
+    ]
+    weights = np.repeat(np.concatenate(per_chunk), info["ctx"], axis=0)[test].astype(np.float64)
+    for rep in (0, 7, 199):
+        w = weights[:, rep : rep + 1]
+        mean = (w * y[test]).sum(0) / w.sum()
+        sst_w = (w * (y[test] - mean) ** 2).sum(0)
+        sse_w = (w * (y[test] - pred) ** 2).sum(0)
+        ok = sst_w > 1e-12
+        np.testing.assert_allclose(boot[ok, rep], 1 - sse_w[ok] / sst_w[ok], rtol=1e-8, atol=1e-9)
+        assert np.isnan(boot[~ok, rep]).all()
 
 
 def test_token_baseline_sparse_merges_and_unseen_tokens(monkeypatch):
@@ -301,6 +343,37 @@ def test_presence_edge_cases():
     assert np.isnan(presence(r2_b, own, ceiling_r2, token_r2, status)[1][0])
 
 
+def test_intervals_and_undetermined_class():
+    # percentile intervals; rows with too many undefined replicates are uninformative
+    replicates = np.array(
+        [
+            np.linspace(0, 1, 101),
+            np.full(101, 0.5),
+            np.full(101, np.nan),
+            np.r_[[np.nan] * 5, [0.9] * 96],
+        ]
+    )
+    low, high = percentile_interval(replicates, 0.95)
+    np.testing.assert_allclose(low[:2], [0.025, 0.5])
+    np.testing.assert_allclose(high[:2], [0.975, 0.5])
+    assert np.isnan(low[2]) and np.isnan(high[2])
+    assert low[3] == -np.inf and high[3] == np.inf  # 5% undefined > 2.5%: cannot tell
+    score = np.array([0.8, 0.8, 0.5, 0.1, 0.1, np.nan, 0.8])
+    low = np.array([0.75, 0.6, 0.35, 0.0, 0.2, np.nan, np.nan])
+    high = np.array([0.9, 0.9, 0.6, 0.25, 0.4, np.nan, np.nan])
+    np.testing.assert_array_equal(
+        classify_interval(score, low, high, 0.7, 0.3),
+        ["present", "undetermined", "partial", "absent", "undetermined", "unscored", "present"],
+    )
+    # presence per replicate: per-replicate token reference, no headroom -> NaN, clipped
+    r2 = np.array([[0.5, 0.9, 0.1]])
+    ceiling = np.array([[0.6, 0.6, 0.2]])
+    token = np.array([[0.1, -0.3, 0.3]])
+    got = presence_replicates(r2, ceiling, token, np.array([True]))
+    np.testing.assert_allclose(got, [[0.8, 1.0, np.nan]])
+    assert np.isnan(presence_replicates(r2, ceiling, token, np.array([False]))).all()
+
+
 def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
     store = Store(pipeline_store)
     report(_report_cfg(name="cli"), store)
@@ -321,7 +394,14 @@ def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
     assert (tmp_path / "r.html").exists()
     again = pd.read_parquet(pipeline_store / "report/cli/table.parquet")
     np.testing.assert_array_equal(again["B_presence"], table["B_presence"])  # same scores ...
-    assert (again["B_class"] == classify(again["B_presence"].to_numpy(), 0.9, 0.3)).all()  # new cut
+    new_cut = classify_interval(
+        again["B_presence"].to_numpy(),
+        again["B_presence_lo"].to_numpy(),
+        again["B_presence_hi"].to_numpy(),
+        0.9,
+        0.3,
+    )
+    assert (again["B_class"] == new_cut).all()  # new cut, same intervals
     # refusals name what to do
     with pytest.raises(XprobeError, match="ceiling"):
         report(_report_cfg(name="x", ceiling="B"), store)

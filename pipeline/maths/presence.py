@@ -23,6 +23,8 @@ NaN and a status says why (see :data:`STATUS_ORDER`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from pipeline.maths.lstsq import (
@@ -44,7 +46,9 @@ tokens than the fit's ``min_active``; constant: no variance on train or held-out
 undefined); no ceiling: the ceiling probe failed for another reason; no headroom: the ceiling's
 R² does not exceed the token baseline's by ``min_headroom`` (A's residual stream explains the
 feature no better than the current token does, so "beyond the token" has nothing to measure)."""
-CLASSES = ("present", "partial", "absent", "unscored")
+CLASSES = ("present", "partial", "absent", "undetermined", "unscored")
+"""A class is given only when the whole bootstrap interval of the presence score lies in its band;
+an interval that straddles a threshold is "undetermined" (without replicates, the point decides)."""
 
 
 class TokenBaseline:
@@ -90,11 +94,21 @@ class TokenBaseline:
         )
         self.pending[split] = []
 
+    def predictor(self) -> TokenPredictor:
+        """The per-token-id training means, as a :class:`TokenPredictor` (after all updates)."""
+        for split in SPLITS:
+            self._merge(split)
+        n_t = self.n["train"]
+        keys, sums = self.keys["train"], self.sums["train"]
+        count = self.count["train"]
+        mean = sums / count[keys // self.n_feat] if n_t else sums
+        global_mean = self.sum_y["train"] / max(n_t, 1)
+        return TokenPredictor(self.n_feat, keys, mean, global_mean, count)
+
     def r2_held_out(self) -> np.ndarray:
         """[F] float64: held-out R² of the per-token-id train mean; NaN where held-out y is
         constant (or no tokens are held out)."""
-        for split in SPLITS:
-            self._merge(split)
+        predictor = self.predictor()
         n_feat = self.n_feat
         vocab = max(len(self.count["train"]), len(self.count["held_out"]))
         count_t = np.pad(self.count["train"], (0, vocab - len(self.count["train"])))
@@ -102,27 +116,129 @@ class TokenBaseline:
         n_t, n_h = self.n["train"], self.n["held_out"]
         if n_h == 0 or n_t == 0:
             return np.full(n_feat, np.nan)
-        global_mean = self.sum_y["train"] / n_t
-        keys_t, sums_t = self.keys["train"], self.sums["train"]
-        tok_t, feat_t = keys_t // n_feat, keys_t % n_feat
-        mean_t = sums_t / count_t[tok_t]
+        global_mean = predictor.global_mean
+        keys_t, mean_t = predictor.keys, predictor.mean
+        feat_t = keys_t % n_feat
         keys_h, sums_h = self.keys["held_out"], self.sums["held_out"]
         tok_h, feat_h = keys_h // n_feat, keys_h % n_feat
-        pos = np.searchsorted(keys_t, keys_h)
-        found = pos < len(keys_t)
-        found[found] = keys_t[pos[found]] == keys_h[found]
-        pred_h = np.zeros(len(keys_h))
-        pred_h[found] = mean_t[pos[found]]
-        unseen = count_t[tok_h] == 0  # this token id never occurs in training
-        pred_h[unseen] = global_mean[feat_h[unseen]]
+        pred_h = predictor.lookup(tok_h, feat_h)
         cross = np.bincount(feat_h, sums_h * pred_h, n_feat)
-        quad = np.bincount(feat_t, count_h[tok_t] * mean_t * mean_t, n_feat)
+        quad = np.bincount(feat_t, count_h[keys_t // n_feat] * mean_t * mean_t, n_feat)
         quad += count_h[count_t == 0].sum() * global_mean * global_mean
         sse = self.sum_yy["held_out"] - 2 * cross + quad
         sst = self.sum_yy["held_out"] - self.sum_y["held_out"] ** 2 / n_h
         constant = sst <= 1e-12 * np.maximum(self.sum_yy["held_out"], 1e-300)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(constant, np.nan, 1 - sse / np.where(constant, 1, sst))
+
+
+class TokenPredictor:
+    """A feature's prediction from the current token id alone: ``mean [n_keys]`` at sorted
+    ``keys = token_id·F + feature`` (pairs never seen active in training predict 0), the global
+    ``global_mean [F]`` for token ids never seen in training (``count [vocab]``: training tokens
+    per id)."""
+
+    def __init__(
+        self,
+        n_feat: int,
+        keys: np.ndarray,
+        mean: np.ndarray,
+        global_mean: np.ndarray,
+        count: np.ndarray,
+    ):
+        self.n_feat, self.keys, self.mean = n_feat, keys, mean
+        self.global_mean, self.count = global_mean, count
+
+    def lookup(self, token_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """[n] float64: the prediction for each (token id, feature) pair given as two [n] arrays."""
+        keys = token_ids.astype(np.int64) * self.n_feat + features
+        pos = np.searchsorted(self.keys, keys)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == keys[found]
+        out = np.zeros(len(keys))
+        out[found] = self.mean[pos[found]]
+        seen = token_ids < len(self.count)
+        unseen = ~seen
+        unseen[seen] = self.count[token_ids[seen]] == 0
+        out[unseen] = self.global_mean[features[unseen]]
+        return out
+
+
+class TokenBaselineReplicates:
+    """Held-out R² of a :class:`TokenPredictor`, for the sample and for bootstrap replicates of
+    held-out sequences (the fits' Poisson weights, pipeline/maths/evaluate.py), from one pass
+    over the held-out tokens and their sparse features (no activations).
+
+    Per replicate r (0: the sample, weight 1), with w the token's weight and m its prediction:
+    ``SSE = Σ w·y² − 2 Σ w·y·m + Σ_v C[v, r]·Σ_f m[v, f]²`` (``C``: weighted count of token id v),
+    so only active entries and per-id counts are touched: O(nnz·R) per chunk, memory
+    O(F·R + vocab·R).
+    """
+
+    def __init__(self, predictor: TokenPredictor, n_boot: int):
+        self.predictor, self.n_boot = predictor, n_boot
+        shape = (predictor.n_feat, n_boot + 1)
+        self.n_weighted = np.zeros(n_boot + 1)
+        self.sum_y, self.sum_yy, self.cross = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        self.count = np.zeros((0, n_boot + 1))  # [vocab seen, R+1] weighted tokens per id
+
+    def update(
+        self,
+        token_ids: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        vals: np.ndarray,
+        weights: np.ndarray,
+    ) -> None:
+        """Held-out tokens ``token_ids [n]``, their features in COO form (``rows`` into
+        token_ids) and their replicate weights ``weights [n, n_boot]``."""
+        token_ids = token_ids.astype(np.int64)
+        w = np.concatenate([np.ones((len(token_ids), 1)), weights.astype(np.float64)], axis=1)
+        self.n_weighted += w.sum(0)
+        vocab = max(len(self.count), int(token_ids.max(initial=-1)) + 1)
+        if vocab > len(self.count):
+            self.count = np.pad(self.count, ((0, vocab - len(self.count)), (0, 0)))
+        _scatter_add(self.count, token_ids, w)
+        vals = vals.astype(np.float64)
+        m = self.predictor.lookup(token_ids[rows], cols)
+        w_entry = w[rows]  # [nnz, R+1]
+        for target, value in (
+            (self.sum_y, vals),
+            (self.sum_yy, vals * vals),
+            (self.cross, vals * m),
+        ):
+            _scatter_add(target, cols, w_entry * value[:, None])
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(``r2 [F]``, ``r2_boot [F, n_boot]``), NaN where y is constant on the (resampled)
+        held-out tokens."""
+        p = self.predictor
+        vocab = max(len(self.count), len(p.count))
+        count = np.pad(self.count, ((0, vocab - len(self.count)), (0, 0)))
+        seen = np.pad(p.count, (0, vocab - len(p.count))) > 0
+        quad = np.outer(p.global_mean**2, count[~seen].sum(0))  # ids never seen in training
+        tok, feat = p.keys // p.n_feat, p.keys % p.n_feat
+        step = max(1, (1 << 22) // (self.n_boot + 1))
+        for start in range(0, len(p.keys), step):
+            part = slice(start, start + step)
+            _scatter_add(quad, feat[part], count[tok[part]] * (p.mean[part] ** 2)[:, None])
+        sse = self.sum_yy - 2 * self.cross + quad
+        sst = self.sum_yy - self.sum_y**2 / np.maximum(self.n_weighted, 1e-300)
+        constant = sst <= 1e-12 * np.maximum(self.sum_yy, 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(constant, np.nan, 1 - sse / np.where(constant, 1, sst))
+        return r2[:, 0], r2[:, 1:]
+
+
+def _scatter_add(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``target[index[i]] += values[i]`` with repeated indices summed, in place (``target`` a
+    C-contiguous float64 [rows, R], ``values`` [n, R]): torch's index_add, far faster than
+    ``np.add.at``."""
+    import torch
+
+    torch.from_numpy(target).index_add_(
+        0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)), torch.from_numpy(values)
+    )
 
 
 def _reduce(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,4 +320,57 @@ def classify(score: np.ndarray, present_at: float, partial_at: float) -> np.ndar
     out[finite & (score >= present_at)] = "present"
     out[finite & (score < present_at) & (score >= partial_at)] = "partial"
     out[finite & (score < partial_at)] = "absent"
+    return out
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval ``(low [F], high [F])`` from ``replicates [F, R]``: NaN rows
+    give NaN; a row with more than (1 − confidence)/2 of its replicates NaN (undefined in that
+    resample) gives the uninformative (−inf, inf)."""
+    tail = (1 - confidence) / 2
+    out = np.full((2, len(replicates)), np.nan)
+    if replicates.shape[1] == 0:
+        return out[0], out[1]
+    undefined = np.isnan(replicates).mean(1)
+    some = undefined < 1
+    with warnings.catch_warnings():  # all-NaN rows are masked out anyway
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[:, some] = np.nanpercentile(replicates[some], [100 * tail, 100 * (1 - tail)], axis=1)
+    wide = some & (undefined > tail)
+    out[0, wide], out[1, wide] = -np.inf, np.inf
+    return out[0], out[1]
+
+
+def presence_replicates(
+    r2: np.ndarray, ceiling_r2: np.ndarray, token_r2: np.ndarray | None, scored: np.ndarray
+) -> np.ndarray:
+    """[F, R] clipped presence per bootstrap replicate, from replicate-aligned ``r2``,
+    ``ceiling_r2`` and ``token_r2`` [F, R] (None: no token baseline); NaN where the feature is not
+    ``scored`` [F] or where, in that resample, the ceiling does not beat the token (no headroom)."""
+    reference = 0 * r2 if token_r2 is None else np.maximum(np.nan_to_num(token_r2, nan=0.0), 0.0)
+    headroom = ceiling_r2 - reference
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = (r2 - reference) / headroom
+    raw = np.where((headroom > 0) & scored[:, None], raw, np.nan)
+    return np.clip(raw, 0.0, 1.0)
+
+
+def classify_interval(
+    score: np.ndarray, low: np.ndarray, high: np.ndarray, present_at: float, partial_at: float
+) -> np.ndarray:
+    """[F] object: the class of :func:`classify` where the interval [low, high] lies in one band,
+    "undetermined" where it straddles a threshold; the point ``score`` alone where the interval is
+    NaN (no replicates); "unscored" where the score is NaN."""
+    point = classify(score, present_at, partial_at)
+    has_interval = np.isfinite(score) & ~np.isnan(low) & ~np.isnan(high)
+    low_class = classify(np.where(has_interval, np.clip(low, 0, 1), np.nan), present_at, partial_at)
+    high_class = classify(
+        np.where(has_interval, np.clip(high, 0, 1), np.nan), present_at, partial_at
+    )
+    out = point.copy()
+    out[has_interval] = np.where(
+        low_class[has_interval] == high_class[has_interval],
+        low_class[has_interval],
+        "undetermined",
+    )
     return out

@@ -103,7 +103,11 @@ def feature_card(
     f = int(row["feature"])
     cls = row[f"{role.label}_class"]
     score, raw = row[f"{role.label}_presence"], row[f"{role.label}_presence_raw"]
-    badge = f"{cls} {_fmt(score)}" + (f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else "")
+    badge = f"{cls} {_fmt(score)}"
+    if f"{role.label}_presence_lo" in row and np.isfinite(row[f"{role.label}_presence_lo"]):
+        low, high = row[f"{role.label}_presence_lo"], row[f"{role.label}_presence_hi"]
+        badge += f" [{low:.2f}, {high:.2f}]"
+    badge += f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else ""
     parts = [
         f"frequency {row['frequency']:.2e}",
         f"ceiling R² {_fmt(row['ceiling_r2'])}",

@@ -173,8 +173,10 @@ def render_html(
         f"present ({cfg.present_at:g}) thresholds.</p>",
         "<h2>Each model against the ceiling</h2>",
         plot_scatter(report, df),
-        '<p class="caption">One point per feature the ceiling can fit, coloured by class; dotted: '
-        "y = x. Points near the diagonal are features B has as well as A does.</p>",
+        '<p class="caption">One point per feature the ceiling can fit, coloured by class; bars: '
+        f"{cfg.confidence:.0%} bootstrap intervals over held-out sequences (when the fits have "
+        "replicates); dotted: y = x. Points near the diagonal are features B has as well as A "
+        "does.</p>",
         "<h2>By layer</h2>",
         layers,
         f'<p class="caption">Median held-out R² over {which}, per probed hook.</p>',
@@ -194,8 +196,10 @@ def render_html(
         '<p class="caption" style="margin-top:30px">Full per-feature table: '
         f"{html.escape(notes.get('table', 'table.parquet'))} (and .csv), one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
-        "token_r2, ceiling_r2, encoder_cosine, and per model &lt;fit&gt;_r2, _best_hook, _presence, "
-        "_presence_raw, _class, _r2@&lt;hook&gt;, _transfer_corr"
+        "token_r2, ceiling_r2, ceiling_r2_lo, ceiling_r2_hi, ceiling_r2_clipped, ceiling_auroc, "
+        "encoder_cosine, and per model &lt;fit&gt;_r2, _r2_lo, _r2_hi, _r2_clipped, _auroc, "
+        "_best_hook, _presence, _presence_lo, _presence_hi, _presence_raw, _class, "
+        "_r2@&lt;hook&gt;, _transfer_corr"
         + (
             ", and per SAE match &lt;match&gt;_best_match, _best_corr, _mutual"
             if report.match_roles

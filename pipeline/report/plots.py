@@ -14,7 +14,13 @@ import numpy as np
 
 from pipeline.maths.presence import SCORED
 
-COLORS = {"present": "#2a9d8f", "partial": "#e9a23b", "absent": "#d1495b", "unscored": "#b8b8b8"}
+COLORS = {
+    "present": "#2a9d8f",
+    "partial": "#e9a23b",
+    "absent": "#d1495b",
+    "undetermined": "#8e7cc3",
+    "unscored": "#b8b8b8",
+}
 LINE_COLORS = ["#1f6feb", "#8957e5", "#bf8700", "#0a7d3b", "#cf222e", "#57606a"]
 
 
@@ -91,8 +97,27 @@ def plot_scatter(report: Any, df: Any) -> str:
     for ax, role in zip(axes[0], roles, strict=True):
         y_all = df[f"{role.label}_r2"].to_numpy()
         cls = df[f"{role.label}_class"].to_numpy()
-        for name in ("unscored", "absent", "partial", "present"):
+        for name in ("unscored", "absent", "partial", "undetermined", "present"):
             sel = fitted.to_numpy() & (cls == name)
+            if name != "unscored" and f"{role.label}_r2_lo" in df and "ceiling_r2_lo" in df:
+                ax.errorbar(  # bootstrap intervals over held-out sequences
+                    x_all[sel],
+                    y_all[sel],
+                    xerr=_spans(
+                        x_all[sel],
+                        df["ceiling_r2_lo"].to_numpy()[sel],
+                        df["ceiling_r2_hi"].to_numpy()[sel],
+                    ),
+                    yerr=_spans(
+                        y_all[sel],
+                        df[f"{role.label}_r2_lo"].to_numpy()[sel],
+                        df[f"{role.label}_r2_hi"].to_numpy()[sel],
+                    ),
+                    fmt="none",
+                    ecolor=COLORS[name],
+                    elinewidth=0.6,
+                    alpha=0.35,
+                )
             ax.scatter(
                 x_all[sel],
                 y_all[sel],
@@ -111,6 +136,12 @@ def plot_scatter(report: Any, df: Any) -> str:
         ax.legend(frameon=False, fontsize=8, markerscale=1.5, loc="upper left")
     fig.tight_layout()
     return png(fig)
+
+
+def _spans(value: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[2, n] error-bar lengths below and above ``value`` (0 where the interval is unknown)."""
+    spans = np.stack([value - low, high - value])
+    return np.clip(np.nan_to_num(spans, nan=0.0, posinf=0.0, neginf=0.0), 0, None)
 
 
 def plot_layers(report: Any, df: Any) -> tuple[str, str]:

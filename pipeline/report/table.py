@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import fingerprint
+from pipeline.errors import XprobeError
 from pipeline.maths.lstsq import STATUS_NAMES, STATUS_OK
-from pipeline.maths.presence import classify, feature_status, presence
+from pipeline.maths.presence import (
+    SCORED,
+    classify_interval,
+    feature_status,
+    percentile_interval,
+    presence,
+    presence_replicates,
+)
 from pipeline.report.matches import match_table
 from pipeline.store import Store
 from pipeline.store.layout import probes_unit, safe_name
@@ -24,7 +32,22 @@ if TYPE_CHECKING:
 
 
 def _probe(store: Store, fit: str, hook: str, key: str) -> np.ndarray:
-    return store.array(f"{probes_unit(fit)}/{hook}/{key}")[:]
+    path = f"{probes_unit(fit)}/{hook}/{key}"
+    if not store.has(path):
+        raise XprobeError(
+            f"{path} is missing: fit {fit!r} was written by an older xprobe; rerun it "
+            f"(xprobe fit --force)"
+        )
+    return store.array(path)[:]
+
+
+def _at_best(store: Store, role: Role, key: str, best: np.ndarray) -> np.ndarray:
+    """``probes/<fit>/<hook>/<key>`` [F] or [F, R] at each feature's ``best`` hook index [F]."""
+    if len(role.hooks) == 1:
+        return _probe(store, role.fit, role.hooks[0], key)
+    stacked = np.stack([_probe(store, role.fit, h, key) for h in role.hooks])
+    index = best.reshape((1, -1) + (1,) * (stacked.ndim - 2))
+    return np.take_along_axis(stacked, index, 0)[0]
 
 
 def cached_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
@@ -79,6 +102,12 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
     ceiling_status = _probe(store, ceiling.fit, ceiling.hooks[0], "status")
     token_r2 = scan["token_r2"]
     status = feature_status(ceiling_status, ceiling_r2, token_r2, cfg.min_headroom)
+    level = cfg.confidence
+    ceiling_best = np.zeros(n_feat, np.int64)
+    ceiling_boot = (
+        _at_best(store, ceiling, "r2_held_out_boot", ceiling_best) if report.n_boot else None
+    )
+    token_boot = scan["token_r2_boot"] if cfg.token_baseline and report.n_boot else None
     cols: dict[str, Any] = {
         "feature": np.arange(n_feat),
         "status": status,
@@ -88,7 +117,11 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         "token_r2": token_r2 if cfg.token_baseline else np.full(n_feat, np.nan),
         "ceiling_r2": ceiling_r2,
         "ceiling_fit_status": [STATUS_NAMES[int(s)] for s in ceiling_status],
+        "ceiling_r2_clipped": _at_best(store, ceiling, "r2_clipped_held_out", ceiling_best),
+        "ceiling_auroc": _at_best(store, ceiling, "auroc_held_out", ceiling_best),
     }
+    if ceiling_boot is not None:
+        cols["ceiling_r2_lo"], cols["ceiling_r2_hi"] = percentile_interval(ceiling_boot, level)
     notes: dict[str, Any] = {}
     if cfg.encoder_cosine:
         cosine, why = cached_cosine(report, ceiling)
@@ -110,9 +143,20 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_r2"] = r2
         cols[f"{p}_best_hook"] = np.asarray(role.hooks, dtype=object)[best]
         cols[f"{p}_fit_status"] = [STATUS_NAMES[int(s)] for s in own]
+        cols[f"{p}_r2_clipped"] = _at_best(store, role, "r2_clipped_held_out", best)
+        cols[f"{p}_auroc"] = _at_best(store, role, "auroc_held_out", best)
+        low = high = np.full(n_feat, np.nan)
+        if ceiling_boot is not None:
+            r2_boot = _at_best(store, role, "r2_held_out_boot", best)
+            cols[f"{p}_r2_lo"], cols[f"{p}_r2_hi"] = percentile_interval(r2_boot, level)
+            scored = (status == SCORED) & (own == STATUS_OK)
+            replicates = presence_replicates(r2_boot, ceiling_boot, token_boot, scored)
+            low, high = percentile_interval(replicates, level)
+            low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+            cols[f"{p}_presence_lo"], cols[f"{p}_presence_hi"] = low, high
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
-        cols[f"{p}_class"] = classify(score, cfg.present_at, cfg.partial_at)
+        cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
         if len(role.hooks) > 1:
             for hook, values in zip(role.hooks, r2_hooks, strict=True):
                 cols[f"{p}_r2@{hook}"] = values
