@@ -46,6 +46,9 @@ tokens than the fit's ``min_active``; constant: no variance on train or held-out
 undefined); no ceiling: the ceiling probe failed for another reason; no headroom: the ceiling's
 R² does not exceed the token baseline's by ``min_headroom`` (A's residual stream explains the
 feature no better than the current token does, so "beyond the token" has nothing to measure)."""
+TOKEN_SHRINKAGE = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 1e4, np.inf)
+"""Grid of the token baseline's shrinkage k (in training tokens: an id seen c times keeps
+c/(c + k) of its own mean), chosen per feature by GCV."""
 CLASSES = ("present", "partial", "absent", "undetermined", "unscored")
 """A class is given only when the whole bootstrap interval of the presence score lies in its band;
 an interval that straddles a threshold is "undetermined" (without replicates, the point decides)."""
@@ -94,37 +97,67 @@ class TokenBaseline:
         )
         self.pending[split] = []
 
-    def predictor(self) -> TokenPredictor:
-        """The per-token-id training means, as a :class:`TokenPredictor` (after all updates)."""
+    def predictor(self, shrink: bool = True) -> TokenPredictor:
+        """The token-id predictor from the training sums (after all updates): per-id means shrunk
+        toward the global mean (``shrink``), or raw (``shrink=False``).
+
+        Shrinkage is ridge on a one-hot token code around the global mean, m_v = μ + a_v(ȳ_v − μ)
+        with a_v = c_v/(c_v + k), its k chosen per feature like the probes' λ: by GCV on the
+        training tokens over :data:`TOKEN_SHRINKAGE` (0 = raw means, ∞ = the global mean). For
+        this smoother, RSS(k) = SSW + Σ_v c_v(1 − a_v)²(ȳ_v − μ)² and
+        df(k) = Σ_v a_v + Σ_v c_v(1 − a_v)/n (the hat matrix's trace); both are sums over the
+        pairs seen active plus per-count groups of ids, never vocab × F.
+        """
         for split in SPLITS:
             self._merge(split)
-        n_t = self.n["train"]
-        keys, sums = self.keys["train"], self.sums["train"]
-        count = self.count["train"]
-        mean = sums / count[keys // self.n_feat] if n_t else sums
+        n_feat, n_t = self.n_feat, self.n["train"]
+        keys, sums, count = self.keys["train"], self.sums["train"], self.count["train"]
         global_mean = self.sum_y["train"] / max(n_t, 1)
-        return TokenPredictor(self.n_feat, keys, mean, global_mean, count)
+        k = np.zeros(n_feat)
+        if shrink and n_t > 0:
+            k = self._gcv_shrinkage(keys, sums, count, global_mean)
+        return TokenPredictor(n_feat, keys, sums, count, global_mean, k)
 
-    def r2_held_out(self) -> np.ndarray:
-        """[F] float64: held-out R² of the per-token-id train mean; NaN where held-out y is
-        constant (or no tokens are held out)."""
-        predictor = self.predictor()
-        n_feat = self.n_feat
-        vocab = max(len(self.count["train"]), len(self.count["held_out"]))
-        count_t = np.pad(self.count["train"], (0, vocab - len(self.count["train"])))
-        count_h = np.pad(self.count["held_out"], (0, vocab - len(self.count["held_out"])))
-        n_t, n_h = self.n["train"], self.n["held_out"]
-        if n_h == 0 or n_t == 0:
-            return np.full(n_feat, np.nan)
-        global_mean = predictor.global_mean
-        keys_t, mean_t = predictor.keys, predictor.mean
-        feat_t = keys_t % n_feat
+    def _gcv_shrinkage(
+        self, keys: np.ndarray, sums: np.ndarray, count: np.ndarray, mu: np.ndarray
+    ) -> np.ndarray:
+        """[F]: the k of :data:`TOKEN_SHRINKAGE` with the least GCV per feature (see predictor)."""
+        n_feat, n = self.n_feat, self.n["train"]
+        tok, feat = keys // n_feat, keys % n_feat
+        c_pair = count[tok].astype(np.float64)
+        mean_pair = sums / c_pair  # ȳ_v at the pairs seen active
+        seen = count[count > 0].astype(np.float64)
+        distinct, per_count = np.unique(seen, return_counts=True)  # ids grouped by count
+        # SSW = Σ y² − Σ_v c_v ȳ_v²  (ids where f never fired have ȳ_v = 0)
+        within = self.sum_yy["train"] - np.bincount(feat, c_pair * mean_pair**2, n_feat)
+        best = np.full(n_feat, np.inf)
+        choice = np.zeros(n_feat)
+        for k in TOKEN_SHRINKAGE:
+            rest_pair = (1 - TokenPredictor._weight(c_pair, k)) ** 2
+            rest_ids = (1 - TokenPredictor._weight(distinct, k)) ** 2
+            # Σ_v c_v(1−a_v)²(ȳ_v − μ)² = Σ_pairs c(1−a)²(ȳ² − 2μȳ) + μ² Σ_ids c(1−a)²
+            pairs = np.bincount(
+                feat, c_pair * rest_pair * (mean_pair**2 - 2 * mu[feat] * mean_pair), n_feat
+            )
+            rss = np.maximum(within, 0.0) + pairs + mu**2 * (per_count * distinct * rest_ids).sum()
+            a_ids = TokenPredictor._weight(distinct, k)
+            df = (per_count * a_ids).sum() + (per_count * distinct * (1 - a_ids)).sum() / n
+            gcv = rss / n / (1 - df / n) ** 2 if df < n else np.full(n_feat, np.inf)
+            better = gcv < best
+            best[better], choice[better] = gcv[better], k
+        return choice
+
+    def r2_held_out(self, shrink: bool = True) -> np.ndarray:
+        """[F] float64: held-out R² of :meth:`predictor`; NaN where held-out y is constant (or no
+        tokens are held out)."""
+        predictor = self.predictor(shrink)
+        n_h = self.n["held_out"]
+        if n_h == 0 or self.n["train"] == 0:
+            return np.full(self.n_feat, np.nan)
         keys_h, sums_h = self.keys["held_out"], self.sums["held_out"]
-        tok_h, feat_h = keys_h // n_feat, keys_h % n_feat
-        pred_h = predictor.lookup(tok_h, feat_h)
-        cross = np.bincount(feat_h, sums_h * pred_h, n_feat)
-        quad = np.bincount(feat_t, count_h[keys_t // n_feat] * mean_t * mean_t, n_feat)
-        quad += count_h[count_t == 0].sum() * global_mean * global_mean
+        pred_h = predictor.lookup(keys_h // self.n_feat, keys_h % self.n_feat)
+        cross = np.bincount(keys_h % self.n_feat, sums_h * pred_h, self.n_feat)
+        quad = predictor.quad(self.count["held_out"].astype(np.float64)[:, None])[:, 0]
         sse = self.sum_yy["held_out"] - 2 * cross + quad
         sst = self.sum_yy["held_out"] - self.sum_y["held_out"] ** 2 / n_h
         constant = sst <= 1e-12 * np.maximum(self.sum_yy["held_out"], 1e-300)
@@ -133,34 +166,80 @@ class TokenBaseline:
 
 
 class TokenPredictor:
-    """A feature's prediction from the current token id alone: ``mean [n_keys]`` at sorted
-    ``keys = token_id·F + feature`` (pairs never seen active in training predict 0), the global
-    ``global_mean [F]`` for token ids never seen in training (``count [vocab]``: training tokens
-    per id)."""
+    """A feature's prediction from the current token id alone, from training sums: with c_v the
+    training tokens of id v, S[v, f] the feature's sum over them (``sums`` at sorted
+    ``keys = v·F + f``; absent pairs are 0), μ_f the global mean and ``k [F]`` the shrinkage,
+
+        m[v, f] = μ_f + a·(S[v, f]/c_v − μ_f),    a = c_v / (c_v + k_f)
+
+    (k = 0: the raw per-id mean; k = ∞: the global mean; an id never seen in training: μ_f).
+    Equal to ridge on a one-hot token code with penalty k around μ (tested against sklearn)."""
 
     def __init__(
         self,
         n_feat: int,
         keys: np.ndarray,
-        mean: np.ndarray,
-        global_mean: np.ndarray,
+        sums: np.ndarray,
         count: np.ndarray,
+        global_mean: np.ndarray,
+        k: np.ndarray,
     ):
-        self.n_feat, self.keys, self.mean = n_feat, keys, mean
-        self.global_mean, self.count = global_mean, count
+        self.n_feat, self.keys, self.sums, self.count = n_feat, keys, sums, count
+        self.global_mean, self.k = global_mean, k
+
+    def _count_of(self, token_ids: np.ndarray) -> np.ndarray:
+        seen = token_ids < len(self.count)
+        out = np.zeros(len(token_ids))
+        out[seen] = self.count[token_ids[seen]]
+        return out
+
+    @staticmethod
+    def _weight(count: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """a = c/(c + k), 0 where c = 0 (broadcasting)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, count / (count + k), 0.0)
 
     def lookup(self, token_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """[n] float64: the prediction for each (token id, feature) pair given as two [n] arrays."""
-        keys = token_ids.astype(np.int64) * self.n_feat + features
+        """[n] float64: m[v, f] for (token id, feature) pairs given as two [n] int arrays."""
+        token_ids = token_ids.astype(np.int64)
+        keys = token_ids * self.n_feat + features
         pos = np.searchsorted(self.keys, keys)
         found = pos < len(self.keys)
         found[found] = self.keys[pos[found]] == keys[found]
-        out = np.zeros(len(keys))
-        out[found] = self.mean[pos[found]]
-        seen = token_ids < len(self.count)
-        unseen = ~seen
-        unseen[seen] = self.count[token_ids[seen]] == 0
-        out[unseen] = self.global_mean[features[unseen]]
+        sums = np.zeros(len(keys))
+        sums[found] = self.sums[pos[found]]
+        count = self._count_of(token_ids)
+        mu = self.global_mean[features]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, sums / count, mu)
+        return mu + self._weight(count, self.k[features]) * (mean - mu)
+
+    def quad(self, weighted_count: np.ndarray) -> np.ndarray:
+        """[F, R] = Σ_v C[v, r]·m[v, f]² for per-id token weights ``weighted_count [vocab, R]``.
+
+        Split as Σ_v C[v]·(μ(1 − a_v))² (every id, grouped by its training count: at most
+        √(2·n_train) distinct values, so O(F·√n) work, never vocab × F) plus, over the pairs seen
+        active in training, C[v]·(m² − (μ(1 − a))²)."""
+        vocab = max(len(weighted_count), len(self.count))
+        weighted = np.pad(weighted_count, ((0, vocab - len(weighted_count)), (0, 0)))
+        count = np.pad(self.count, (0, vocab - len(self.count))).astype(np.float64)
+        distinct, group = np.unique(count, return_inverse=True)
+        by_count = np.zeros((len(distinct), weighted.shape[1]))
+        _scatter_add(by_count, group.reshape(-1), np.ascontiguousarray(weighted))
+        out = np.empty((self.n_feat, weighted.shape[1]))
+        step = max(1, (1 << 22) // max(len(distinct), 1))
+        for start in range(0, self.n_feat, step):
+            part = slice(start, start + step)
+            rest = (1 - self._weight(distinct[None, :], self.k[part, None])) ** 2  # [Fb, U]
+            out[part] = (rest @ by_count) * (self.global_mean[part] ** 2)[:, None]
+        tok, feat = self.keys // self.n_feat, self.keys % self.n_feat
+        m = self.lookup(tok, feat)
+        base = self.global_mean[feat] * (1 - self._weight(count[tok], self.k[feat]))
+        step = max(1, (1 << 22) // weighted.shape[1])
+        for start in range(0, len(self.keys), step):
+            part = slice(start, start + step)
+            extra = weighted[tok[part]] * (m[part] ** 2 - base[part] ** 2)[:, None]
+            _scatter_add(out, feat[part], extra)
         return out
 
 
@@ -212,16 +291,7 @@ class TokenBaselineReplicates:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(``r2 [F]``, ``r2_boot [F, n_boot]``), NaN where y is constant on the (resampled)
         held-out tokens."""
-        p = self.predictor
-        vocab = max(len(self.count), len(p.count))
-        count = np.pad(self.count, ((0, vocab - len(self.count)), (0, 0)))
-        seen = np.pad(p.count, (0, vocab - len(p.count))) > 0
-        quad = np.outer(p.global_mean**2, count[~seen].sum(0))  # ids never seen in training
-        tok, feat = p.keys // p.n_feat, p.keys % p.n_feat
-        step = max(1, (1 << 22) // (self.n_boot + 1))
-        for start in range(0, len(p.keys), step):
-            part = slice(start, start + step)
-            _scatter_add(quad, feat[part], count[tok[part]] * (p.mean[part] ** 2)[:, None])
+        quad = self.predictor.quad(self.count)
         sse = self.sum_yy - 2 * self.cross + quad
         sst = self.sum_yy - self.sum_y**2 / np.maximum(self.n_weighted, 1e-300)
         constant = sst <= 1e-12 * np.maximum(self.sum_yy, 1e-300)
