@@ -193,6 +193,19 @@ def test_report_end_to_end(pipeline_store):
     expect = direction[f] @ w[:, f] / np.linalg.norm(direction[f]) / np.linalg.norm(w[:, f])
     assert abs(df["encoder_cosine"][f] - expect) < 1e-9
     assert df["encoder_cosine"][df["status"] == "scored"].median() > 0.5
+    # the same cosines for every fit in A's basis, at its best hook; and with the decoder row
+    hooks = np.asarray(HOOKS_B)
+    g = int(df.index[(df["status"] == "scored") & (df["B_fit_status"] == "ok")][0])
+    hook = str(df["B_best_hook"][g])
+    b_dir = store.array(f"probes/B/{hook}/direction")[g].astype(np.float64)
+    w_dec = sae.W_dec.detach().double().numpy()[g]
+    expect = b_dir @ w_dec / np.linalg.norm(b_dir) / np.linalg.norm(w_dec)
+    assert hook in hooks and abs(df["B_decoder_cosine"][g] - expect) < 1e-9
+    scored = df["status"] == "scored"
+    assert (
+        df["B_encoder_cosine"][scored].median() > df["floor_encoder_cosine"][scored].median() + 0.2
+    )
+    assert "decoder_cosine" in df and "floor_decoder_cosine" in df
     # top contexts: the first is the feature's largest stored activation
     y = _dense_features(store)
     top_value = store.array("report/main/top_value")[:]
@@ -424,7 +437,8 @@ def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
     result = CliRunner().invoke(cli, ["run", str(config), "--only", "report"])
     assert result.exit_code == 0, result.output
     assert "from the cache" in result.output and "present: ≥ 0.9" in result.output
-    cached = store.array("report/cli/encoder_cosine")[:]  # the SAE is loaded once, then cached
+    cosines = store.array("report/cli/cosines")  # the SAE is loaded once, then cached
+    cached = cosines[:][cosines.attrs["xprobe"]["columns"].index("encoder_cosine")]
     np.testing.assert_array_equal(
         np.where(table["ceiling_fit_status"] == "ok", cached, np.nan), table["encoder_cosine"]
     )

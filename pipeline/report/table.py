@@ -50,43 +50,72 @@ def _at_best(store: Store, role: Role, key: str, best: np.ndarray) -> np.ndarray
     return np.take_along_axis(stacked, index, 0)[0]
 
 
-def cached_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
-    """:func:`encoder_cosine`, kept in ``report/<name>/encoder_cosine`` until the ceiling fit
-    or the features change (loading sae-lens alone takes seconds)."""
-    store, path = report.store, f"{report.unit}/encoder_cosine"
-    cinfo = store.info(probes_unit(ceiling.fit))
-    key = fingerprint(
-        [cinfo["config_fingerprint"], cinfo["created"], store.info(report.feats)["created"]]
-    )
-    if store.has(path) and store.array(path).attrs.get("xprobe", {}).get("cosine_key") == key:
-        return store.array(path)[:], ""
-    cosine, why = encoder_cosine(report, ceiling)
-    if cosine is not None and report.writable and store.has(report.unit):
-        prov = {**store.info(report.unit), "cosine_key": key}
+def cached_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
+    """:func:`direction_cosines`, kept in ``report/<name>/cosines [n_columns, F]`` until a fit or
+    the features change (loading sae-lens alone takes seconds)."""
+    store, path = report.store, f"{report.unit}/cosines"
+    parts = [store.info(report.feats)["created"]]
+    for role in report.roles:
+        info = store.info(probes_unit(role.fit))
+        parts += [role.label, info["config_fingerprint"], info["created"]]
+    key = fingerprint(parts)
+    if store.has(path):
+        attrs = store.array(path).attrs.get("xprobe", {})
+        if attrs.get("cosine_key") == key:
+            values = store.array(path)[:]
+            return dict(zip(attrs["columns"], values, strict=True)), ""
+    cosines, why = direction_cosines(report)
+    if cosines and report.writable and store.has(report.unit):
+        prov = {**store.info(report.unit), "cosine_key": key, "columns": list(cosines)}
         if store.has(path):
             store.delete(path)
-        store.create_array(path, cosine.shape, cosine.shape, cosine.dtype, prov)[...] = cosine
-    return cosine, why
+        value = np.stack(list(cosines.values()))
+        store.create_array(path, value.shape, value.shape, value.dtype, prov)[...] = value
+    return cosines, why
 
 
-def encoder_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
-    """Cosine of each ceiling direction with the SAE's encoder row W_enc[:, f] ([F] or None)."""
+def direction_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
+    """Cosine of each fit's probe direction (at its best hook) with the SAE's encoder row
+    ``W_enc[:, f]`` and decoder row ``W_dec[f]``, for every fit whose width is the SAE's d_in
+    (same basis assumed: A itself or a finetune of A): columns ``encoder_cosine`` and
+    ``decoder_cosine`` for the ceiling, ``<label>_encoder_cosine`` and ``<label>_decoder_cosine``
+    per B, [F] each (NaN where the direction is zero). Empty, with the reason, if the SAE cannot
+    be loaded."""
     from pipeline.inputs.sae import load_sae_of
 
     try:
         sae = load_sae_of(report.store, report.feats)
     except Exception as e:  # a shared cache may not come with its SAE: report, don't fail
-        return None, f"SAE not loadable ({type(e).__name__}: {e})"
-    w_enc = sae.W_enc.detach()  # [d_in, F], converted a block at a time (F may be 10⁶)
-    direction = report.store.array(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/direction")
-    out = np.full(w_enc.shape[1], np.nan)
-    step = direction.chunks[0]
-    for start in range(0, direction.shape[0], step):
-        d = direction[start : start + step].astype(np.float64)
-        e = w_enc[:, start : start + step].T.double().cpu().numpy()
-        norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start : start + step] = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
+        return {}, f"SAE not loadable ({type(e).__name__}: {e})"
+    w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()  # [d_in, F], [F, d_in]
+    out: dict[str, np.ndarray] = {}
+    for role in report.roles:
+        unit = probes_unit(role.fit)
+        if int(report.store.info(unit)["d_model"]) != w_enc.shape[0]:
+            continue  # another basis: cosines with A's SAE mean nothing
+        best = (
+            np.zeros(w_enc.shape[1], np.int64)
+            if role.label == "ceiling"
+            else report.store.array(f"{unit}/best_hook")[:].astype(np.int64)
+        )
+        prefix = "" if role.label == "ceiling" else f"{role.label}_"
+        enc, dec = np.full(len(best), np.nan), np.full(len(best), np.nan)
+        for index, hook in enumerate(role.hooks):
+            direction = report.store.array(f"{unit}/{hook}/direction")
+            step = direction.chunks[0]
+            for start in range(0, direction.shape[0], step):
+                rows = slice(start, start + step)
+                here = best[rows] == index
+                if not here.any():
+                    continue
+                d = direction[rows].astype(np.float64)
+                for target, w in ((enc, w_enc[:, rows].T), (dec, w_dec[rows])):
+                    e = w.double().cpu().numpy()
+                    norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        cos = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
+                    target[rows] = np.where(here, cos, target[rows])
+        out[f"{prefix}encoder_cosine"], out[f"{prefix}decoder_cosine"] = enc, dec
     return out, ""
 
 
@@ -123,12 +152,14 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
     if ceiling_boot is not None:
         cols["ceiling_r2_lo"], cols["ceiling_r2_hi"] = percentile_interval(ceiling_boot, level)
     notes: dict[str, Any] = {}
+    cosines: dict[str, np.ndarray] = {}
     if cfg.encoder_cosine:
-        cosine, why = cached_cosine(report, ceiling)
-        if cosine is not None:
-            cols["encoder_cosine"] = np.where(ceiling_status == STATUS_OK, cosine, np.nan)
-        else:
+        cosines, why = cached_cosines(report)
+        if not cosines:
             notes["encoder_cosine"] = why
+        for name in ("encoder_cosine", "decoder_cosine"):
+            if name in cosines:
+                cols[name] = np.where(ceiling_status == STATUS_OK, cosines[name], np.nan)
     transfer = store.info(report.feats).get("transfer") or {}
     for role in report.roles[1:]:
         r2_hooks = np.stack([_probe(store, role.fit, h, "r2_held_out") for h in role.hooks])
@@ -157,6 +188,9 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
         cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
+        for name in ("encoder_cosine", "decoder_cosine"):
+            if f"{p}_{name}" in cosines:
+                cols[f"{p}_{name}"] = np.where(own == STATUS_OK, cosines[f"{p}_{name}"], np.nan)
         if len(role.hooks) > 1:
             for hook, values in zip(role.hooks, r2_hooks, strict=True):
                 cols[f"{p}_r2@{hook}"] = values
