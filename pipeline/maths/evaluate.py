@@ -7,7 +7,7 @@ themselves, so :class:`ProbeScores` takes one pass over the test tokens with the
 * **R² of the clipped prediction** ``max(x·w + b, 0)``: the probe read as the feature is;
 * **firing AUROC**: P(prediction on a token where the feature fires > on one where it does not),
   ties counting ½, from per-feature histograms of the prediction (``n_bins`` bins, equal width on
-  ``asinh((p − μ)/σ)`` over ±``_BIN_RANGE`` with μ, σ the feature's train mean and std: σ/16
+  ``asinh((p − μ)/σ)`` over ±``_BIN_RANGE`` with μ, σ the feature's train mean and std: 0.08σ
   wide near the mean, open end bins), so memory is O(F·n_bins), never O(F·n_tok). Binning
   counts pairs within a bin as ties (tested within 0.01 of exact AUROC);
 
@@ -23,7 +23,8 @@ every fit and for the token baseline: :func:`bootstrap_weights` depends only on 
 chunk and its sequences), so replicate r of every fit is the same resample of sequences and
 scores can be combined per replicate (presence). The weighted sums ``Σ w·(y−c)``, ``Σ w·(y−c)²``,
 ``Σ w·(y−p)²``, ``Σ w·(y−p⁺)²`` are one [R, rows] × [rows, F_block] GEMM each in float64:
-memory 32·F·R bytes (0.64 GB at F = 10⁵, R = 200).
+memory 32·F·R bytes (0.64 GB at F = 10⁵, R = 200), besides the AUROC histograms' 16·n_bins
+bytes per feature (2 GB at F = 10⁶, n_bins = 128).
 """
 
 from __future__ import annotations
