@@ -345,8 +345,9 @@ class Fit:
             rows, cols, vals = select_rows(*load_sparse(store, self.feats, index), keep)
             weights = torch.from_numpy(
                 bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
-            )[local_seq[keep]]
-            scores.update(load_acts(store, self.acts[hook], index)[keep], rows, cols, vals, weights)
+            )
+            x = load_acts(store, self.acts[hook], index)[keep]
+            scores.update(x, rows, cols, vals, weights, groups=local_seq[keep])
         out = scores.result()
         bad = result["status"] != STATUS_OK
         boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}

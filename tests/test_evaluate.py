@@ -33,7 +33,11 @@ def r2(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> np.ndarr
         return np.where(sst > 0, 1 - (w[:, None] * (y - pred) ** 2).sum(0) / sst, np.nan)
 
 
-def scores_of(x, y, direction, intercept, sizes, weights=None, **kwargs) -> dict[str, np.ndarray]:
+def scores_of(
+    x, y, direction, intercept, sizes, weights=None, groups=None, **kwargs
+) -> dict[str, np.ndarray]:
+    """ProbeScores over consecutive chunks of ``sizes`` tokens; ``weights [n_groups, R]`` per
+    group of tokens (``groups [n]``; None: one group per token)."""
     acc = ProbeScores(
         torch.from_numpy(direction),
         torch.from_numpy(intercept),
@@ -42,6 +46,8 @@ def scores_of(x, y, direction, intercept, sizes, weights=None, **kwargs) -> dict
         CPU,
         **kwargs,
     )
+    if weights is not None and groups is None:
+        groups = np.arange(len(x))  # one group per token
     start = 0
     for size in sizes:
         chunk = y[start : start + size]
@@ -51,7 +57,8 @@ def scores_of(x, y, direction, intercept, sizes, weights=None, **kwargs) -> dict
             torch.from_numpy(rows),
             torch.from_numpy(cols),
             torch.from_numpy(chunk[rows, cols]),
-            None if weights is None else torch.from_numpy(weights[start : start + size]),
+            None if weights is None else torch.from_numpy(weights),
+            None if groups is None else torch.from_numpy(groups[start : start + size]),
         )
         start += size
     return acc.result()
@@ -88,7 +95,11 @@ def test_bootstrap_replicates_are_weighted_scores():
     assert np.array_equal(seq_weights, bootstrap_weights(3, 0, 20, 6))  # aligned across fits
     assert not np.array_equal(seq_weights, bootstrap_weights(3, 1, 20, 6))
     weights = np.repeat(seq_weights, 32, axis=0)
-    out = scores_of(x, y, direction, intercept, [320, 320], weights, n_boot=6)
+    out = scores_of(
+        x, y, direction, intercept, [320, 320], seq_weights, np.arange(640) // 32, n_boot=6
+    )
+    per_token = scores_of(x, y, direction, intercept, [100, 540], weights, n_boot=6)
+    np.testing.assert_allclose(per_token["r2_boot"], out["r2_boot"], rtol=1e-10)
     plain = scores_of(x, y, direction, intercept, [640])
     for key in ("r2", "r2_clipped", "pearson", "auroc"):
         np.testing.assert_allclose(out[key], plain[key], rtol=1e-6)
@@ -134,8 +145,14 @@ def test_sequence_bootstrap_interval_covers_known_r2():
         direction, intercept = (beta + delta).T, np.zeros(n_feat)
         per_seq = bootstrap_weights(draw, 0, n_seq, n_boot)
         per_token = bootstrap_weights(draw, 1, n_seq * ctx, n_boot)
-        for kind, weights in (("sequence", np.repeat(per_seq, ctx, 0)), ("token", per_token)):
-            out = scores_of(x, y, direction, intercept, [n_seq * ctx], weights, n_boot=n_boot)
+        seq_of_token = np.arange(n_seq * ctx) // ctx
+        for kind, weights, groups in (
+            ("sequence", per_seq, seq_of_token),
+            ("token", per_token, np.arange(n_seq * ctx)),
+        ):
+            out = scores_of(
+                x, y, direction, intercept, [n_seq * ctx], weights, groups, n_boot=n_boot
+            )
             low, high = np.percentile(out["r2_boot"], [2.5, 97.5], axis=1)
             coverage[kind].append((low <= population) & (population <= high))
     by_sequence = np.concatenate(coverage["sequence"]).mean()
