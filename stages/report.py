@@ -331,14 +331,15 @@ class Report:
             + f" (of {len(df)})",
         ]
         width = max(len(self._display(r)) for r in self.roles[1:])
-        lines.append(f"  {'':<{width}}" + "".join(f"{c:>10}" for c in CLASSES))
+        column = {c: max(10, len(c) + 2) for c in CLASSES}
+        lines.append(f"  {'':<{width}}" + "".join(f"{c:>{column[c]}}" for c in CLASSES))
         floor_present = (
             df["floor_class"] == "present" if "floor_class" in df else np.zeros(len(df), bool)
         )
         for role in self.roles[1:]:
             counts = df[f"{role.label}_class"].value_counts()
             row = f"  {self._display(role):<{width}}" + "".join(
-                f"{int(counts.get(c, 0)):>10}" for c in CLASSES
+                f"{int(counts.get(c, 0)):>{column[c]}}" for c in CLASSES
             )
             if role.label != "floor" and "floor_class" in df:
                 both = int(((df[f"{role.label}_class"] == "present") & floor_present).sum())
