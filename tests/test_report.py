@@ -158,8 +158,14 @@ def test_report_end_to_end(pipeline_store):
         "ceiling_r2_clipped",
         "ceiling_auroc",
         "ceiling_r2_lo",
+        "ceiling_r2_clipped_lo",
+        "B_r2_clipped_hi",
     ):
         assert col in df, col
+    # the intervals hold their point values (percentile intervals of 200 replicates usually do)
+    for col in ("B_r2", "B_r2_clipped", "ceiling_r2", "ceiling_r2_clipped"):
+        inside = (df[f"{col}_lo"] <= df[col]) & (df[col] <= df[f"{col}_hi"])
+        assert inside[df["status"] == "scored"].mean() > 0.9, col
     # a score exists exactly where the feature is scored, and is then in [0, 1]
     for label in ("B", "floor"):
         score, cls = df[f"{label}_presence"], df[f"{label}_class"]

@@ -196,9 +196,10 @@ def render_html(
         '<p class="caption" style="margin-top:30px">Full per-feature table: '
         f"{html.escape(notes.get('table', 'table.parquet'))} (and .csv), one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
-        "token_r2, ceiling_r2, ceiling_r2_lo, ceiling_r2_hi, ceiling_r2_clipped, ceiling_auroc, "
-        "encoder_cosine, and per model &lt;fit&gt;_r2, _r2_lo, _r2_hi, _r2_clipped, _auroc, "
-        "_best_hook, _presence, _presence_lo, _presence_hi, _presence_raw, _class, "
+        "token_r2, ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
+        "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
+        "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
+        "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
         "_r2@&lt;hook&gt;, _transfer_corr"
         + (
             ", and per SAE match &lt;match&gt;_best_match, _best_corr, _mutual"

@@ -151,6 +151,9 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
     }
     if ceiling_boot is not None:
         cols["ceiling_r2_lo"], cols["ceiling_r2_hi"] = percentile_interval(ceiling_boot, level)
+        clipped_boot = _at_best(store, ceiling, "r2_clipped_held_out_boot", ceiling_best)
+        low, high = percentile_interval(clipped_boot, level)
+        cols["ceiling_r2_clipped_lo"], cols["ceiling_r2_clipped_hi"] = low, high
     notes: dict[str, Any] = {}
     cosines: dict[str, np.ndarray] = {}
     if cfg.encoder_cosine:
@@ -180,6 +183,9 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         if ceiling_boot is not None:
             r2_boot = _at_best(store, role, "r2_held_out_boot", best)
             cols[f"{p}_r2_lo"], cols[f"{p}_r2_hi"] = percentile_interval(r2_boot, level)
+            clipped_boot = _at_best(store, role, "r2_clipped_held_out_boot", best)
+            low, high = percentile_interval(clipped_boot, level)
+            cols[f"{p}_r2_clipped_lo"], cols[f"{p}_r2_clipped_hi"] = low, high
             scored = (status == SCORED) & (own == STATUS_OK)
             replicates = presence_replicates(r2_boot, ceiling_boot, token_boot, scored)
             low, high = percentile_interval(replicates, level)
