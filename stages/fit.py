@@ -14,6 +14,7 @@ Writes ``probes/<name>/<hook>/``:
     lambdas, df, mean_r2_held_out [L]
     r2_clipped_held_out, auroc_held_out [F] float64    from one pass over the held-out tokens
     r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
+    latent_scale [F]   Latent Scaling baseline, where B's width is the SAE's and the SAE loads
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 """
 
@@ -257,6 +258,7 @@ class Fit:
         prov = store.info(self.unit)
         gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
         summary = {}
+        decoder = self.sae_decoder(stats[cfg.hooks[0]]["train"].d)
         for hook in cfg.hooks:
             train, held = stats[hook]["train"], stats[hook]["held_out"]
             if train.n == 0:
@@ -274,6 +276,8 @@ class Fit:
             )
             if held.n > 0:
                 result.update(self.held_out_scores(hook, result, train))
+            if decoder is not None:
+                result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
             for key, value in result.items():
                 value = (
                     value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -359,6 +363,39 @@ class Fit:
                 value[bad] = np.nan
                 written[name] = value
         return written
+
+    def sae_decoder(self, d: int) -> torch.Tensor | None:
+        """A's decoder rows ``W_dec [F, d]`` (float64, on this fit's device) when the SAE the
+        features were computed with loads and writes in B's width d; else None (no baseline)."""
+        from pipeline.inputs.sae import load_sae_of
+
+        try:
+            sae = load_sae_of(self.store, self.feats)
+        except XprobeError:  # a shared cache may not come with its SAE: no baseline, no failure
+            return None
+        w_dec = sae.W_dec.detach()
+        if w_dec.shape[1] != d:
+            return None
+        return w_dec.to(self.device, torch.float64)
+
+
+def latent_scale(train: SufficientStats, decoder: torch.Tensor, feature_block: int) -> np.ndarray:
+    """Latent Scaling (Minder et al. 2025) [F]: the least-squares scale β_f of A's decoder row d_f
+    fitted to B's training activations x where the feature fires,
+    ``β_f = argmin_β Σ_t ‖x_t − β·y_tf·d_f‖² = d_f·Σ_t y_tf x_t / (‖d_f‖² Σ_t y_tf²)``, from the
+    statistics (``Σ y x = cyx + n μy μx``, ``Σ y² = syy + n μy²``); NaN where the feature never
+    fires or its decoder row is zero. ``decoder [F, d]``."""
+    out = np.full(train.n_feat, np.nan)
+    for start in range(0, train.n_feat, feature_block):
+        block = slice(start, min(start + feature_block, train.n_feat))
+        mean_y = train.mean_y[block]
+        cross = train.cyx[block] + train.n * mean_y[:, None] * train.mean_x[None, :]
+        rows = decoder[block]
+        numerator = (cross * rows).sum(1)
+        denominator = rows.square().sum(1) * (train.syy[block] + train.n * mean_y.square())
+        beta = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.nan)
+        out[block] = beta.cpu().numpy()
+    return out
 
 
 def run(cfg: FitConfig, store: Store, force: bool = False) -> dict[str, Any]:

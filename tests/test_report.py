@@ -212,6 +212,28 @@ def test_report_end_to_end(pipeline_store):
         df["B_encoder_cosine"][scored].median() > df["floor_encoder_cosine"][scored].median() + 0.2
     )
     assert "decoder_cosine" in df and "floor_decoder_cosine" in df
+    # Latent Scaling: least-squares scale of A's decoder row fitted to the model's training
+    # activations where the feature fires, against numpy lstsq on the stored rows
+    info = store.info("tokens/c")
+    mask = store.array("tokens/c/mask")[:].reshape(-1)
+    train = mask & ~np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    y = _dense_features(store)[train]
+    w_dec = sae.W_dec.detach().double().numpy()
+    acts: dict[str, np.ndarray] = {}
+    for f in np.nonzero(scored.to_numpy() & (y != 0).any(0))[0][:4]:
+        for label, model, at in (
+            ("ceiling", "A", HOOK),
+            ("floor", "random", HOOK),
+            ("B", "B", str(df["B_best_hook"][f])),
+        ):
+            key = f"acts/c/{model}/{at}/x"
+            if key not in acts:
+                acts[key] = store.array(key)[:].astype(np.float64)[train]
+            design = (y[:, f, None] * w_dec[f]).reshape(-1, 1)
+            beta = np.linalg.lstsq(design, acts[key].reshape(-1), rcond=None)[0][0]
+            got = df[f"{label}_latent_scale"][f]
+            assert abs(got - beta) < 1e-6 * max(1, abs(beta)), (label, f, got, beta)
+    assert df["ceiling_latent_scale"][scored].median() > df["floor_latent_scale"][scored].median()
     # top contexts: the first is the feature's largest stored activation
     y = _dense_features(store)
     top_value = store.array("report/main/top_value")[:]

@@ -149,6 +149,8 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         "ceiling_r2_clipped": _at_best(store, ceiling, "r2_clipped_held_out", ceiling_best),
         "ceiling_auroc": _at_best(store, ceiling, "auroc_held_out", ceiling_best),
     }
+    if store.has(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/latent_scale"):
+        cols["ceiling_latent_scale"] = _at_best(store, ceiling, "latent_scale", ceiling_best)
     if ceiling_boot is not None:
         cols["ceiling_r2_lo"], cols["ceiling_r2_hi"] = percentile_interval(ceiling_boot, level)
         clipped_boot = _at_best(store, ceiling, "r2_clipped_held_out_boot", ceiling_best)
@@ -194,6 +196,8 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
         cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
+        if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
+            cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
         for name in ("encoder_cosine", "decoder_cosine"):
             if f"{p}_{name}" in cosines:
                 cols[f"{p}_{name}"] = np.where(own == STATUS_OK, cosines[f"{p}_{name}"], np.nan)
