@@ -245,6 +245,7 @@ def test_report_end_to_end(pipeline_store):
     page = Path(out["html"]).read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert page.count('class="feature"') >= 2 and "peak" in page
+    assert "Standard baselines" in page and "firing AUROC" in page and "latent scale" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     # the terminal summary shows the thresholds and the table's counts
     counts = df["B_class"].value_counts()

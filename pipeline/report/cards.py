@@ -117,6 +117,13 @@ def feature_card(
         parts.append(
             f"{other.fit} R² {_fmt(row[f'{other.label}_r2'])} ({other.label if other.label == 'floor' else 'best: ' + str(row[f'{other.label}_best_hook'])})"
         )
+    p = role.label
+    parts.append(f"{role.fit} clipped R² {_fmt(row[f'{p}_r2_clipped'])}")
+    parts.append(f"firing AUROC {_fmt(row[f'{p}_auroc'])}")
+    if f"{p}_latent_scale" in row:
+        parts.append(f"latent scale {_fmt(row[f'{p}_latent_scale'])}")
+    if f"{p}_decoder_cosine" in row:
+        parts.append(f"decoder cosine {_fmt(row[f'{p}_decoder_cosine'])}")
     if f"{role.label}_transfer_corr" in row:
         parts.append(f"direct-transfer corr {_fmt(row[f'{role.label}_transfer_corr'])}")
     if "encoder_cosine" in row:

@@ -15,7 +15,13 @@ import numpy as np
 from pipeline.maths.presence import STATUS_ORDER
 from pipeline.report.cards import Contexts, feature_card
 from pipeline.report.match import match_section
-from pipeline.report.plots import plot_cosine, plot_layers, plot_presence, plot_scatter
+from pipeline.report.plots import (
+    plot_baselines,
+    plot_cosine,
+    plot_layers,
+    plot_presence,
+    plot_scatter,
+)
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; color: #1f2328;
@@ -189,6 +195,17 @@ def render_html(
             "a cosine far below 1 means the probe uses correlated directions too (expected when "
             "features are correlated), a cosine near 0 flags a mismatch between the SAE and A's "
             "stored activations.</p>",
+        ]
+    baselines = plot_baselines(report, df)
+    if baselines is not None:
+        body += [
+            "<h2>Standard baselines</h2>",
+            baselines,
+            '<p class="caption">Scored features of each model B in A\'s basis: presence (the '
+            "probe's verdict) against Latent Scaling (least-squares scale of A's decoder row "
+            "fitted to B's activations where the feature fires, relative to the ceiling's) and "
+            "the cosine of B's probe with A's decoder row. A feature the probe finds where the "
+            "decoder direction is gone sits top left.</p>",
         ]
     body.append(match_section(report, df, scan))
     body.append(_feature_sections(report, df, scan))

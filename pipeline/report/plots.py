@@ -197,3 +197,47 @@ def plot_cosine(df: Any) -> str:
     ax.set_xlabel("cosine(ceiling probe direction, SAE encoder row W_enc[:, f])")
     ax.set_ylabel("features")
     return png(fig)
+
+
+def plot_baselines(report: Any, df: Any) -> str | None:
+    """Per model B in A's basis, its presence against the standard weight-space baselines: the
+    Latent Scaling β relative to the ceiling's, and the decoder cosine, one point per scored
+    feature coloured by class. None when no fit has them."""
+    panels: dict[str, list[tuple[np.ndarray, str]]] = {}
+    for role in report.roles[1:]:
+        own = []
+        if f"{role.label}_latent_scale" in df and "ceiling_latent_scale" in df:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = df[f"{role.label}_latent_scale"] / df["ceiling_latent_scale"]
+            own.append((ratio.to_numpy(), "latent scale β / ceiling's β"))
+        if f"{role.label}_decoder_cosine" in df:
+            own.append((df[f"{role.label}_decoder_cosine"].to_numpy(), "cosine(probe, W_dec[f])"))
+        if own:
+            panels[role.label] = own
+    if not panels:
+        return None
+    roles = [r for r in report.roles[1:] if r.label in panels]
+    n_rows = max(len(p) for p in panels.values())
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        n_rows, len(roles), figsize=(3.6 * len(roles) + 0.6, 3.2 * n_rows), squeeze=False
+    )
+    scored = (df["status"] == SCORED).to_numpy()
+    for column, role in enumerate(roles):
+        cls = df[f"{role.label}_class"].to_numpy()
+        presence = df[f"{role.label}_presence"].to_numpy()
+        for row in range(n_rows):
+            ax = axes[row][column]
+            if row >= len(panels[role.label]):
+                ax.axis("off")
+                continue
+            values, label = panels[role.label][row]
+            for name in ("absent", "partial", "undetermined", "present"):
+                sel = scored & (cls == name) & np.isfinite(values)
+                ax.scatter(values[sel], presence[sel], s=10, color=COLORS[name], label=name)
+            ax.set_xlabel(label)
+            ax.set_ylabel("presence")
+            ax.set_title(report._display(role), fontsize=10)
+    axes[0][0].legend(frameon=False, fontsize=8, loc="best")
+    fig.tight_layout()
+    return png(fig)
