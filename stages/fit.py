@@ -4,15 +4,20 @@ Reads B's activations ``acts/<corpus>/<model>/<hook>/x`` ``[n_tok, d_B]`` at one
 A's sparse features ``feats/<corpus>/<sae>/{idx,val}`` and the tokens' mask. Sequences are split
 into train and held-out (deterministic, by sequence); masked positions are skipped. Sufficient
 statistics (n, means, centred XᵀX, XᵀY, Σy²; see pipeline/maths/lstsq.py) are accumulated per hook and
-split, checkpointed with the list of consumed chunks, and all features are solved at once.
+split, checkpointed with the list of consumed chunks, and all features are solved at once. λ and
+the best hook are chosen by GCV on the training statistics; held-out tokens only score.
 
 Writes ``probes/<name>/<hook>/``:
     direction [F, d_B] float32   B's direction for each feature (the probe: read direction)
     write_direction [F, d_B] float32   slope of B's activations on the feature (write direction)
     write_norm, write_r2 [F]     its scale: norm, and share of B's residual variance it explains
-    intercept, lam, r2_train, r2_held_out, pearson_held_out [F]
+    intercept, lam, r2_train, r2_gcv, r2_held_out, pearson_held_out [F]
     n_active_train, n_active_held_out [F] int64, status [F] int8 (see pipeline/maths/lstsq.py)
-and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by held-out R²).
+    lambdas, df, mean_r2_held_out [L]
+    r2_clipped_held_out, auroc_held_out [F] float64    from one pass over the held-out tokens
+    r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
+    latent_scale [F]   Latent Scaling baseline, where B's width is the SAE's and the SAE loads
+and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.lineage import Input, unit_input
+from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
 from pipeline.maths.lstsq import STATUS_OK, SufficientStats, solve_ridge, write_directions
 from pipeline.maths.split import held_out_sequences
 from pipeline.stage import WholeStage
@@ -59,6 +65,9 @@ class FitConfig:
     """Ridge grid, in units of the mean eigenvalue of the centred XᵀX (scale-free); 0 = least squares."""
     min_active: int = 10
     """Features active on fewer training tokens get status 'too rare' instead of a probe."""
+    n_bootstrap: int = 200
+    """Bootstrap replicates over held-out sequences (Poisson weights seeded by split_seed, the same
+    in every fit of the corpus): intervals for held-out R² and presence. Device memory 32·F·n."""
     compute_dtype: Literal["float32", "float64"] = "float32"
     """Dtype of the per-chunk products (accumulation is always float64)."""
     device: str = "auto"
@@ -92,6 +101,8 @@ class FitConfig:
                 raise XprobeError(f"{what} must be at least 1, got {value}")
         if self.checkpoint_seconds <= 0:
             raise XprobeError(f"checkpoint_seconds must be positive, got {self.checkpoint_seconds}")
+        if self.n_bootstrap < 0:
+            raise XprobeError(f"n_bootstrap must be >= 0 (0: no intervals), got {self.n_bootstrap}")
 
 
 class Fit:
@@ -255,8 +266,9 @@ class Fit:
     def solve_and_write(self, stats: dict, n_feat: int) -> dict[str, Any]:
         store, cfg = self.store, self.cfg
         prov = store.info(self.unit)
-        held_r2 = []
+        gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
         summary = {}
+        decoder = self.sae_decoder(stats[cfg.hooks[0]]["train"].d)
         for hook in cfg.hooks:
             train, held = stats[hook]["train"], stats[hook]["held_out"]
             if train.n == 0:
@@ -275,6 +287,10 @@ class Fit:
             # B's write direction (decoder row) per feature, beside the probe (encoder row)
             ok = np.asarray(result["status"]) == STATUS_OK
             result.update(write_directions(train, ok, cfg.feature_block))
+            if held.n > 0:
+                result.update(self.held_out_scores(hook, result, train))
+            if decoder is not None:
+                result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
             for key, value in result.items():
                 value = (
                     value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -294,7 +310,7 @@ class Fit:
                 if isinstance(result["r2_held_out"], torch.Tensor)
                 else result["r2_held_out"]
             )
-            held_r2.append(r2)
+            gcv_r2.append(np.asarray(result["r2_gcv"]))
             ok = (
                 np.asarray(
                     result["status"].cpu()
@@ -307,13 +323,92 @@ class Fit:
                 "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
                 "n_ok": int(ok.sum()),
             }
-        best = np.argmax(np.stack(held_r2), axis=0).astype(np.int32)
+        best = np.argmax(np.stack(gcv_r2), axis=0).astype(np.int32)
         if store.has(f"{self.unit}/best_hook"):
             store.delete(f"{self.unit}/best_hook")
         store.create_array(f"{self.unit}/best_hook", best.shape, best.shape, best.dtype, prov)[
             ...
         ] = best
         return summary
+
+    def held_out_scores(
+        self, hook: str, result: dict[str, np.ndarray], train: SufficientStats
+    ) -> dict[str, np.ndarray]:
+        """One pass over the held-out tokens of ``hook`` with its solved probes: R² of the prediction
+        clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and clipped) over held-out
+        sequences (pipeline/maths/evaluate.py). NaN where the probe's status is not ok."""
+        store, cfg = self.store, self.cfg
+        tokens = store.info(self.tokens)
+        ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
+        held = self.held_out_mask()
+        scores = ProbeScores(
+            torch.from_numpy(np.ascontiguousarray(result["direction"])),
+            torch.from_numpy(result["intercept"]),
+            train.mean_y.cpu(),
+            torch.sqrt(train.syy.cpu() / train.n),
+            self.device,
+            self.dtype,
+            n_boot=cfg.n_bootstrap,
+            feature_block=cfg.feature_block,
+        )
+        for index in range(tokens["n_chunks"]):
+            first = index * chunk_seqs
+            n_seqs = min(chunk_seqs, n_seq - first)
+            if not bool(held[first : first + n_seqs].any()):
+                continue
+            mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+            local_seq = torch.arange(len(mask)) // ctx
+            keep = mask & held[first + local_seq]
+            rows, cols, vals = select_rows(*load_sparse(store, self.feats, index), keep)
+            weights = torch.from_numpy(
+                bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
+            )
+            x = load_acts(store, self.acts[hook], index)[keep]
+            scores.update(x, rows, cols, vals, weights, groups=local_seq[keep])
+        out = scores.result()
+        bad = result["status"] != STATUS_OK
+        boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}
+        named = {"r2_clipped": "r2_clipped_held_out", "auroc": "auroc_held_out", **boot}
+        written = {}
+        for key, name in named.items():
+            if key in out:
+                value = out[key].astype(np.float32 if key in boot else np.float64)
+                value[bad] = np.nan
+                written[name] = value
+        return written
+
+    def sae_decoder(self, d: int) -> torch.Tensor | None:
+        """A's decoder rows ``W_dec [F, d]`` (float64, on this fit's device) when the SAE the
+        features were computed with loads and writes in B's width d; else None (no baseline)."""
+        from pipeline.inputs.sae import load_sae_of
+
+        try:
+            sae = load_sae_of(self.store, self.feats)
+        except XprobeError:  # a shared cache may not come with its SAE: no baseline, no failure
+            return None
+        w_dec = sae.W_dec.detach()
+        if w_dec.shape[1] != d:
+            return None
+        return w_dec.to(self.device, torch.float64)
+
+
+def latent_scale(train: SufficientStats, decoder: torch.Tensor, feature_block: int) -> np.ndarray:
+    """Latent Scaling (Minder et al. 2025) [F]: the least-squares scale β_f of A's decoder row d_f
+    fitted to B's training activations x where the feature fires,
+    ``β_f = argmin_β Σ_t ‖x_t − β·y_tf·d_f‖² = d_f·Σ_t y_tf x_t / (‖d_f‖² Σ_t y_tf²)``, from the
+    statistics (``Σ y x = cyx + n μy μx``, ``Σ y² = syy + n μy²``); NaN where the feature never
+    fires or its decoder row is zero. ``decoder [F, d]``."""
+    out = np.full(train.n_feat, np.nan)
+    for start in range(0, train.n_feat, feature_block):
+        block = slice(start, min(start + feature_block, train.n_feat))
+        mean_y = train.mean_y[block]
+        cross = train.cyx[block] + train.n * mean_y[:, None] * train.mean_x[None, :]
+        rows = decoder[block]
+        numerator = (cross * rows).sum(1)
+        denominator = rows.square().sum(1) * (train.syy[block] + train.n * mean_y.square())
+        beta = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.nan)
+        out[block] = beta.cpu().numpy()
+    return out
 
 
 class FitStage(WholeStage):

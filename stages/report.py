@@ -55,6 +55,9 @@ class ReportConfig:
     """Presence score at or above which a feature counts as present."""
     partial_at: float = 0.3
     """Presence score at or above which (and below present_at) a feature counts as partial."""
+    confidence: float = 0.95
+    """Coverage of the bootstrap intervals (the fits' ``n_bootstrap`` replicates); a class is given
+    only when the presence interval lies in one band, otherwise the feature is "undetermined"."""
     min_headroom: float = 0.05
     """Score a feature only where R²_ceiling exceeds max(R²_token, 0) by at least this much."""
     encoder_cosine: bool = True
@@ -85,6 +88,8 @@ class ReportConfig:
             raise XprobeError(
                 f"need 0 <= partial_at <= present_at <= 1, got {self.partial_at}, {self.present_at}"
             )
+        if not 0 < self.confidence < 1:
+            raise XprobeError(f"confidence must be in (0, 1), got {self.confidence}")
         if not 0 < self.match_at <= 1:
             raise XprobeError(f"match_at must be in (0, 1], got {self.match_at}")
         if self.n_contexts < 1 or self.n_shown < 0:
@@ -134,6 +139,7 @@ class ReportStage(WholeStage):
             "split": list(self.report.split),
             "n_contexts": cfg.n_contexts,
             "token_baseline": cfg.token_baseline,
+            "n_bootstrap": self.report.n_boot,
         }
 
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
@@ -150,7 +156,8 @@ class ReportStage(WholeStage):
         prov = store.info(self.report.unit)
         for name, value in arrays.items():
             path = f"{self.report.unit}/{name}"
-            store.create_array(path, value.shape, value.shape, value.dtype, prov)[...] = value
+            chunks = tuple(max(1, n) for n in value.shape)  # [F, 0] without replicates
+            store.create_array(path, value.shape, chunks, value.dtype, prov)[...] = value
         self.scanned = arrays
         return n_chunks, {}
 
@@ -197,7 +204,7 @@ class ReportStage(WholeStage):
         }
 
 
-SCAN_ARRAYS = ("token_r2", "top_value", "top_token")
+SCAN_ARRAYS = ("token_r2", "token_r2_boot", "top_value", "top_token")
 
 
 def run(

@@ -182,8 +182,69 @@ def test_probes_equal_sklearn_ridge_and_lstsq(fitted_store):
         direction[ok], coef[:-1].T[ok], rtol=1e-4, atol=1e-5 * np.abs(coef).max()
     )
     best = store.array("probes/p/best_hook")[:]
-    r2s = np.stack([store.array(f"probes/p/{h}/r2_held_out")[:] for h in _cfg().hooks])
-    assert np.array_equal(best, r2s.argmax(0))
+    r2s = np.stack([store.array(f"probes/p/{h}/r2_gcv")[:] for h in _cfg().hooks])
+    assert np.array_equal(best, r2s.argmax(0))  # chosen on training tokens, not held-out ones
+
+
+def test_held_out_scores_equal_numpy(fitted_store):
+    """The evaluation pass: clipped R², firing AUROC and bootstrap replicates of R² (Poisson
+    weights per held-out sequence) against a direct numpy computation on the same tokens."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.maths.evaluate import bootstrap_weights
+
+    path, feats = fitted_store
+    store = Store(path)
+    fit(_cfg(name="e", n_bootstrap=5), store)
+    hook = "blocks.0.hook_resid_post"
+    x, y, _, held = _in_memory(store, feats, hook)
+    got = {
+        k: store.array(f"probes/e/{hook}/{k}")[:]
+        for k in (
+            "direction",
+            "intercept",
+            "status",
+            "r2_held_out",
+            "r2_clipped_held_out",
+            "auroc_held_out",
+            "r2_held_out_boot",
+            "r2_clipped_held_out_boot",
+        )
+    }
+    ok = got["status"] == 0
+    assert ok.sum() >= N_FEAT - 4
+    assert np.isnan(got["auroc_held_out"][~ok]).all()
+    pred = x[held] @ got["direction"].T.astype(np.float64) + got["intercept"]
+    yh = y[held]
+
+    def r2(pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+        mean = (w[:, None] * yh).sum(0) / w.sum()
+        sst = (w[:, None] * (yh - mean) ** 2).sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # constant features: NaN
+            return 1 - (w[:, None] * (yh - pred) ** 2).sum(0) / sst
+
+    ones = np.ones(len(yh))
+    np.testing.assert_allclose(r2(pred, ones)[ok], got["r2_held_out"][ok], atol=1e-5)
+    clipped = r2(np.maximum(pred, 0), ones)
+    np.testing.assert_allclose(got["r2_clipped_held_out"][ok], clipped[ok], atol=1e-5)
+    assert (clipped[ok] >= got["r2_held_out"][ok] - 1e-9).all()
+    auroc = [roc_auc_score(yh[:, f] != 0, pred[:, f]) for f in np.nonzero(ok)[0]]
+    np.testing.assert_allclose(got["auroc_held_out"][ok], auroc, atol=0.01)
+    t = store.info("tokens/c")
+    weights = np.concatenate(
+        [
+            bootstrap_weights(0, i, min(t["chunk_seqs"], t["n_seq"] - i * t["chunk_seqs"]), 5)
+            for i in range(t["n_chunks"])
+        ]
+    )
+    token_weights = np.repeat(weights, t["ctx"], axis=0)[held].astype(np.float64)
+    assert got["r2_held_out_boot"].shape == (N_FEAT, 5)
+    for rep in range(5):
+        w = token_weights[:, rep]
+        np.testing.assert_allclose(got["r2_held_out_boot"][ok, rep], r2(pred, w)[ok], atol=1e-5)
+        expect = r2(np.maximum(pred, 0), w)[ok]
+        np.testing.assert_allclose(got["r2_clipped_held_out_boot"][ok, rep], expect, atol=1e-5)
+    assert np.ptp(got["r2_held_out_boot"][ok], axis=1).min() > 0  # replicates differ
 
 
 def test_write_direction_is_lstsq_slope_of_b_on_the_feature(fitted_store):

@@ -184,11 +184,14 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def _best_r2(store: Store, fit: str) -> np.ndarray:
-    """Held-out R² of a fit at its best hook per feature ``[F]`` (0 where the probe failed)."""
+    """Held-out R² of a fit at its best hook per feature ``[F]`` (0 where the probe failed); the
+    hook is the fit's ``best_hook``, chosen on training tokens (a max over held-out R² would be
+    optimistic)."""
     info = store.info(f"probes/{fit}")
     hooks = info["config"]["hooks"]
     r2 = np.stack([store.array(f"probes/{fit}/{h}/r2_held_out")[:] for h in hooks])
-    return r2.max(0)
+    best = store.array(f"probes/{fit}/best_hook")[:].astype(np.int64)
+    return np.take_along_axis(r2, best[None], 0)[0]
 
 
 GROUND_TRUTH = ("ablated", "erased")
@@ -237,6 +240,10 @@ def measure(store: Store, data: Path, config: dict[str, Any]) -> dict[str, Any]:
         "n_scored": int(scored.sum()),
         "median": {n: float(np.nanmedian(p)) for n, p in presence.items()},
         "present": {n: float(np.mean(p[scored] >= 0.7)) for n, p in presence.items()},
+        "undetermined": {  # the presence interval straddles a threshold
+            n: int((table[f"{'floor' if n == 'random' else n}_class"] == "undetermined").sum())
+            for n in FITS
+        },
         "separation": {n: _separation(presence[n], ablated, kept) for n in GROUND_TRUTH},
         "separation_all": {
             n: _separation(presence[n], ablated, np.setdiff1d(np.flatnonzero(scored), ablated))
@@ -273,18 +280,20 @@ def format_numbers(n: dict[str, Any], data: Path = DEMO_DATA) -> str:
         f"{n['ceiling_r2_median']:.2f} over {n['n_ceiling_ok']} features.",
         "",
         f"  {'model B':<10} {'what it is':<34} {'R²/ceiling':>10}"
-        + (f" {'presence':>9} {'present':>8}" if p else ""),
+        + (f" {'presence':>9} {'present':>8} {'undetermined':>13}" if p else ""),
     ]
     for name, (_, what) in FITS.items():
         what = what.format(n_ablate=n["n_ablated"])
         row = f"  {name:<10} {what:<34} {n['ratio_median'][name]:>10.2f}"
         if p:
             row += f" {p['median'][name]:>9.2f} {p['present'][name]:>8.0%}"
+            row += f" {p['undetermined'][name]:>13}"
         lines.append(row)
     if p:
         lines.append(
             f"  (R²/ceiling: median over features; presence: the report's score, median; present:"
-            f" share of the {p['n_scored']} scored features with presence >= 0.7)"
+            f" share of the {p['n_scored']} scored features with presence >= 0.7; undetermined:"
+            " features whose 95% bootstrap interval of presence straddles a threshold)"
         )
     lines += [
         "",

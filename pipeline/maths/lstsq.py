@@ -6,9 +6,23 @@ For one (layer, split), :class:`SufficientStats` accumulates, chunk by chunk, th
 
 of activations x [n_tok, d] and targets y [n_tok, n_feat] given sparsely in COO form.
 :func:`solve_ridge` fits ``y ≈ x·w + b`` for every feature and every λ of a grid from these
-statistics alone, picks λ per feature on held-out error (also from statistics: no second pass
-over the data) and returns directions, intercepts and scores. Memory is independent of n_tok;
-nothing of size [n_tok, n_feat] is ever built.
+statistics alone, picks λ per feature by generalized cross-validation on the *training*
+statistics (so the held-out tokens that score a probe never choose it), scores the chosen probe
+on held-out statistics (no second pass over the data) and returns directions, intercepts and
+scores. Memory is independent of n_tok; nothing of size [n_tok, n_feat] is ever built.
+
+GCV (Golub, Heath & Wahba 1979). With s_i the eigenvalues of the centred train XᵀX, the ridge
+fit with an unpenalised intercept has hat-matrix trace ``df(λ) = 1 + Σ_i s_i / (s_i + λ)`` (the
+same for every feature) and
+
+    GCV_f(λ) = RSS_f(λ) / n / (1 − df(λ)/n)²,     r2_gcv_f = 1 − n·GCV_f(λ) / SST_f
+
+where RSS_f(λ) is the training residual sum of squares, itself a function of the statistics.
+GCV is leave-one-out cross-validation with every token's leverage replaced by the mean
+leverage df/n (which needs no per-token pass); ``r2_gcv`` estimates out-of-sample R² from
+training tokens alone, so it also picks the best hook. Tokens of one sequence are correlated,
+so GCV, like token-level leave-one-out, is optimistic when df/n is not small; with millions of
+training tokens and d in the thousands df/n is below 10⁻², and the held-out R² is the score.
 
 Precision. All running statistics are float64. Per chunk, the mean of x is summed in float64
 and x is centred in float64, one row block at a time; only the d×d product ``xcᵀ xc`` runs in
@@ -255,6 +269,7 @@ class _Basis:
     eigvals: torch.Tensor  # [d] eigenvalues of train cxx, those below tolerance set to 0
     eigvecs: torch.Tensor  # [d, d] V
     inverse: torch.Tensor  # [d, L] 1/(s + λ), 0 where s + λ == 0 (pseudo-inverse at λ = 0)
+    df: torch.Tensor  # [L] hat-matrix trace 1 + Σ s/(s + λ) of the fit with an intercept
     mean_x: torch.Tensor  # [d] Vᵀ μx (train)
     held_cxx: torch.Tensor | None  # [d, d] Vᵀ cxx_h V
     held_mean_x: torch.Tensor | None  # [d] Vᵀ μx_h
@@ -268,20 +283,24 @@ def solve_ridge(
     min_active: int = 10,
     direction_dtype: torch.dtype = torch.float32,
 ) -> dict[str, np.ndarray]:
-    """Centred ridge for all features, λ chosen per feature on held-out squared error.
+    """Centred ridge for all features, λ chosen per feature by GCV on the training statistics.
 
     For each λ, ``w(λ) = (cxx + λI)⁺ cyxᵀ`` and ``b = μy − μxᵀw``: the same solution as
     ``sklearn.linear_model.Ridge(alpha=λ, fit_intercept=True)``; λ = 0 is least squares with
     the minimum-norm solution when columns are collinear (eigenvalues of cxx below
-    ``s_max·d·eps64`` count as zero). Without held-out statistics the smallest λ is used.
+    ``s_max·d·eps64`` count as zero). λ minimises GCV (module docstring) over the grid, from
+    ``train`` alone; ``held_out`` only scores the chosen probe, so its scores are unbiased.
     Features are processed ``feature_block`` at a time: extra device memory is O(d·block).
 
     Returns numpy arrays: ``direction [F, d]`` (``direction_dtype``: float32 or float64),
-    ``intercept [F]``, ``lam [F]`` (λ chosen), ``r2_train [F]``, ``r2_held_out [F]``,
-    ``pearson_held_out [F]`` (float64), ``n_active_train [F]``, ``n_active_held_out [F]`` (int64), ``status [F]`` (int8,
-    ``STATUS_*``), ``lambdas [L]`` and ``mean_r2_held_out [L]`` (held-out R² at each λ averaged
-    over ok features). Features whose status is not ok get a zero direction, the train mean of
-    y as intercept, λ = 0 and scores 0; scores that need held-out data are 0 without it. No NaN.
+    ``intercept [F]``, ``lam [F]`` (λ chosen), ``r2_train [F]``, ``r2_gcv [F]`` (GCV estimate
+    of out-of-sample R² at the chosen λ; -inf where df(λ) ≥ n), ``r2_held_out [F]``,
+    ``pearson_held_out [F]`` (float64), ``n_active_train [F]``, ``n_active_held_out [F]``
+    (int64), ``status [F]`` (int8, ``STATUS_*``), ``lambdas [L]``, ``df [L]`` (hat-matrix
+    trace at each λ, intercept included) and ``mean_r2_held_out [L]`` (held-out R² at each λ
+    averaged over ok features: a diagnostic, never used to choose). Features whose status is
+    not ok get a zero direction, the train mean of y as intercept, λ = 0 and scores 0; scores
+    that need held-out data are 0 without it. No NaN.
     """
     if direction_dtype not in (torch.float32, torch.float64):
         raise XprobeError(
@@ -295,12 +314,14 @@ def solve_ridge(
         "intercept": np.zeros(n_feat),
         "lam": np.zeros(n_feat),
         "r2_train": np.zeros(n_feat),
+        "r2_gcv": np.zeros(n_feat),
         "r2_held_out": np.zeros(n_feat),
         "pearson_held_out": np.zeros(n_feat),
         "n_active_train": train.n_active.cpu().numpy(),
         "n_active_held_out": np.zeros(n_feat, dtype=np.int64),
         "status": np.zeros(n_feat, dtype=np.int8),
         "lambdas": grid.cpu().numpy(),
+        "df": basis.df.cpu().numpy(),
     }
     if held_out is not None:
         out["n_active_held_out"] = held_out.n_active.cpu().numpy()
@@ -358,7 +379,8 @@ def _eigenbasis(
     if held_out is not None:
         held_cxx = eigvecs.T @ held_out.cxx @ eigvecs
         held_mean_x = eigvecs.T @ held_out.mean_x
-    return _Basis(eigvals, eigvecs, inverse, eigvecs.T @ train.mean_x, held_cxx, held_mean_x)
+    df = 1 + (eigvals[:, None] * inverse).sum(0)
+    return _Basis(eigvals, eigvecs, inverse, df, eigvecs.T @ train.mean_x, held_cxx, held_mean_x)
 
 
 def _solve_block(
@@ -369,10 +391,11 @@ def _solve_block(
     block: slice,
     min_active: int,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Fit the features in ``block`` (B of them) for every λ and keep the held-out best.
+    """Fit the features in ``block`` (B of them) for every λ and keep the GCV best.
 
-    Works in the eigenbasis: ``z = Vᵀw = diag(1/(s+λ)) Vᵀ cyxᵀ``. Returns per-feature tensors
-    (``direction`` as [d, B]) and the held-out R² of every λ, [L, B] (zeros without held-out).
+    Works in the eigenbasis: ``z = Vᵀw = diag(1/(s+λ)) Vᵀ cyxᵀ``, so the training residual is
+    ``RSS = syy − 2 zᵀ(Vᵀcyxᵀ) + zᵀ diag(s) z``. Returns per-feature tensors (``direction`` as
+    [d, B]) and the held-out R² of every λ, [L, B] (zeros without held-out).
     """
     proj = basis.eigvecs.T @ train.cyx[block].T  # [d, B]
     mean_y, syy = train.mean_y[block], train.syy[block]
@@ -380,10 +403,21 @@ def _solve_block(
     status = torch.full_like(n_active, STATUS_OK, dtype=torch.int8)
     n_lambdas, width = grid.numel(), proj.shape[1]
     r2_per_lambda = torch.zeros(n_lambdas, width, dtype=torch.float64, device=proj.device)
+    rss = torch.empty_like(r2_per_lambda)
+    for i in range(n_lambdas):
+        z = basis.inverse[:, i : i + 1] * proj
+        rss[i] = syy - 2 * (z * proj).sum(0) + (basis.eigvals[:, None] * z * z).sum(0)
+    rss.clamp_(min=0)
+    slack = 1 - basis.df / train.n  # [L]; GCV = RSS / n / slack²
+    gcv_r2 = torch.where(
+        (slack > 0)[:, None],
+        1 - rss / (_nonzero(slack * slack)[:, None] * _nonzero(syy)),
+        torch.full_like(rss, -torch.inf),
+    )
+    choice = gcv_r2.argmax(0)
+    chosen = choice[None, :]
 
-    if held_out is None:
-        choice = torch.full((width,), int(grid.argmin()), device=proj.device)
-    else:
+    if held_out is not None:
         held_proj = basis.eigvecs.T @ held_out.cyx[block].T  # [d, B]
         held_syy = held_out.syy[block]
         status[held_syy <= 0] = STATUS_CONSTANT_HELD_OUT
@@ -397,9 +431,7 @@ def _solve_block(
             # μy_h − b − μx_hᵀw with b = μy − μxᵀw
             offset = held_out.mean_y[block] - mean_y + (basis.mean_x - basis.held_mean_x) @ z
             sse[i] = held_syy - 2 * cross[i] + quad[i] + held_out.n * offset * offset
-        choice = sse.argmin(0)
         r2_per_lambda = 1 - sse / _nonzero(held_syy)
-        chosen = choice[None, :]
         cross, quad = cross.gather(0, chosen)[0], quad.gather(0, chosen)[0].clamp(min=0)
         spread = torch.sqrt(quad * held_syy)
         pearson = torch.where(spread > 0, cross / _nonzero(spread), torch.zeros_like(spread))
@@ -410,13 +442,13 @@ def _solve_block(
     ok = status == STATUS_OK
 
     z = basis.inverse[:, choice] * proj * ok
-    sse_train = syy - 2 * (z * proj).sum(0) + (basis.eigvals[:, None] * z * z).sum(0)
     zeros = torch.zeros_like(syy)
     result = {
         "direction": basis.eigvecs @ z,
         "intercept": mean_y - basis.mean_x @ z,
         "lam": torch.where(ok, grid[choice], zeros),
-        "r2_train": torch.where(ok, 1 - sse_train / _nonzero(syy), zeros),
+        "r2_train": torch.where(ok, 1 - rss.gather(0, chosen)[0] / _nonzero(syy), zeros),
+        "r2_gcv": torch.where(ok, gcv_r2.gather(0, chosen)[0], zeros),
         "status": status,
     }
     if held_out is not None:

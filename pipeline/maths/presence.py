@@ -23,6 +23,8 @@ NaN and a status says why (see :data:`STATUS_ORDER`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from pipeline.maths.lstsq import (
@@ -44,7 +46,12 @@ tokens than the fit's ``min_active``; constant: no variance on train or held-out
 undefined); no ceiling: the ceiling probe failed for another reason; no headroom: the ceiling's
 R² does not exceed the token baseline's by ``min_headroom`` (A's residual stream explains the
 feature no better than the current token does, so "beyond the token" has nothing to measure)."""
-CLASSES = ("present", "partial", "absent", "unscored")
+TOKEN_SHRINKAGE = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 1e4, np.inf)
+"""Grid of the token baseline's shrinkage k (in training tokens: an id seen c times keeps
+c/(c + k) of its own mean), chosen per feature by GCV."""
+CLASSES = ("present", "partial", "absent", "undetermined", "unscored")
+"""A class is given only when the whole bootstrap interval of the presence score lies in its band;
+an interval that straddles a threshold is "undetermined" (without replicates, the point decides)."""
 
 
 class TokenBaseline:
@@ -90,39 +97,218 @@ class TokenBaseline:
         )
         self.pending[split] = []
 
-    def r2_held_out(self) -> np.ndarray:
-        """[F] float64: held-out R² of the per-token-id train mean; NaN where held-out y is
-        constant (or no tokens are held out)."""
+    def predictor(self, shrink: bool = True) -> TokenPredictor:
+        """The token-id predictor from the training sums (after all updates): per-id means shrunk
+        toward the global mean (``shrink``), or raw (``shrink=False``).
+
+        Shrinkage is ridge on a one-hot token code around the global mean, m_v = μ + a_v(ȳ_v − μ)
+        with a_v = c_v/(c_v + k), its k chosen per feature like the probes' λ: by GCV on the
+        training tokens over :data:`TOKEN_SHRINKAGE` (0 = raw means, ∞ = the global mean). For
+        this smoother, RSS(k) = SSW + Σ_v c_v(1 − a_v)²(ȳ_v − μ)² and
+        df(k) = Σ_v a_v + Σ_v c_v(1 − a_v)/n (the hat matrix's trace); both are sums over the
+        pairs seen active plus per-count groups of ids, never vocab × F.
+        """
         for split in SPLITS:
             self._merge(split)
-        n_feat = self.n_feat
-        vocab = max(len(self.count["train"]), len(self.count["held_out"]))
-        count_t = np.pad(self.count["train"], (0, vocab - len(self.count["train"])))
-        count_h = np.pad(self.count["held_out"], (0, vocab - len(self.count["held_out"])))
-        n_t, n_h = self.n["train"], self.n["held_out"]
-        if n_h == 0 or n_t == 0:
-            return np.full(n_feat, np.nan)
-        global_mean = self.sum_y["train"] / n_t
-        keys_t, sums_t = self.keys["train"], self.sums["train"]
-        tok_t, feat_t = keys_t // n_feat, keys_t % n_feat
-        mean_t = sums_t / count_t[tok_t]
+        n_feat, n_t = self.n_feat, self.n["train"]
+        keys, sums, count = self.keys["train"], self.sums["train"], self.count["train"]
+        global_mean = self.sum_y["train"] / max(n_t, 1)
+        k = np.zeros(n_feat)
+        if shrink and n_t > 0:
+            k = self._gcv_shrinkage(keys, sums, count, global_mean)
+        return TokenPredictor(n_feat, keys, sums, count, global_mean, k)
+
+    def _gcv_shrinkage(
+        self, keys: np.ndarray, sums: np.ndarray, count: np.ndarray, mu: np.ndarray
+    ) -> np.ndarray:
+        """[F]: the k of :data:`TOKEN_SHRINKAGE` with the least GCV per feature (see predictor)."""
+        n_feat, n = self.n_feat, self.n["train"]
+        tok, feat = keys // n_feat, keys % n_feat
+        c_pair = count[tok].astype(np.float64)
+        mean_pair = sums / c_pair  # ȳ_v at the pairs seen active
+        seen = count[count > 0].astype(np.float64)
+        distinct, per_count = np.unique(seen, return_counts=True)  # ids grouped by count
+        # SSW = Σ y² − Σ_v c_v ȳ_v²  (ids where f never fired have ȳ_v = 0)
+        within = self.sum_yy["train"] - np.bincount(feat, c_pair * mean_pair**2, n_feat)
+        best = np.full(n_feat, np.inf)
+        choice = np.zeros(n_feat)
+        for k in TOKEN_SHRINKAGE:
+            rest_pair = (1 - TokenPredictor._weight(c_pair, k)) ** 2
+            rest_ids = (1 - TokenPredictor._weight(distinct, k)) ** 2
+            # Σ_v c_v(1−a_v)²(ȳ_v − μ)² = Σ_pairs c(1−a)²(ȳ² − 2μȳ) + μ² Σ_ids c(1−a)²
+            pairs = np.bincount(
+                feat, c_pair * rest_pair * (mean_pair**2 - 2 * mu[feat] * mean_pair), n_feat
+            )
+            rss = np.maximum(within, 0.0) + pairs + mu**2 * (per_count * distinct * rest_ids).sum()
+            a_ids = TokenPredictor._weight(distinct, k)
+            df = (per_count * a_ids).sum() + (per_count * distinct * (1 - a_ids)).sum() / n
+            gcv = rss / n / (1 - df / n) ** 2 if df < n else np.full(n_feat, np.inf)
+            better = gcv < best
+            best[better], choice[better] = gcv[better], k
+        return choice
+
+    def r2_held_out(self, shrink: bool = True) -> np.ndarray:
+        """[F] float64: held-out R² of :meth:`predictor`; NaN where held-out y is constant (or no
+        tokens are held out)."""
+        predictor = self.predictor(shrink)
+        n_h = self.n["held_out"]
+        if n_h == 0 or self.n["train"] == 0:
+            return np.full(self.n_feat, np.nan)
         keys_h, sums_h = self.keys["held_out"], self.sums["held_out"]
-        tok_h, feat_h = keys_h // n_feat, keys_h % n_feat
-        pos = np.searchsorted(keys_t, keys_h)
-        found = pos < len(keys_t)
-        found[found] = keys_t[pos[found]] == keys_h[found]
-        pred_h = np.zeros(len(keys_h))
-        pred_h[found] = mean_t[pos[found]]
-        unseen = count_t[tok_h] == 0  # this token id never occurs in training
-        pred_h[unseen] = global_mean[feat_h[unseen]]
-        cross = np.bincount(feat_h, sums_h * pred_h, n_feat)
-        quad = np.bincount(feat_t, count_h[tok_t] * mean_t * mean_t, n_feat)
-        quad += count_h[count_t == 0].sum() * global_mean * global_mean
+        pred_h = predictor.lookup(keys_h // self.n_feat, keys_h % self.n_feat)
+        cross = np.bincount(keys_h % self.n_feat, sums_h * pred_h, self.n_feat)
+        quad = predictor.quad(self.count["held_out"].astype(np.float64)[:, None])[:, 0]
         sse = self.sum_yy["held_out"] - 2 * cross + quad
         sst = self.sum_yy["held_out"] - self.sum_y["held_out"] ** 2 / n_h
         constant = sst <= 1e-12 * np.maximum(self.sum_yy["held_out"], 1e-300)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(constant, np.nan, 1 - sse / np.where(constant, 1, sst))
+
+
+class TokenPredictor:
+    """A feature's prediction from the current token id alone, from training sums: with c_v the
+    training tokens of id v, S[v, f] the feature's sum over them (``sums`` at sorted
+    ``keys = v·F + f``; absent pairs are 0), μ_f the global mean and ``k [F]`` the shrinkage,
+
+        m[v, f] = μ_f + a·(S[v, f]/c_v − μ_f),    a = c_v / (c_v + k_f)
+
+    (k = 0: the raw per-id mean; k = ∞: the global mean; an id never seen in training: μ_f).
+    Equal to ridge on a one-hot token code with penalty k around μ (tested against sklearn)."""
+
+    def __init__(
+        self,
+        n_feat: int,
+        keys: np.ndarray,
+        sums: np.ndarray,
+        count: np.ndarray,
+        global_mean: np.ndarray,
+        k: np.ndarray,
+    ):
+        self.n_feat, self.keys, self.sums, self.count = n_feat, keys, sums, count
+        self.global_mean, self.k = global_mean, k
+
+    def _count_of(self, token_ids: np.ndarray) -> np.ndarray:
+        seen = token_ids < len(self.count)
+        out = np.zeros(len(token_ids))
+        out[seen] = self.count[token_ids[seen]]
+        return out
+
+    @staticmethod
+    def _weight(count: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """a = c/(c + k), 0 where c = 0 (broadcasting)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, count / (count + k), 0.0)
+
+    def lookup(self, token_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """[n] float64: m[v, f] for (token id, feature) pairs given as two [n] int arrays."""
+        token_ids = token_ids.astype(np.int64)
+        keys = token_ids * self.n_feat + features
+        pos = np.searchsorted(self.keys, keys)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == keys[found]
+        sums = np.zeros(len(keys))
+        sums[found] = self.sums[pos[found]]
+        count = self._count_of(token_ids)
+        mu = self.global_mean[features]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, sums / count, mu)
+        return mu + self._weight(count, self.k[features]) * (mean - mu)
+
+    def quad(self, weighted_count: np.ndarray) -> np.ndarray:
+        """[F, R] = Σ_v C[v, r]·m[v, f]² for per-id token weights ``weighted_count [vocab, R]``.
+
+        Split as Σ_v C[v]·(μ(1 − a_v))² (every id, grouped by its training count: at most
+        √(2·n_train) distinct values, so O(F·√n) work, never vocab × F) plus, over the pairs seen
+        active in training, C[v]·(m² − (μ(1 − a))²)."""
+        vocab = max(len(weighted_count), len(self.count))
+        weighted = np.pad(weighted_count, ((0, vocab - len(weighted_count)), (0, 0)))
+        count = np.pad(self.count, (0, vocab - len(self.count))).astype(np.float64)
+        distinct, group = np.unique(count, return_inverse=True)
+        by_count = np.zeros((len(distinct), weighted.shape[1]))
+        _scatter_add(by_count, group.reshape(-1), np.ascontiguousarray(weighted))
+        out = np.empty((self.n_feat, weighted.shape[1]))
+        step = max(1, (1 << 22) // max(len(distinct), 1))
+        for start in range(0, self.n_feat, step):
+            part = slice(start, start + step)
+            rest = (1 - self._weight(distinct[None, :], self.k[part, None])) ** 2  # [Fb, U]
+            out[part] = (rest @ by_count) * (self.global_mean[part] ** 2)[:, None]
+        tok, feat = self.keys // self.n_feat, self.keys % self.n_feat
+        m = self.lookup(tok, feat)
+        base = self.global_mean[feat] * (1 - self._weight(count[tok], self.k[feat]))
+        step = max(1, (1 << 22) // weighted.shape[1])
+        for start in range(0, len(self.keys), step):
+            part = slice(start, start + step)
+            extra = weighted[tok[part]] * (m[part] ** 2 - base[part] ** 2)[:, None]
+            _scatter_add(out, feat[part], extra)
+        return out
+
+
+class TokenBaselineReplicates:
+    """Held-out R² of a :class:`TokenPredictor`, for the sample and for bootstrap replicates of
+    held-out sequences (the fits' Poisson weights, pipeline/maths/evaluate.py), from one pass
+    over the held-out tokens and their sparse features (no activations).
+
+    Per replicate r (0: the sample, weight 1), with w the token's weight and m its prediction:
+    ``SSE = Σ w·y² − 2 Σ w·y·m + Σ_v C[v, r]·Σ_f m[v, f]²`` (``C``: weighted count of token id v),
+    so only active entries and per-id counts are touched: O(nnz·R) per chunk, memory
+    O(F·R + vocab·R).
+    """
+
+    def __init__(self, predictor: TokenPredictor, n_boot: int):
+        self.predictor, self.n_boot = predictor, n_boot
+        shape = (predictor.n_feat, n_boot + 1)
+        self.n_weighted = np.zeros(n_boot + 1)
+        self.sum_y, self.sum_yy, self.cross = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        self.count = np.zeros((0, n_boot + 1))  # [vocab seen, R+1] weighted tokens per id
+
+    def update(
+        self,
+        token_ids: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        vals: np.ndarray,
+        weights: np.ndarray,
+    ) -> None:
+        """Held-out tokens ``token_ids [n]``, their features in COO form (``rows`` into
+        token_ids) and their replicate weights ``weights [n, n_boot]``."""
+        token_ids = token_ids.astype(np.int64)
+        w = np.concatenate([np.ones((len(token_ids), 1)), weights.astype(np.float64)], axis=1)
+        self.n_weighted += w.sum(0)
+        vocab = max(len(self.count), int(token_ids.max(initial=-1)) + 1)
+        if vocab > len(self.count):
+            self.count = np.pad(self.count, ((0, vocab - len(self.count)), (0, 0)))
+        _scatter_add(self.count, token_ids, w)
+        vals = vals.astype(np.float64)
+        m = self.predictor.lookup(token_ids[rows], cols)
+        w_entry = w[rows]  # [nnz, R+1]
+        for target, value in (
+            (self.sum_y, vals),
+            (self.sum_yy, vals * vals),
+            (self.cross, vals * m),
+        ):
+            _scatter_add(target, cols, w_entry * value[:, None])
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(``r2 [F]``, ``r2_boot [F, n_boot]``), NaN where y is constant on the (resampled)
+        held-out tokens."""
+        quad = self.predictor.quad(self.count)
+        sse = self.sum_yy - 2 * self.cross + quad
+        sst = self.sum_yy - self.sum_y**2 / np.maximum(self.n_weighted, 1e-300)
+        constant = sst <= 1e-12 * np.maximum(self.sum_yy, 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(constant, np.nan, 1 - sse / np.where(constant, 1, sst))
+        return r2[:, 0], r2[:, 1:]
+
+
+def _scatter_add(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``target[index[i]] += values[i]`` with repeated indices summed, in place (``target`` a
+    C-contiguous float64 [rows, R], ``values`` [n, R]): torch's index_add, far faster than
+    ``np.add.at``."""
+    import torch
+
+    torch.from_numpy(target).index_add_(
+        0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)), torch.from_numpy(values)
+    )
 
 
 def _reduce(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,4 +390,57 @@ def classify(score: np.ndarray, present_at: float, partial_at: float) -> np.ndar
     out[finite & (score >= present_at)] = "present"
     out[finite & (score < present_at) & (score >= partial_at)] = "partial"
     out[finite & (score < partial_at)] = "absent"
+    return out
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval ``(low [F], high [F])`` from ``replicates [F, R]``: NaN rows
+    give NaN; a row with more than (1 − confidence)/2 of its replicates NaN (undefined in that
+    resample) gives the uninformative (−inf, inf)."""
+    tail = (1 - confidence) / 2
+    out = np.full((2, len(replicates)), np.nan)
+    if replicates.shape[1] == 0:
+        return out[0], out[1]
+    undefined = np.isnan(replicates).mean(1)
+    some = undefined < 1
+    with warnings.catch_warnings():  # all-NaN rows are masked out anyway
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[:, some] = np.nanpercentile(replicates[some], [100 * tail, 100 * (1 - tail)], axis=1)
+    wide = some & (undefined > tail)
+    out[0, wide], out[1, wide] = -np.inf, np.inf
+    return out[0], out[1]
+
+
+def presence_replicates(
+    r2: np.ndarray, ceiling_r2: np.ndarray, token_r2: np.ndarray | None, scored: np.ndarray
+) -> np.ndarray:
+    """[F, R] clipped presence per bootstrap replicate, from replicate-aligned ``r2``,
+    ``ceiling_r2`` and ``token_r2`` [F, R] (None: no token baseline); NaN where the feature is not
+    ``scored`` [F] or where, in that resample, the ceiling does not beat the token (no headroom)."""
+    reference = 0 * r2 if token_r2 is None else np.maximum(np.nan_to_num(token_r2, nan=0.0), 0.0)
+    headroom = ceiling_r2 - reference
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = (r2 - reference) / headroom
+    raw = np.where((headroom > 0) & scored[:, None], raw, np.nan)
+    return np.clip(raw, 0.0, 1.0)
+
+
+def classify_interval(
+    score: np.ndarray, low: np.ndarray, high: np.ndarray, present_at: float, partial_at: float
+) -> np.ndarray:
+    """[F] object: the class of :func:`classify` where the interval [low, high] lies in one band,
+    "undetermined" where it straddles a threshold; the point ``score`` alone where the interval is
+    NaN (no replicates); "unscored" where the score is NaN."""
+    point = classify(score, present_at, partial_at)
+    has_interval = np.isfinite(score) & ~np.isnan(low) & ~np.isnan(high)
+    low_class = classify(np.where(has_interval, np.clip(low, 0, 1), np.nan), present_at, partial_at)
+    high_class = classify(
+        np.where(has_interval, np.clip(high, 0, 1), np.nan), present_at, partial_at
+    )
+    out = point.copy()
+    out[has_interval] = np.where(
+        low_class[has_interval] == high_class[has_interval],
+        low_class[has_interval],
+        "undetermined",
+    )
     return out

@@ -106,7 +106,11 @@ def feature_card(
     f = int(row["feature"])
     cls = row[f"{role.label}_class"]
     score, raw = row[f"{role.label}_presence"], row[f"{role.label}_presence_raw"]
-    badge = f"{cls} {_fmt(score)}" + (f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else "")
+    badge = f"{cls} {_fmt(score)}"
+    if f"{role.label}_presence_lo" in row and np.isfinite(row[f"{role.label}_presence_lo"]):
+        low, high = row[f"{role.label}_presence_lo"], row[f"{role.label}_presence_hi"]
+        badge += f" [{low:.2f}, {high:.2f}]"
+    badge += f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else ""
     parts = [
         f"frequency {row['frequency']:.2e}",
         f"ceiling R² {_fmt(row['ceiling_r2'])}",
@@ -116,6 +120,13 @@ def feature_card(
         parts.append(
             f"{other.fit} R² {_fmt(row[f'{other.label}_r2'])} ({other.label if other.label == 'floor' else 'best: ' + str(row[f'{other.label}_best_hook'])})"
         )
+    p = role.label
+    parts.append(f"{role.fit} clipped R² {_fmt(row[f'{p}_r2_clipped'])}")
+    parts.append(f"firing AUROC {_fmt(row[f'{p}_auroc'])}")
+    if f"{p}_latent_scale" in row:
+        parts.append(f"latent scale {_fmt(row[f'{p}_latent_scale'])}")
+    if f"{p}_decoder_cosine" in row:
+        parts.append(f"decoder cosine {_fmt(row[f'{p}_decoder_cosine'])}")
     if f"{role.label}_transfer_corr" in row:
         parts.append(f"direct-transfer corr {_fmt(row[f'{role.label}_transfer_corr'])}")
     if "encoder_cosine" in row:

@@ -17,7 +17,13 @@ from pipeline.report.browser import CSS as BROWSER_CSS
 from pipeline.report.browser import feature_browser
 from pipeline.report.cards import Contexts, feature_card
 from pipeline.report.match import match_section
-from pipeline.report.plots import plot_cosine, plot_layers, plot_presence, plot_scatter
+from pipeline.report.plots import (
+    plot_baselines,
+    plot_cosine,
+    plot_layers,
+    plot_presence,
+    plot_scatter,
+)
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; color: #1f2328;
@@ -217,8 +223,10 @@ def render_html(
         f"present ({cfg.present_at:g}) thresholds.</p>",
         "<h2>Each model against the ceiling</h2>",
         plot_scatter(report, df),
-        '<p class="caption">One point per feature the ceiling can fit, coloured by class; dotted: '
-        "y = x. Points near the diagonal are features B has as well as A does.</p>",
+        '<p class="caption">One point per feature the ceiling can fit, coloured by class; bars: '
+        f"{cfg.confidence:.0%} bootstrap intervals over held-out sequences (when the fits have "
+        "replicates); dotted: y = x. Points near the diagonal are features B has as well as A "
+        "does.</p>",
         "<h2>By layer</h2>",
         layers,
         f'<p class="caption">Median held-out R² over {which}, per probed hook.</p>',
@@ -236,6 +244,17 @@ def render_html(
             "those tokens and so leans on other directions to cancel them. Near 1: the feature is "
             "close to linear in A's residual stream.</p>",
         ]
+    baselines = plot_baselines(report, df)
+    if baselines is not None:
+        body += [
+            "<h2>Standard baselines</h2>",
+            baselines,
+            '<p class="caption">Scored features of each model B in A\'s basis: presence (the '
+            "probe's verdict) against Latent Scaling (least-squares scale of A's decoder row "
+            "fitted to B's activations where the feature fires, relative to the ceiling's) and "
+            "the cosine of B's probe with A's decoder row. A feature the probe finds where the "
+            "decoder direction is gone sits top left.</p>",
+        ]
     contexts = Contexts(report)
     body.append(match_section(report, df, scan))
     body.append(_feature_sections(report, df, scan, contexts))
@@ -245,8 +264,11 @@ def render_html(
         f"table.parquet (and table.csv) in report/{html.escape(cfg.name)}/ of the store (or the "
         "report's out_dir), one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
-        "token_r2, ceiling_r2, encoder_cosine, and per model &lt;fit&gt;_r2, _best_hook, _presence, "
-        "_presence_raw, _class, _r2@&lt;hook&gt;, _transfer_corr"
+        "token_r2, ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
+        "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
+        "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
+        "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
+        "_r2@&lt;hook&gt;, _transfer_corr"
         + (
             ", and per SAE match &lt;match&gt;_best_match, _best_corr, _mutual"
             if report.match_roles

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import XprobeError
-from pipeline.maths.presence import CLASSES, TokenBaseline, TopActivations
+from pipeline.maths.evaluate import bootstrap_weights
+from pipeline.maths.presence import (
+    CLASSES,
+    TokenBaseline,
+    TokenBaselineReplicates,
+    TokenPredictor,
+    TopActivations,
+)
 from pipeline.maths.split import held_out_sequences
 from pipeline.report.match import agreement_line, pair_match
 from pipeline.report.table import feature_table
@@ -101,6 +108,7 @@ class Report:
                 f"{sae_hook!r}; it probes {cinfo['config']['model']!r} at {cinfo['config']['hooks']}"
             )
         split = (cinfo["config"]["held_out_fraction"], cinfo["config"]["split_seed"])
+        n_boot = int(cinfo["config"].get("n_bootstrap", 0))
         roles = [Role("ceiling", ceiling, a_model, [sae_hook])]
         named = [(fit, fit) for fit in cfg.fits if fit not in (ceiling, cfg.floor)]
         if cfg.floor:
@@ -112,10 +120,16 @@ class Report:
                     f"fit {fit!r} uses another held-out split than the ceiling {ceiling!r} "
                     f"(held_out_fraction, split_seed = {split}); refit it with the same split"
                 )
+            if int(info["config"].get("n_bootstrap", 0)) != n_boot:
+                raise XprobeError(
+                    f"fit {fit!r} has n_bootstrap = {info['config'].get('n_bootstrap', 0)} but the "
+                    f"ceiling {ceiling!r} has {n_boot}: intervals combine the fits replicate by "
+                    "replicate; refit with the same n_bootstrap"
+                )
             roles.append(Role(label, fit, info["config"]["model"], list(info["config"]["hooks"])))
         if len(roles) == 1:
             raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
-        self.roles, self.split = roles, split
+        self.roles, self.split, self.n_boot = roles, split, n_boot
         self.match_roles = [pair_match(self, spec, int(feats["n_feat"])) for spec in cfg.matches]
         if len({m.name for m in self.match_roles}) < len(self.match_roles):
             raise XprobeError(f"matches names a match twice: {list(cfg.matches)}")
@@ -130,6 +144,7 @@ class Report:
             "matches": {m.name: m.role.fit for m in self.match_roles},
             "held_out_fraction": split[0],
             "split_seed": split[1],
+            "n_bootstrap": n_boot,
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
         }
@@ -159,7 +174,36 @@ class Report:
                 sel = keep[rows]
                 baseline.update(split, ids[keep], new_row[rows[sel]], cols[sel], vals[sel])
         token_r2 = baseline.r2_held_out() if self.cfg.token_baseline else np.zeros(n_feat)
-        return {"token_r2": token_r2, "top_value": top.value, "top_token": top.token}, n_chunks
+        token_r2_boot = np.zeros((n_feat, 0))
+        if self.cfg.token_baseline and self.n_boot:
+            token_r2_boot = self._token_replicates(baseline.predictor())
+        arrays = {"token_r2": token_r2, "token_r2_boot": token_r2_boot}
+        return {**arrays, "top_value": top.value, "top_token": top.token}, n_chunks
+
+    def _token_replicates(self, predictor: TokenPredictor) -> np.ndarray:
+        """[F, n_boot]: the token baseline's held-out R² in each bootstrap replicate of held-out
+        sequences (the fits' weights), from a pass over the held-out chunks' tokens and features."""
+        store, tokens = self.store, self.store.info(self.tokens)
+        ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
+        held = held_out_sequences(n_seq, *self.split)
+        replicates = TokenBaselineReplicates(predictor, self.n_boot)
+        for index in range(tokens["n_chunks"]):
+            first = index * chunk_seqs
+            n_seqs = min(chunk_seqs, n_seq - first)
+            if not held[first : first + n_seqs].any():
+                continue
+            ids = store.read_chunk(f"{self.tokens}/ids", index).reshape(-1)
+            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            local_seq = np.arange(len(ids)) // ctx
+            keep = mask & held[first + local_seq]
+            rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))
+            new_row = np.cumsum(keep) - 1
+            sel = keep[rows]
+            weights = bootstrap_weights(self.split[1], index, n_seqs, self.n_boot)
+            replicates.update(
+                ids[keep], new_row[rows[sel]], cols[sel], vals[sel], weights[local_seq[keep]]
+            )
+        return replicates.result()[1]
 
     # ---- the table --------------------------------------------------------------------------------
     def table(self, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
@@ -174,19 +218,26 @@ class Report:
             f"presence = (R²_B − {token}) / (R²_ceiling − {token}), clipped to [0, 1]",
             f"present: ≥ {cfg.present_at:g}   partial: ≥ {cfg.partial_at:g}   absent: < {cfg.partial_at:g}"
             f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
+            (
+                f"classes from {cfg.confidence:.0%} bootstrap intervals ({self.n_boot} replicates "
+                "over held-out sequences): undetermined = the interval straddles a threshold"
+                if self.n_boot
+                else "classes from the point score (the fits have no bootstrap replicates)"
+            ),
             "features: "
             + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
             + f" (of {len(df)})",
         ]
         width = max(len(self._display(r)) for r in self.roles[1:])
-        lines.append(f"  {'':<{width}}" + "".join(f"{c:>10}" for c in CLASSES))
+        column = {c: max(10, len(c) + 2) for c in CLASSES}
+        lines.append(f"  {'':<{width}}" + "".join(f"{c:>{column[c]}}" for c in CLASSES))
         floor_present = (
             df["floor_class"] == "present" if "floor_class" in df else np.zeros(len(df), bool)
         )
         for role in self.roles[1:]:
             counts = df[f"{role.label}_class"].value_counts()
             row = f"  {self._display(role):<{width}}" + "".join(
-                f"{int(counts.get(c, 0)):>10}" for c in CLASSES
+                f"{int(counts.get(c, 0)):>{column[c]}}" for c in CLASSES
             )
             if role.label != "floor" and "floor_class" in df:
                 both = int(((df[f"{role.label}_class"] == "present") & floor_present).sum())

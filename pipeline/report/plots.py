@@ -14,7 +14,13 @@ import numpy as np
 
 from pipeline.maths.presence import SCORED
 
-COLORS = {"present": "#2a9d8f", "partial": "#e9a23b", "absent": "#d1495b", "unscored": "#b8b8b8"}
+COLORS = {
+    "present": "#2a9d8f",
+    "partial": "#e9a23b",
+    "absent": "#d1495b",
+    "undetermined": "#8e7cc3",
+    "unscored": "#b8b8b8",
+}
 LINE_COLORS = ["#1f6feb", "#8957e5", "#bf8700", "#0a7d3b", "#cf222e", "#57606a"]
 
 
@@ -93,8 +99,27 @@ def plot_scatter(report: Any, df: Any) -> str:
         fig, ax = plt.subplots(figsize=(4.0, 3.6))
         y_all = df[f"{role.label}_r2"].to_numpy()
         cls = df[f"{role.label}_class"].to_numpy()
-        for name in ("unscored", "absent", "partial", "present"):
+        for name in ("unscored", "absent", "partial", "undetermined", "present"):
             sel = fitted.to_numpy() & (cls == name)
+            if name != "unscored" and f"{role.label}_r2_lo" in df and "ceiling_r2_lo" in df:
+                ax.errorbar(  # bootstrap intervals over held-out sequences
+                    x_all[sel],
+                    y_all[sel],
+                    xerr=_spans(
+                        x_all[sel],
+                        df["ceiling_r2_lo"].to_numpy()[sel],
+                        df["ceiling_r2_hi"].to_numpy()[sel],
+                    ),
+                    yerr=_spans(
+                        y_all[sel],
+                        df[f"{role.label}_r2_lo"].to_numpy()[sel],
+                        df[f"{role.label}_r2_hi"].to_numpy()[sel],
+                    ),
+                    fmt="none",
+                    ecolor=COLORS[name],
+                    elinewidth=0.6,
+                    alpha=0.35,
+                )
             ax.scatter(
                 x_all[sel],
                 y_all[sel],
@@ -114,6 +139,12 @@ def plot_scatter(report: Any, df: Any) -> str:
         fig.tight_layout()
         panels.append(png(fig).replace('class="plot"', 'class="panel"'))
     return f'<div class="panels">{"".join(panels)}</div>'
+
+
+def _spans(value: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[2, n] error-bar lengths below and above ``value`` (0 where the interval is unknown)."""
+    spans = np.stack([value - low, high - value])
+    return np.clip(np.nan_to_num(spans, nan=0.0, posinf=0.0, neginf=0.0), 0, None)
 
 
 def plot_layers(report: Any, df: Any) -> tuple[str, str]:
@@ -168,4 +199,48 @@ def plot_cosine(df: Any) -> str:
     ax.hist(cos, np.linspace(-1, 1, 41), color="#57606a")
     ax.set_xlabel("cosine(ceiling probe direction, SAE encoder row W_enc[:, f])")
     ax.set_ylabel("features")
+    return png(fig)
+
+
+def plot_baselines(report: Any, df: Any) -> str | None:
+    """Per model B in A's basis, its presence against the standard weight-space baselines: the
+    Latent Scaling β relative to the ceiling's, and the decoder cosine, one point per scored
+    feature coloured by class. None when no fit has them."""
+    panels: dict[str, list[tuple[np.ndarray, str]]] = {}
+    for role in report.roles[1:]:
+        own = []
+        if f"{role.label}_latent_scale" in df and "ceiling_latent_scale" in df:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = df[f"{role.label}_latent_scale"] / df["ceiling_latent_scale"]
+            own.append((ratio.to_numpy(), "latent scale β / ceiling's β"))
+        if f"{role.label}_decoder_cosine" in df:
+            own.append((df[f"{role.label}_decoder_cosine"].to_numpy(), "cosine(probe, W_dec[f])"))
+        if own:
+            panels[role.label] = own
+    if not panels:
+        return None
+    roles = [r for r in report.roles[1:] if r.label in panels]
+    n_rows = max(len(p) for p in panels.values())
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        n_rows, len(roles), figsize=(3.6 * len(roles) + 0.6, 3.2 * n_rows), squeeze=False
+    )
+    scored = (df["status"] == SCORED).to_numpy()
+    for column, role in enumerate(roles):
+        cls = df[f"{role.label}_class"].to_numpy()
+        presence = df[f"{role.label}_presence"].to_numpy()
+        for row in range(n_rows):
+            ax = axes[row][column]
+            if row >= len(panels[role.label]):
+                ax.axis("off")
+                continue
+            values, label = panels[role.label][row]
+            for name in ("absent", "partial", "undetermined", "present"):
+                sel = scored & (cls == name) & np.isfinite(values)
+                ax.scatter(values[sel], presence[sel], s=10, color=COLORS[name], label=name)
+            ax.set_xlabel(label)
+            ax.set_ylabel("presence")
+            ax.set_title(report._display(role), fontsize=10)
+    axes[0][0].legend(frameon=False, fontsize=8, loc="best")
+    fig.tight_layout()
     return png(fig)

@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import fingerprint
+from pipeline.errors import XprobeError
 from pipeline.maths.lstsq import STATUS_NAMES, STATUS_OK
-from pipeline.maths.presence import classify, feature_status, presence
+from pipeline.maths.presence import (
+    SCORED,
+    classify_interval,
+    feature_status,
+    percentile_interval,
+    presence,
+    presence_replicates,
+)
 from pipeline.report.matches import match_table
 from pipeline.store import Store
 from pipeline.store.layout import probes_unit, safe_name
@@ -24,47 +32,93 @@ if TYPE_CHECKING:
 
 
 def _probe(store: Store, fit: str, hook: str, key: str) -> np.ndarray:
-    return store.array(f"{probes_unit(fit)}/{hook}/{key}")[:]
+    path = f"{probes_unit(fit)}/{hook}/{key}"
+    if not store.has(path):
+        raise XprobeError(
+            f"{path} is missing: fit {fit!r} was written by an older xprobe; rerun it "
+            f"(xprobe fit --force)"
+        )
+    return store.array(path)[:]
 
 
-def cached_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
-    """:func:`encoder_cosine`, kept in ``report/<name>/encoder_cosine`` until the ceiling fit
-    or the features change (loading sae-lens alone takes seconds)."""
-    store, path = report.store, f"{report.unit}/encoder_cosine"
-    cinfo = store.info(probes_unit(ceiling.fit))
-    finfo = store.info(report.feats)
-    key = fingerprint(  # what the cosine was computed from, by content (lineage fingerprints)
-        [cinfo.get("content_fingerprint") or cinfo["created"], finfo.get("content_fingerprint")]
-    )
-    if store.has(path) and store.array(path).attrs.get("xprobe", {}).get("cosine_key") == key:
-        return store.array(path)[:], ""
-    cosine, why = encoder_cosine(report, ceiling)
-    if cosine is not None and report.writable and store.has(report.unit):
-        prov = {**store.info(report.unit), "cosine_key": key}
+def _at_best(store: Store, role: Role, key: str, best: np.ndarray) -> np.ndarray:
+    """``probes/<fit>/<hook>/<key>`` [F] or [F, R] at each feature's ``best`` hook index [F]."""
+    if len(role.hooks) == 1:
+        return _probe(store, role.fit, role.hooks[0], key)
+    stacked = np.stack([_probe(store, role.fit, h, key) for h in role.hooks])
+    index = best.reshape((1, -1) + (1,) * (stacked.ndim - 2))
+    return np.take_along_axis(stacked, index, 0)[0]
+
+
+def cached_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
+    """:func:`direction_cosines`, kept in ``report/<name>/cosines [n_columns, F]`` until a fit or
+    the features change (loading sae-lens alone takes seconds)."""
+    store, path = report.store, f"{report.unit}/cosines"
+
+    def identity(info: dict[str, Any]) -> str:  # by content (lineage), else by creation
+        return info.get("content_fingerprint") or f"{info['config_fingerprint']}@{info['created']}"
+
+    parts = [identity(store.info(report.feats))]
+    for role in report.roles:
+        parts += [role.label, identity(store.info(probes_unit(role.fit)))]
+    key = fingerprint(parts)
+    if store.has(path):
+        attrs = store.array(path).attrs.get("xprobe", {})
+        if attrs.get("cosine_key") == key:
+            values = store.array(path)[:]
+            return dict(zip(attrs["columns"], values, strict=True)), ""
+    cosines, why = direction_cosines(report)
+    if cosines and report.writable and store.has(report.unit):
+        prov = {**store.info(report.unit), "cosine_key": key, "columns": list(cosines)}
         if store.has(path):
             store.delete(path)
-        store.create_array(path, cosine.shape, cosine.shape, cosine.dtype, prov)[...] = cosine
-    return cosine, why
+        value = np.stack(list(cosines.values()))
+        store.create_array(path, value.shape, value.shape, value.dtype, prov)[...] = value
+    return cosines, why
 
 
-def encoder_cosine(report: Report, ceiling: Role) -> tuple[np.ndarray | None, str]:
-    """Cosine of each ceiling direction with the SAE's encoder row W_enc[:, f] ([F] or None)."""
+def direction_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
+    """Cosine of each fit's probe direction (at its best hook) with the SAE's encoder row
+    ``W_enc[:, f]`` and decoder row ``W_dec[f]``, for every fit whose width is the SAE's d_in
+    (same basis assumed: A itself or a finetune of A): columns ``encoder_cosine`` and
+    ``decoder_cosine`` for the ceiling, ``<label>_encoder_cosine`` and ``<label>_decoder_cosine``
+    per B, [F] each (NaN where the direction is zero). Empty, with the reason, if the SAE cannot
+    be loaded."""
     from pipeline.inputs.sae import load_sae_of
 
     try:
         sae = load_sae_of(report.store, report.feats)
     except Exception as e:  # a shared cache may not come with its SAE: report, don't fail
-        return None, f"SAE not loadable ({type(e).__name__}: {e})"
-    w_enc = sae.W_enc.detach()  # [d_in, F], converted a block at a time (F may be 10⁶)
-    direction = report.store.array(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/direction")
-    out = np.full(w_enc.shape[1], np.nan)
-    step = direction.chunks[0]
-    for start in range(0, direction.shape[0], step):
-        d = direction[start : start + step].astype(np.float64)
-        e = w_enc[:, start : start + step].T.double().cpu().numpy()
-        norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start : start + step] = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
+        return {}, f"SAE not loadable ({type(e).__name__}: {e})"
+    w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()  # [d_in, F], [F, d_in]
+    out: dict[str, np.ndarray] = {}
+    for role in report.roles:
+        unit = probes_unit(role.fit)
+        if int(report.store.info(unit)["d_model"]) != w_enc.shape[0]:
+            continue  # another basis: cosines with A's SAE mean nothing
+        best = (
+            np.zeros(w_enc.shape[1], np.int64)
+            if role.label == "ceiling"
+            else report.store.array(f"{unit}/best_hook")[:].astype(np.int64)
+        )
+        prefix = "" if role.label == "ceiling" else f"{role.label}_"
+        enc, dec = np.full(len(best), np.nan), np.full(len(best), np.nan)
+        for index, hook in enumerate(role.hooks):
+            direction = report.store.array(f"{unit}/{hook}/direction")
+            step = direction.chunks[0]
+            for start in range(0, direction.shape[0], step):
+                rows = slice(start, start + step)
+                here = best[rows] == index
+                if not here.any():
+                    continue
+                d = direction[rows].astype(np.float64)
+                for target, w in ((enc, w_enc[:, rows].T), (dec, w_dec[rows])):
+                    e = w.double().cpu().numpy()
+                    norm = np.linalg.norm(d, axis=1) * np.linalg.norm(e, axis=1)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        cos = np.where(norm > 0, (d * e).sum(1) / norm, np.nan)
+                    target[rows] = np.where(here, cos, target[rows])
+        out[f"{prefix}encoder_cosine"], out[f"{prefix}decoder_cosine"] = enc, dec
     return out, ""
 
 
@@ -80,6 +134,12 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
     ceiling_status = _probe(store, ceiling.fit, ceiling.hooks[0], "status")
     token_r2 = scan["token_r2"]
     status = feature_status(ceiling_status, ceiling_r2, token_r2, cfg.min_headroom)
+    level = cfg.confidence
+    ceiling_best = np.zeros(n_feat, np.int64)
+    ceiling_boot = (
+        _at_best(store, ceiling, "r2_held_out_boot", ceiling_best) if report.n_boot else None
+    )
+    token_boot = scan["token_r2_boot"] if cfg.token_baseline and report.n_boot else None
     cols: dict[str, Any] = {
         "feature": np.arange(n_feat),
         "status": status,
@@ -89,14 +149,25 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         "token_r2": token_r2 if cfg.token_baseline else np.full(n_feat, np.nan),
         "ceiling_r2": ceiling_r2,
         "ceiling_fit_status": [STATUS_NAMES[int(s)] for s in ceiling_status],
+        "ceiling_r2_clipped": _at_best(store, ceiling, "r2_clipped_held_out", ceiling_best),
+        "ceiling_auroc": _at_best(store, ceiling, "auroc_held_out", ceiling_best),
     }
+    if store.has(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/latent_scale"):
+        cols["ceiling_latent_scale"] = _at_best(store, ceiling, "latent_scale", ceiling_best)
+    if ceiling_boot is not None:
+        cols["ceiling_r2_lo"], cols["ceiling_r2_hi"] = percentile_interval(ceiling_boot, level)
+        clipped_boot = _at_best(store, ceiling, "r2_clipped_held_out_boot", ceiling_best)
+        low, high = percentile_interval(clipped_boot, level)
+        cols["ceiling_r2_clipped_lo"], cols["ceiling_r2_clipped_hi"] = low, high
     notes: dict[str, Any] = {}
+    cosines: dict[str, np.ndarray] = {}
     if cfg.encoder_cosine:
-        cosine, why = cached_cosine(report, ceiling)
-        if cosine is not None:
-            cols["encoder_cosine"] = np.where(ceiling_status == STATUS_OK, cosine, np.nan)
-        else:
+        cosines, why = cached_cosines(report)
+        if not cosines:
             notes["encoder_cosine"] = why
+        for name in ("encoder_cosine", "decoder_cosine"):
+            if name in cosines:
+                cols[name] = np.where(ceiling_status == STATUS_OK, cosines[name], np.nan)
     transfer = store.info(report.feats).get("transfer") or {}
     for role in report.roles[1:]:
         r2_hooks = np.stack([_probe(store, role.fit, h, "r2_held_out") for h in role.hooks])
@@ -111,9 +182,28 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_r2"] = r2
         cols[f"{p}_best_hook"] = np.asarray(role.hooks, dtype=object)[best]
         cols[f"{p}_fit_status"] = [STATUS_NAMES[int(s)] for s in own]
+        cols[f"{p}_r2_clipped"] = _at_best(store, role, "r2_clipped_held_out", best)
+        cols[f"{p}_auroc"] = _at_best(store, role, "auroc_held_out", best)
+        low = high = np.full(n_feat, np.nan)
+        if ceiling_boot is not None:
+            r2_boot = _at_best(store, role, "r2_held_out_boot", best)
+            cols[f"{p}_r2_lo"], cols[f"{p}_r2_hi"] = percentile_interval(r2_boot, level)
+            clipped_boot = _at_best(store, role, "r2_clipped_held_out_boot", best)
+            low, high = percentile_interval(clipped_boot, level)
+            cols[f"{p}_r2_clipped_lo"], cols[f"{p}_r2_clipped_hi"] = low, high
+            scored = (status == SCORED) & (own == STATUS_OK)
+            replicates = presence_replicates(r2_boot, ceiling_boot, token_boot, scored)
+            low, high = percentile_interval(replicates, level)
+            low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+            cols[f"{p}_presence_lo"], cols[f"{p}_presence_hi"] = low, high
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
-        cols[f"{p}_class"] = classify(score, cfg.present_at, cfg.partial_at)
+        cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
+        if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
+            cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
+        for name in ("encoder_cosine", "decoder_cosine"):
+            if f"{p}_{name}" in cosines:
+                cols[f"{p}_{name}"] = np.where(own == STATUS_OK, cosines[f"{p}_{name}"], np.nan)
         if len(role.hooks) > 1:
             for hook, values in zip(role.hooks, r2_hooks, strict=True):
                 cols[f"{p}_r2@{hook}"] = values
