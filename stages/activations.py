@@ -19,7 +19,6 @@ bf16); ``pipeline.store.reader`` restores it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,11 +33,12 @@ from pipeline.config import runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.inputs.tokenizer import (
-    first_difference,
     load_tokenizer,
     require_local_folder,
     tokenizer_fingerprint,
+    vocab,
 )
+from pipeline.inputs.vocab import compare, tokenizer_facts, used_from_chunks, vocab_from_json
 from pipeline.lineage import Input, model_input, unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
@@ -155,14 +155,6 @@ def forward_capture(model: Any, blocks: Any, ids: Any, wanted: list[tuple[int, s
     return out
 
 
-def _vocab_from_json(text: str) -> dict[int, str]:
-    spec = json.loads(text)
-    vocab = {int(i): t for t, i in (spec.get("model", {}).get("vocab") or {}).items()}
-    for added in spec.get("added_tokens") or []:
-        vocab[int(added["id"])] = added["content"]
-    return vocab
-
-
 class ActivationsStage(ChunkedStage):
     name = "activations"
     cfg: ActivationsConfig
@@ -177,7 +169,7 @@ class ActivationsStage(ChunkedStage):
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self._model_config = None
         self._model = None
-        self._tok_fp = None
+        self._tokenizer_check: dict[str, Any] | None = None
 
     # ---- model facts ----------------------------------------------------------------------
     @property
@@ -226,6 +218,63 @@ class ActivationsStage(ChunkedStage):
             wanted = [(int(L), kind) for L in layers]
         return list(dict.fromkeys(wanted))
 
+    def tokenizer_check(self, store: Store) -> dict[str, Any]:
+        """Facts for the units' provenance: this model's tokenizer fingerprint and how it differs
+        from the corpus tokenizer (``tokenizer_differences``: sentences, empty if identical).
+        Refuses a model that would read an id of the corpus as another token, or has no
+        embedding row for it (``pipeline.inputs.vocab``): compatibility is by the ids the
+        corpus uses, not by tokenizer identity."""
+        if self._tokenizer_check is not None:
+            return self._tokenizer_check
+        tinfo = store.info(self.tokens)
+        tok = load_tokenizer(self.cfg.model, self.cfg.revision)
+        fp = tokenizer_fingerprint(tok)
+        differences: list[str] = []
+        facts = tokenizer_facts(tok)
+        same_facts = tinfo.get("tokenizer_facts") in (None, facts)
+        if fp != tinfo["tokenizer_fingerprint"] or not same_facts:
+            text = store.read_text(f"{self.tokens}/tokenizer.json")
+            if not text:
+                raise XprobeError(
+                    f"{self.tokens} has no tokenizer.json, so the ids it holds cannot be checked "
+                    f"against {self.cfg.model!r}'s tokenizer; tokenize the corpus again (--force)"
+                )
+            verdict = compare(
+                vocab_from_json(text),
+                tinfo.get("tokenizer_facts"),
+                self._ids_used(store, tinfo),
+                vocab(tok),
+                facts,
+                getattr(self.model_config, "vocab_size", None),
+                model=repr(self.cfg.model),
+            )
+            if not verdict.ok:
+                raise XprobeError(
+                    f"{self.cfg.model!r} cannot read {self.tokens}: "
+                    + "; ".join(verdict.problems)
+                    + ". A and B must read the corpus's ids as the same tokens: tokenize with a "
+                    "tokenizer whose ids mean the same in both models, or compare models that "
+                    "share a vocabulary."
+                )
+            differences = verdict.differences or [
+                "merges, normalisation or pre-tokenisation differ (B reads the stored ids, so "
+                "this changes nothing)"
+            ]
+        self._tokenizer_check = {
+            "model_tokenizer_fingerprint": fp,
+            "tokenizer_differences": differences,
+        }
+        return self._tokenizer_check
+
+    def _ids_used(self, store: Store, tinfo: dict[str, Any]) -> np.ndarray:
+        """``[n_vocab] bool``: recorded by tokenize, or counted from the stored ids (older stores)."""
+        if store.has(f"{self.tokens}/ids_used"):
+            return store.array(f"{self.tokens}/ids_used")[:]
+        return used_from_chunks(
+            (store.read_chunk(f"{self.tokens}/ids", i) for i in range(int(tinfo["n_chunks"]))),
+            0,
+        )
+
     def unit_of(self, layer: int, kind: str) -> str:
         return acts_unit(self.cfg.corpus, self.model_name, f"blocks.{layer}.hook_resid_{kind}")
 
@@ -244,6 +293,7 @@ class ActivationsStage(ChunkedStage):
                 "dtype": self.dtype,
                 "d_model": self.d_model,
                 "tokenizer_fingerprint": tinfo["tokenizer_fingerprint"],
+                **self.tokenizer_check(store),
                 "corpus_fingerprint": tinfo["corpus_fingerprint"],
                 "n_tok": int(tinfo["n_seq"]) * int(tinfo["ctx"]),
                 "n_seq": int(tinfo["n_seq"]),
@@ -265,18 +315,7 @@ class ActivationsStage(ChunkedStage):
         tinfo = store.info(self.tokens)
         if not tinfo.get("complete"):
             raise XprobeError(f"{self.tokens} is not complete; resume the tokenize stage first")
-        tok = load_tokenizer(self.cfg.model, self.cfg.revision)
-        if tokenizer_fingerprint(tok) != tinfo["tokenizer_fingerprint"]:
-            text = store.read_text(f"{self.tokens}/tokenizer.json")
-            detail = (
-                first_difference(_vocab_from_json(text), tok)
-                if text
-                else "the corpus tokenizer is missing"
-            )
-            raise XprobeError(
-                f"the tokenizer differs between {self.cfg.model!r} and {self.tokens}: {detail}. "
-                "Tokenize the corpus with this model's tokenizer (a new corpus name)."
-            )
+        self.tokenizer_check(store)
         config = self.model_config
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None

@@ -4,6 +4,7 @@ Writes ``tokens/<corpus>``:
     ids   [n_seq, ctx] int32   token ids
     mask  [n_seq, ctx] bool    positions that count (not the BOS we prepend, not padding)
     doc   [n_seq, ctx] int32   index of the document each position came from (-1 for padding)
+    ids_used [n_vocab] bool    which ids occur anywhere in ``ids`` (written when complete)
 and ``tokens/<corpus>/tokenizer.json`` (the tokenizer itself, so a shared cache carries it).
 
 Packing (``packing = "pack"``): documents are concatenated, each followed by EOS (or preceded
@@ -25,6 +26,7 @@ from pipeline.config import runtime
 from pipeline.errors import XprobeError
 from pipeline.inputs.corpus import iter_documents, resolve_paths
 from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.inputs.vocab import count_ids, tokenizer_facts, used_from_counts
 from pipeline.lineage import Input, files_input, tokenizer_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
@@ -200,6 +202,7 @@ class TokenizeStage(ChunkedStage):
                 "tokenizer": self.cfg.tokenizer,
                 "tokenizer_revision": self.cfg.tokenizer_revision,
                 "tokenizer_fingerprint": tokenizer_fingerprint(self.tok),
+                "tokenizer_facts": tokenizer_facts(self.tok),
                 "ctx": self.cfg.ctx,
                 "chunk_seqs": self.cfg.chunk_seqs,
                 "dtype": "int32",
@@ -316,9 +319,19 @@ class TokenizeStage(ChunkedStage):
             crc = store.chunk_record(self.unit, i)["crc32"]
             h.update(f"{crc['ids']}:{crc['mask']};".encode())
         n_tok = int(sum(store.chunk_record(self.unit, i)["n_tok"] for i in range(self.n_chunks)))
-        mask = store.array(f"{self.unit}/mask")
-        counted = sum(int(mask[a : a + 4096].sum()) for a in range(0, self.n_seq, 4096))
+        mask, ids = store.array(f"{self.unit}/mask"), store.array(f"{self.unit}/ids")
+        counted, counts = 0, np.zeros(0, np.int64)
+        for a in range(0, self.n_seq, 4096):
+            counted += int(mask[a : a + 4096].sum())
+            counts = count_ids(ids[a : a + 4096], counts)
+        # which ids occur (BOS, separators and padding included: B reads them all), so that a
+        # model's tokenizer is checked on these ids only (pipeline/inputs/vocab.py)
+        used = used_from_counts(counts, len(self.tok))
+        store.create_array(
+            f"{self.unit}/ids_used", used.shape, used.shape, "bool", store.info(self.unit)
+        )[:] = used
         return {
+            "n_ids_used": int(used.sum()),
             "n_chunks": self.n_chunks,
             "n_seq": self.n_seq,
             "n_tok": n_tok,

@@ -167,7 +167,7 @@ def test_mismatched_tokenizer_refused_naming_a_token(
     store = _tokenized(tmp_path / "s", corpus_jsonl, tokenizer_dir, max_tokens=300)
     with pytest.raises(
         XprobeError,
-        match=r"tokenizer differs .* token id \d+ is '.*' in the corpus tokenizer but .* in this one",
+        match=r"cannot read tokens/c: \d+ of the \d+ ids the corpus uses mean other tokens: id \d+ is '.*' in the corpus tokenizer but .* in",
     ):
         run(_acts_cfg(other_model), store)
     assert not store.has("acts")

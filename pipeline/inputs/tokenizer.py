@@ -57,15 +57,3 @@ def tokenizer_fingerprint(tok: Any) -> str:
 
 def vocab(tok: Any) -> dict[int, str]:
     return {i: t for t, i in tok.get_vocab().items()}
-
-
-def first_difference(stored_vocab: dict[int, str], tok: Any) -> str:
-    """A sentence naming the first token id on which ``tok`` disagrees with ``stored_vocab``."""
-    theirs = vocab(tok)
-    for i in sorted(set(stored_vocab) | set(theirs)):
-        if stored_vocab.get(i) != theirs.get(i):
-            a, b = (
-                repr(v) if v is not None else "absent" for v in (stored_vocab.get(i), theirs.get(i))
-            )
-            return f"token id {i} is {a} in the corpus tokenizer but {b} in this one"
-    return "the vocabularies agree but merges, normalisation or special tokens differ"

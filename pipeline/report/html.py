@@ -16,6 +16,7 @@ from pipeline.maths.presence import STATUS_ORDER
 from pipeline.report.cards import Contexts, feature_card
 from pipeline.report.match import match_section
 from pipeline.report.plots import plot_cosine, plot_layers, plot_presence, plot_scatter
+from pipeline.store.layout import acts_unit
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; color: #1f2328;
@@ -80,6 +81,14 @@ def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray]) -> str:
     return "\n".join(out)
 
 
+def _tokenizer_rows(store: Any, corpus: str, role: Any) -> list[tuple[str, str]]:
+    """How the tokenizer of a role's model differs from the corpus tokenizer (ids the corpus
+    uses mean the same in both, or the activations stage would have refused it)."""
+    unit = acts_unit(corpus, role.model, role.hooks[0])
+    differences = store.info(unit).get("tokenizer_differences") if store.has(unit) else None
+    return [(f"{role.model}'s tokenizer", "; ".join(differences))] if differences else []
+
+
 def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     store = report.store
     tokens = store.info(report.tokens)
@@ -104,6 +113,7 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     for role in report.roles:
         what = {"ceiling": "ceiling (A → A)", "floor": "floor (random init)"}.get(role.label, "B")
         rows.append((what, f"fit {role.fit!r}: {role.model} at {', '.join(role.hooks)}"))
+        rows += _tokenizer_rows(store, report.cfg.corpus, role)
     for label, t in (notes.get("transfer") or {}).items():
         if t:
             rows.append(

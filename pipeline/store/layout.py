@@ -62,6 +62,7 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "ids": "[n_seq, ctx] int32 token ids",
             "mask": "[n_seq, ctx] bool positions that count (not BOS, not padding)",
             "doc": "[n_seq, ctx] int32 document index (-1: padding)",
+            "ids_used": "[n_vocab] bool which ids occur in ids (written at completion)",
         },
     ),
     "acts": UnitKind(
