@@ -63,6 +63,8 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "mask": "[n_seq, ctx] bool positions that count (not BOS, not padding)",
             "doc": "[n_seq, ctx] int32 document index (-1: padding)",
             "ids_used": "[n_vocab] bool which ids occur in ids (written at completion)",
+            "token_class": "[n_seq, ctx] int8 chat corpora: 0 template, 1 system, 2 user, "
+            "3 assistant, 4 other role, -1 padding",
         },
     ),
     "acts": UnitKind(

@@ -1,0 +1,133 @@
+"""Chat-formatted corpora: conversations rendered with a named tokenizer's chat template, ids equal
+to ``apply_chat_template``, and a token class per position (template, system, user, assistant)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.errors import XprobeError
+from pipeline.inputs.vocab import tokenizer_facts
+from pipeline.store import Store
+from stages.tokenize import TokenizeConfig, run
+from tests.helpers import WORDS, save_instruct_variant
+
+HAND_CHECKED = [
+    {"role": "system", "content": "You are a probe."},
+    {"role": "user", "content": "the model layer"},
+    {"role": "assistant", "content": "sparse feature!"},
+]
+
+
+def _conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    out = [HAND_CHECKED]
+    for _ in range(n - 1):
+        turns = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.3 else []
+        for _turn in range(rng.randint(1, 3)):
+            for role in ("user", "assistant"):
+                words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))
+                turns.append({"role": role, "content": words.capitalize() + "."})
+        out.append(turns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_dirs(tmp_path_factory, tokenizer_dir, llama_dir):
+    """(base tokenizer that has the template's tokens but no template, B_instruct, conversations)"""
+    root = tmp_path_factory.mktemp("chat")
+    base = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    base.save_pretrained(root / "base_tok")
+    b_dir = save_instruct_variant(llama_dir, root / "b_instruct")
+    convs = _conversations(30)
+    path = root / "chats.jsonl"
+    path.write_text(
+        "".join(json.dumps({"messages": c, "id": i}) + "\n" for i, c in enumerate(convs))
+    )
+    return root / "base_tok", b_dir, path, convs
+
+
+def _tokenize(store, source, tokenizer, template, **kw):
+    cfg = dict(
+        corpus="chat",
+        source=(str(source),),
+        tokenizer=str(tokenizer),
+        chat_template_from=str(template),
+        ctx=64,
+        chunk_seqs=4,
+        progress=False,
+    )
+    cfg.update(kw)
+    run(TokenizeConfig(**cfg), store)
+
+
+def test_rendered_ids_equal_apply_chat_template_and_classes_hand_checked(tmp_path, chat_dirs):
+    base_tok, b_dir, path, convs = chat_dirs
+    store = Store(tmp_path / "s")
+    _tokenize(store, path, base_tok, b_dir, packing="document", bos=False)
+    ids = store.array("tokens/chat/ids")[:].reshape(-1)
+    doc = store.array("tokens/chat/doc")[:].reshape(-1)
+    cls = store.array("tokens/chat/token_class")[:].reshape(-1)
+    b = AutoTokenizer.from_pretrained(b_dir)
+    for k, conv in enumerate(convs):
+        expected = b.apply_chat_template(conv, tokenize=True)["input_ids"]
+        assert ids[doc == k].tolist() == list(expected)
+    assert np.all(cls[doc == -1] == -1)
+    info = store.info("tokens/chat")
+    assert info["token_classes"] == ["template", "system", "user", "assistant", "other"]
+    assert info["lineage"]["chat_template"]["fingerprint"] == tokenizer_facts(b)["chat_template"]
+    assert tokenizer_facts(b)["chat_template"] is not None
+
+    # the hand-checked conversation, token by token: what each class holds, in order
+    first = ids[doc == 0]
+    tokens = b.convert_ids_to_tokens(first.tolist())
+    text_of = {c: b.decode([int(i) for i in first[cls[doc == 0] == c]]) for c in range(4)}
+    assert text_of[1] == "You are a probe."
+    assert text_of[2] == "the model layer"
+    assert text_of[3] == "sparse feature!"
+    assert text_of[0] == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
+        "<|im_start|>assistant\n<|im_end|>\n"
+    )
+    runs = [int(c) for i, c in enumerate(cls[doc == 0]) if i == 0 or c != cls[doc == 0][i - 1]]
+    assert runs == [0, 1, 0, 2, 0, 3, 0]
+    assert tokens[0] == "<|im_start|>" and cls[doc == 0][0] == 0
+
+
+def test_packed_chat_corpus_and_parquet_input(tmp_path, chat_dirs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base_tok, b_dir, path, convs = chat_dirs
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "chats.parquet")
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    _tokenize(a, path, base_tok, b_dir)
+    _tokenize(b, tmp_path / "chats.parquet", base_tok, b_dir)
+    for name in ("ids", "mask", "token_class"):
+        assert np.array_equal(a.array(f"tokens/chat/{name}")[:], b.array(f"tokens/chat/{name}")[:])
+    ids, mask = a.array("tokens/chat/ids")[:], a.array("tokens/chat/mask")[:]
+    cls = a.array("tokens/chat/token_class")[:]
+    assert np.all(cls[:, 0] == 0) and not mask[:, 0].any()  # the prepended BOS: template
+    eos = AutoTokenizer.from_pretrained(base_tok).eos_token_id
+    assert np.all(cls[(ids == eos) & mask] == 0)  # separators between conversations
+    assert np.all(cls[a.array("tokens/chat/doc")[:] == -1] == -1)  # padding
+    assert set(np.unique(cls)) == {-1, 0, 1, 2, 3}
+
+
+def test_template_tokens_missing_from_the_corpus_tokenizer_refused(
+    tmp_path, chat_dirs, tokenizer_dir
+):
+    _, b_dir, path, _ = chat_dirs
+    with pytest.raises(XprobeError, match=r"at token 0: \['<\|im_start\|>'\] there"):
+        _tokenize(Store(tmp_path / "s"), path, tokenizer_dir, b_dir)
+    with pytest.raises(XprobeError, match="has no chat template; set chat_template_from"):
+        _tokenize(Store(tmp_path / "t"), path, tokenizer_dir, tokenizer_dir)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "text": "hi"}]}) + "\n")
+    with pytest.raises(XprobeError, match=r"bad.jsonl line 1: message 0 is not \{role: text"):
+        _tokenize(Store(tmp_path / "u"), bad, tokenizer_dir, b_dir)
