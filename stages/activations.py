@@ -68,7 +68,24 @@ class ActivationsConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Model and storage dtype; ``auto`` is bfloat16 on cuda, float32 elsewhere."""
     device: str = "auto"
-    """torch device; ``auto`` picks cuda, then mps, then cpu."""
+    """torch device; ``auto`` picks cuda, then mps, then cpu. Ignored with ``device_map``."""
+    attn_implementation: str | None = None
+    """transformers attention kernel (``eager``, ``sdpa``, ``flash_attention_2``...); default:
+    transformers' choice. Kernels differ in the last bits, so it is part of the identity."""
+    device_map: str | None = runtime(
+        None,
+        'spread the model over devices (accelerate): "auto", "balanced", "sequential", or one '
+        'device ("cuda:1"); inputs go to the embedding\'s device',
+    )
+    max_memory: tuple[str, ...] = runtime(
+        (), 'with device_map: memory per device, "DEVICE=SIZE" ("0=70GiB", "cpu=200GiB")'
+    )
+    offload_folder: str | None = runtime(
+        None, "with device_map: where accelerate puts the weights that fit on no device (disk)"
+    )
+    trust_remote_code: bool = runtime(
+        False, "run the model repository's own code (its config names it)"
+    )
     batch_seqs: int = runtime(16, "sequences per forward pass")
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
@@ -96,6 +113,20 @@ def find_blocks(model: Any, n_layers: int) -> Any:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     raise XprobeError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
+
+
+def parse_max_memory(entries: tuple[str, ...]) -> dict[int | str, str]:
+    """``("0=70GiB", "cpu=200GiB")`` -> ``{0: "70GiB", "cpu": "200GiB"}`` (accelerate's form)."""
+    out: dict[int | str, str] = {}
+    for entry in entries:
+        device, sep, size = entry.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise XprobeError(
+                f'max_memory entry {entry!r} is not DEVICE=SIZE; write e.g. "0=70GiB" or "cpu=200GiB"'
+            )
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
 
 
 class _Stop(Exception):
@@ -163,6 +194,9 @@ class ActivationsStage(ChunkedStage):
         super().__init__(cfg)
         if cfg.batch_seqs < 1:
             raise XprobeError(f"batch_seqs must be positive, got {cfg.batch_seqs}")
+        if cfg.max_memory and cfg.device_map is None:
+            raise XprobeError('max_memory needs device_map (e.g. device_map = "auto")')
+        parse_max_memory(cfg.max_memory)
         self.tokens = tokens_unit(cfg.corpus)
         self.model_name = cfg.name or safe_name(cfg.model)
         self.device = resolve_device(cfg.device)
@@ -179,7 +213,11 @@ class ActivationsStage(ChunkedStage):
 
             require_local_folder(self.cfg.model, "model")
             try:
-                config = AutoConfig.from_pretrained(self.cfg.model, revision=self.cfg.revision)
+                config = AutoConfig.from_pretrained(
+                    self.cfg.model,
+                    revision=self.cfg.revision,
+                    trust_remote_code=self.cfg.trust_remote_code,
+                )
             except (OSError, ValueError) as e:
                 raise XprobeError(f"cannot load model config {self.cfg.model!r}: {e}") from None
             self._model_config = (
@@ -227,7 +265,7 @@ class ActivationsStage(ChunkedStage):
         if self._tokenizer_check is not None:
             return self._tokenizer_check
         tinfo = store.info(self.tokens)
-        tok = load_tokenizer(self.cfg.model, self.cfg.revision)
+        tok = load_tokenizer(self.cfg.model, self.cfg.revision, self.cfg.trust_remote_code)
         fp = tokenizer_fingerprint(tok)
         differences: list[str] = []
         facts = tokenizer_facts(tok)
@@ -367,15 +405,42 @@ class ActivationsStage(ChunkedStage):
         return sum(self._rows(tinfo, i) for i in todo) * int(tinfo["ctx"])
 
     def load_model(self) -> Any:
+        """The model in eval mode, on ``device``, or spread by ``device_map`` (accelerate loads
+        shard by shard straight to each device, so no device ever holds the whole model)."""
         if self._model is None:
             import torch
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(
-                self.cfg.model, revision=self.cfg.revision, dtype=getattr(torch, self.dtype)
-            )
-            self._model = model.to(self.device).eval()
+            cfg = self.cfg
+            kwargs: dict[str, Any] = {
+                "revision": cfg.revision,
+                "dtype": getattr(torch, self.dtype),
+                "trust_remote_code": cfg.trust_remote_code,
+            }
+            if cfg.attn_implementation is not None:
+                kwargs["attn_implementation"] = cfg.attn_implementation
+            if cfg.device_map is not None:
+                kwargs["device_map"] = cfg.device_map
+                if cfg.max_memory:
+                    kwargs["max_memory"] = parse_max_memory(cfg.max_memory)
+                if cfg.offload_folder is not None:
+                    kwargs["offload_folder"] = cfg.offload_folder
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+            except (OSError, ValueError, ImportError) as e:
+                raise XprobeError(f"cannot load model {cfg.model!r}: {e}") from None
+            if cfg.device_map is None:
+                model = model.to(self.device)
+            self._model = model.eval()
         return self._model
+
+    def input_device(self, model: Any) -> Any:
+        """Where the ids go: ``device``, or the embedding's device under a ``device_map``."""
+        if self.cfg.device_map is None:
+            return self.device
+        embed = model.get_input_embeddings()
+        hook = getattr(embed, "_hf_hook", None)  # offloaded weights sit on "meta" between calls
+        return getattr(hook, "execution_device", None) or embed.weight.device
 
     def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
         import torch
@@ -385,6 +450,7 @@ class ActivationsStage(ChunkedStage):
         units = {w: self.unit_of(*w) for w in wanted}
         model = self.load_model()
         blocks = find_blocks(model, self.n_layers)
+        device = self.input_device(model)
         ctx, cs, bs = int(tinfo["ctx"]), int(tinfo["chunk_seqs"]), self.cfg.batch_seqs
         for index in range(int(tinfo["n_chunks"])):
             if not todo(index):
@@ -392,9 +458,7 @@ class ActivationsStage(ChunkedStage):
             ids = torch.from_numpy(store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64))
             parts: dict[tuple[int, str], list] = {w: [] for w in wanted}
             for start in range(0, len(ids), bs):
-                acts = forward_capture(
-                    model, blocks, ids[start : start + bs].to(self.device), wanted
-                )
+                acts = forward_capture(model, blocks, ids[start : start + bs].to(device), wanted)
                 for w in wanted:
                     parts[w].append(acts[w].detach().to("cpu"))
             first, last = index * cs, index * cs + len(ids) - 1

@@ -23,13 +23,15 @@ def require_local_folder(name: str, what: str) -> None:
         )
 
 
-def load_tokenizer(name: str, revision: str | None = None) -> Any:
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """A fast HF tokenizer by hub name or local path."""
     from transformers import AutoTokenizer
 
     require_local_folder(name, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
     if not getattr(tok, "is_fast", False):
