@@ -294,7 +294,7 @@ def info(store_path: str, as_json: bool) -> None:
             f"config={info.get('config_fingerprint')}  xprobe {info.get('xprobe_version')}  created {info.get('created')}"
         )
         for difference in info.get("tokenizer_differences") or []:
-            click.echo(f"  model's tokenizer vs the corpus's: {difference}")
+            click.echo(f"  tokenizer differs: {difference}")
 
 
 @cli.command()

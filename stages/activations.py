@@ -284,7 +284,6 @@ class ActivationsStage(ChunkedStage):
                 vocab(tok),
                 facts,
                 getattr(self.model_config, "vocab_size", None),
-                model=repr(self.cfg.model),
             )
             if not verdict.ok:
                 raise XprobeError(

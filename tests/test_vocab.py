@@ -91,7 +91,7 @@ def test_chat_finetune_tokenizer_accepted_with_differences_recorded(
 
     out = CliRunner().invoke(cli, ["info", str(tmp_path / "s")])
     assert out.exit_code == 0, out.output
-    assert "model's tokenizer vs the corpus's: eos token: '<|endoftext|>' (id 0)" in out.output
+    assert "  tokenizer differs: eos token: '<|endoftext|>' (id 0)" in out.output
     info = json.loads(CliRunner().invoke(cli, ["info", str(tmp_path / "s"), "--json"]).output)
     assert info["acts/c/b/blocks.0.hook_resid_post"]["tokenizer_differences"] == diffs
     # the report's header row for a fit of B (and none for A, whose tokenizer is the corpus's)
@@ -121,7 +121,7 @@ def test_vocabulary_differing_on_used_ids_refused_naming_them(
         f"cannot read tokens/c: 2 of the {len(used)} ids the corpus uses mean other tokens" in msg
     )
     assert (
-        f"id {a} is {strings[a]!r} in the corpus tokenizer but {strings[b]!r} in '{swapped}''s; "
+        f"id {a} is {strings[a]!r} in the corpus tokenizer but {strings[b]!r} in the model's; "
         f"id {b} is {strings[b]!r} in the corpus tokenizer but {strings[a]!r}"
     ) in msg
     assert not store.has("acts")
@@ -146,8 +146,8 @@ def test_ids_beyond_the_embedding_refused():
     used = np.zeros(10, bool)
     used[[1, 8, 9]] = True
     facts = {"bos": None, "eos": None, "pad": None, "unk": None, "chat_template": None}
-    verdict = compare(vocab, facts, used, vocab, facts, n_embed=8, model="'B'")
+    verdict = compare(vocab, facts, used, vocab, facts, n_embed=8)
     assert verdict.problems == [
-        "2 id(s) the corpus uses are beyond 'B''s embedding of 8 rows (first: 8 't8', 9 't9')"
+        "2 id(s) the corpus uses are beyond the model's embedding of 8 rows (first: 8 't8', 9 't9')"
     ]
     assert compare(vocab, facts, used, vocab, facts, n_embed=10).ok
