@@ -131,3 +131,87 @@ def test_template_tokens_missing_from_the_corpus_tokenizer_refused(
     bad.write_text(json.dumps({"messages": [{"role": "user", "text": "hi"}]}) + "\n")
     with pytest.raises(XprobeError, match=r"bad.jsonl line 1: message 0 is not \{role: text"):
         _tokenize(Store(tmp_path / "u"), bad, tokenizer_dir, b_dir)
+
+
+def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_dirs):
+    """Per-class held-out R² of the stored probes equals 1 − SSE/SST computed from the stored
+    activations, features, held-out split and token classes directly."""
+    from pipeline.maths.split import held_out_sequences
+    from stages.activations import ActivationsConfig
+    from stages.activations import run as activations
+    from stages.features import FeaturesConfig
+    from stages.features import run as features
+    from stages.fit import FitConfig
+    from stages.fit import run as fit
+    from tests.helpers import save_standard_sae
+
+    base_tok, b_dir, path, _ = chat_dirs
+    store = Store(tmp_path / "s")
+    _tokenize(store, path, base_tok, b_dir, ctx=32)
+    hook = "blocks.0.hook_resid_post"
+    activations(
+        ActivationsConfig(
+            corpus="chat", model=str(b_dir), name="b", hooks=(hook,), device="cpu", progress=False
+        ),
+        store,
+    )
+    sae = save_standard_sae(tmp_path / "sae", bias=-0.5)
+    features(
+        FeaturesConfig(
+            corpus="chat", model="b", sae_path=str(sae), name="f", device="cpu", progress=False
+        ),
+        store,
+    )
+    classes = ("assistant", "template", "system")
+    cfg = FitConfig(
+        name="p",
+        corpus="chat",
+        features="f",
+        model="b",
+        hooks=(hook,),
+        held_out_fraction=0.4,
+        lambdas=(1e-3,),
+        min_active=1,
+        classes=classes,
+        compute_dtype="float64",  # reference-exact statistics (float32 products differ by ~1e-8)
+        device="cpu",
+        progress=False,
+    )
+    fit(cfg, store)
+
+    x = store.array(f"acts/chat/b/{hook}/x")[:].astype(np.float64)
+    idx, val = store.array("feats/chat/f/idx")[:], store.array("feats/chat/f/val")[:]
+    y = np.zeros((len(x), 256))
+    rows = np.repeat(np.arange(len(x)), idx.shape[1])
+    keep = idx.reshape(-1) >= 0
+    y[rows[keep], idx.reshape(-1)[keep]] = val.reshape(-1)[keep]
+    w = store.array(f"probes/p/{hook}/direction")[:].astype(np.float64)
+    b = store.array(f"probes/p/{hook}/intercept")[:]
+    status = store.array(f"probes/p/{hook}/status")[:]
+    info = store.info("tokens/chat")
+    held = np.repeat(held_out_sequences(info["n_seq"], 0.4, 0), info["ctx"])
+    mask = store.array("tokens/chat/mask")[:].reshape(-1)
+    cls = store.array("tokens/chat/token_class")[:].reshape(-1)
+    summary = store.info("probes/p")["summary"][hook]
+    n_checked = 0
+    for c in classes:
+        sel = held & mask & (cls == ["template", "system", "user", "assistant"].index(c))
+        assert sel.sum() > 20 and summary[f"n_tok_held_out_{c}"] == sel.sum()
+        pred = x[sel] @ w.T + b
+        sst = ((y[sel] - y[sel].mean(0)) ** 2).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = 1 - ((y[sel] - pred) ** 2).sum(0) / sst
+        got = store.array(f"probes/p/{hook}/r2_held_out_{c}")[:]
+        ok = (status == 0) & (sst > 1e-12)
+        n_checked += int(ok.sum())
+        np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-6, atol=1e-9)
+        assert np.all(np.isnan(got[(status == 0) & (sst == 0)]))
+        assert np.all(got[status != 0] == 0)
+    assert n_checked > 100
+    # the classes differ: the scores are not one number copied three times
+    r2 = {c: store.array(f"probes/p/{hook}/r2_held_out_{c}")[:] for c in classes}
+    both = (status == 0) & np.isfinite(r2["assistant"]) & np.isfinite(r2["template"])
+    assert not np.allclose(r2["assistant"][both], r2["template"][both])
+
+    with pytest.raises(XprobeError, match=r"classes \['bot'\] unknown"):
+        fit(FitConfig(**{**cfg.__dict__, "name": "q", "classes": ("bot",)}), store)

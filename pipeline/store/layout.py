@@ -94,6 +94,7 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "<hook>/{intercept,lam,r2_train,r2_held_out,pearson_held_out}": "[F]",
             "<hook>/{n_active_train,n_active_held_out}": "[F] int64",
             "<hook>/status": "[F] int8",
+            "<hook>/r2_held_out_<class>": "[F] float64 held-out R² on one token class",
             "best_hook": "[F] int32 index into hooks",
         },
     ),
