@@ -215,3 +215,36 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
 
     with pytest.raises(XprobeError, match=r"classes \['bot'\] unknown"):
         fit(FitConfig(**{**cfg.__dict__, "name": "q", "classes": ("bot",)}), store)
+
+    # the report: presence per class = clip(R²_B / R²_ceiling) on that class, in table and summary
+    import pandas as pd
+
+    from stages.report import ReportConfig
+    from stages.report import run as report
+
+    fit(FitConfig(**{**cfg.__dict__, "name": "p2", "lambdas": (1.0,)}), store)
+    out = report(
+        ReportConfig(
+            corpus="chat",
+            features="f",
+            fits=("p2",),
+            ceiling="p",
+            encoder_cosine=False,
+            n_shown=1,
+            progress=False,
+        ),
+        store,
+    )
+    df = pd.read_parquet(out["table"])
+    for c in classes:
+        ceiling_c = store.array(f"probes/p/{hook}/r2_held_out_{c}")[:]
+        b_c = store.array(f"probes/p2/{hook}/r2_held_out_{c}")[:]
+        scored = (status == 0) & (ceiling_c >= 0.05) & np.isfinite(b_c)
+        expected = np.where(scored, np.clip(b_c / np.where(scored, ceiling_c, 1), 0, 1), np.nan)
+        np.testing.assert_allclose(df[f"p2_presence_{c}"].to_numpy(), expected, rtol=1e-12)
+        assert np.array_equal(df[f"p2_r2_{c}"].to_numpy(), b_c, equal_nan=True)
+        counts = [int((expected >= 0.7).sum()), int(((expected < 0.7) & (expected >= 0.3)).sum())]
+        assert f"p2 on {c:<10}{counts[0]:>10}{counts[1]:>10}" in out["message"]
+    assert "per token class (presence = R²_B / R²_ceiling" in out["message"]
+    assert "on raw" not in out["message"]
+    assert (df["p2_presence_assistant"] < 1).any()  # λ = 1 loses something: not all present
