@@ -329,6 +329,7 @@ class ActivationsStage(ChunkedStage):
                 "hook_name": f"blocks.{layer}.hook_resid_{kind}",
                 "dtype": self.dtype,
                 "d_model": self.d_model,
+                "model_type": getattr(self.model_config, "model_type", None),
                 "tokenizer_fingerprint": tinfo["tokenizer_fingerprint"],
                 **self.tokenizer_check(store),
                 "corpus_fingerprint": tinfo["corpus_fingerprint"],
