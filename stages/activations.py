@@ -29,7 +29,7 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import runtime
+from pipeline.config import canonical, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.inputs.tokenizer import (
@@ -316,6 +316,14 @@ class ActivationsStage(ChunkedStage):
         return acts_unit(self.cfg.corpus, self.model_name, f"blocks.{layer}.hook_resid_{kind}")
 
     # ---- stage contract -------------------------------------------------------------------
+    def identity(self) -> Any:
+        """The config, without ``attn_implementation`` when unset (activations stored before it
+        existed keep their config fingerprint)."""
+        out = canonical(self.cfg)
+        if self.cfg.attn_implementation is None:
+            del out["attn_implementation"]
+        return out
+
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
         tinfo = store.info(self.tokens)
         out = {}
