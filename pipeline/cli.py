@@ -386,6 +386,8 @@ def info(store_path: str, as_json: bool) -> None:
             f"  tokenizer={info.get('tokenizer_fingerprint')}  corpus={info.get('corpus_fingerprint')}  "
             f"config={info.get('config_fingerprint')}  xprobe {info.get('xprobe_version')}  created {info.get('created')}"
         )
+        for difference in info.get("tokenizer_differences") or []:
+            click.echo(f"  tokenizer differs: {difference}")
 
 
 @cli.command()

@@ -9,6 +9,7 @@ identity again without the stage's config (so ``xprobe status`` can check any st
     {"kind": "sae",   "ref": "/saes/res16k" or "gemma-scope-2b-pt-res-canonical/layer_6/width_16k/canonical", ...}
     {"kind": "files", "ref": ["/data/a.jsonl", ...], "fingerprint": ...}
     {"kind": "tokenizer", "ref": "google/gemma-2-2b", "revision": ..., "fingerprint": ...}
+    {"kind": "chat_template", "ref": "google/gemma-2-2b-it", "revision": ..., "fingerprint": ...}
 
 Identities:
 
@@ -23,6 +24,7 @@ Identities:
 - a hub model or a sae-lens release: the commit of its repository that the revision resolves to
   (asked of the hub when online, else the local Hugging Face cache's ``refs/<revision>``).
 - a tokenizer: ``tokenizer_fingerprint`` (its vocabulary, merges, normaliser and specials).
+- a chat template (chat corpora): the sha256 of the named tokenizer's template.
 
 An input whose identity cannot be computed here (a folder that is gone, a hub model offline and
 not cached) is *unknown*: never a reason to call a unit stale, and shown as such.
@@ -228,6 +230,21 @@ def tokenizer_input(name: str, revision: str | None, fingerprint: str) -> Input:
     return Input("tokenizer", name, fingerprint, {"revision": revision})
 
 
+def chat_template_input(name: str, revision: str | None) -> Input:
+    """The chat template of a tokenizer, by its sha256 (``pipeline.inputs.vocab.tokenizer_facts``)."""
+    return Input("chat_template", name, _template_sha(name, revision), {"revision": revision})
+
+
+def _template_sha(name: str, revision: str | None) -> str | None:
+    try:
+        from pipeline.inputs.tokenizer import load_tokenizer
+        from pipeline.inputs.vocab import tokenizer_facts
+
+        return tokenizer_facts(load_tokenizer(name, revision))["chat_template"]
+    except Exception:
+        return None
+
+
 def current(store: Any, record: dict[str, Any]) -> str | None:
     """The identity now of an input recorded as ``record`` (None: unknown here)."""
     kind, ref = record.get("kind"), record.get("ref")
@@ -241,6 +258,8 @@ def current(store: Any, record: dict[str, Any]) -> str | None:
         return sae_input(None, None, ref).fingerprint
     if kind == "files":
         return files_fingerprint(ref)
+    if kind == "chat_template":
+        return _template_sha(ref, record.get("revision"))
     if kind == "tokenizer":
         try:
             from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint

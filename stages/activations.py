@@ -19,7 +19,6 @@ bf16); ``pipeline.store.reader`` restores it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,16 +28,17 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import check_fields, path_field, runtime
+from pipeline.config import canonical, check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
 from pipeline.inputs.model import find_blocks
 from pipeline.inputs.tokenizer import (
-    first_difference,
     load_tokenizer,
     require_local_folder,
     tokenizer_fingerprint,
+    vocab,
 )
+from pipeline.inputs.vocab import compare, tokenizer_facts, used_from_chunks, vocab_from_json
 from pipeline.lineage import Input, model_input, unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
@@ -73,7 +73,24 @@ class ActivationsConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Model and storage dtype; ``auto`` is bfloat16 on cuda, float32 elsewhere."""
     device: str = "auto"
-    """torch device; ``auto`` picks cuda, then mps, then cpu."""
+    """torch device; ``auto`` picks cuda, then mps, then cpu. Ignored with ``device_map``."""
+    attn_implementation: str | None = None
+    """transformers attention kernel (``eager``, ``sdpa``, ``flash_attention_2``...); default:
+    transformers' choice. Kernels differ in the last bits, so it is part of the identity."""
+    device_map: str | None = runtime(
+        None,
+        'spread the model over devices (accelerate): "auto", "balanced", "sequential", or one '
+        'device ("cuda:1"); inputs go to the embedding\'s device',
+    )
+    max_memory: tuple[str, ...] = runtime(
+        (), 'with device_map: memory per device, "DEVICE=SIZE" ("0=70GiB", "cpu=200GiB")'
+    )
+    offload_folder: str | None = runtime(
+        None, "with device_map: where accelerate puts the weights that fit on no device (disk)"
+    )
+    trust_remote_code: bool = runtime(
+        False, "run the model repository's own code (its config names it)"
+    )
     batch_seqs: int = runtime(16, "sequences per forward pass")
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
@@ -88,6 +105,23 @@ class ActivationsConfig:
                 raise XprobeError(f"hook {h!r} is not a residual stream hook; {RESID_HOOK_ADVICE}")
         if not self.hooks and not self.layers:
             raise XprobeError('give layers (a list of ints or "all") or hooks to store')
+        if self.max_memory and self.device_map is None:
+            raise XprobeError('max_memory needs device_map (e.g. device_map = "auto")')
+        parse_max_memory(self.max_memory)
+
+
+def parse_max_memory(entries: tuple[str, ...]) -> dict[int | str, str]:
+    """``("0=70GiB", "cpu=200GiB")`` -> ``{0: "70GiB", "cpu": "200GiB"}`` (accelerate's form)."""
+    out: dict[int | str, str] = {}
+    for entry in entries:
+        device, sep, size = entry.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise XprobeError(
+                f'max_memory entry {entry!r} is not DEVICE=SIZE; write e.g. "0=70GiB" or "cpu=200GiB"'
+            )
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
 
 
 class _Stop(Exception):
@@ -147,14 +181,6 @@ def forward_capture(model: Any, blocks: Any, ids: Any, wanted: list[tuple[int, s
     return out
 
 
-def _vocab_from_json(text: str) -> dict[int, str]:
-    spec = json.loads(text)
-    vocab = {int(i): t for t, i in (spec.get("model", {}).get("vocab") or {}).items()}
-    for added in spec.get("added_tokens") or []:
-        vocab[int(added["id"])] = added["content"]
-    return vocab
-
-
 class ActivationsStage(ChunkedStage):
     name = "activations"
     cfg: ActivationsConfig
@@ -167,7 +193,7 @@ class ActivationsStage(ChunkedStage):
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self._model_config = None
         self._model = None
-        self._tok_fp = None
+        self._tokenizer_check: dict[str, Any] | None = None
 
     # ---- model facts ----------------------------------------------------------------------
     @property
@@ -177,7 +203,11 @@ class ActivationsStage(ChunkedStage):
 
             require_local_folder(self.cfg.model, "model")
             try:
-                config = AutoConfig.from_pretrained(self.cfg.model, revision=self.cfg.revision)
+                config = AutoConfig.from_pretrained(
+                    self.cfg.model,
+                    revision=self.cfg.revision,
+                    trust_remote_code=self.cfg.trust_remote_code,
+                )
             except (OSError, ValueError) as e:
                 raise XprobeError(f"cannot load model config {self.cfg.model!r}: {e}") from None
             self._model_config = (
@@ -219,10 +249,74 @@ class ActivationsStage(ChunkedStage):
             )
         return layer % self.n_layers
 
+    def tokenizer_check(self, store: Store) -> dict[str, Any]:
+        """Facts for the units' provenance: this model's tokenizer fingerprint and how it differs
+        from the corpus tokenizer (``tokenizer_differences``: sentences, empty if identical).
+        Refuses a model that would read an id of the corpus as another token, or has no
+        embedding row for it (``pipeline.inputs.vocab``): compatibility is by the ids the
+        corpus uses, not by tokenizer identity."""
+        if self._tokenizer_check is not None:
+            return self._tokenizer_check
+        tinfo = store.info(self.tokens)
+        tok = load_tokenizer(self.cfg.model, self.cfg.revision, self.cfg.trust_remote_code)
+        fp = tokenizer_fingerprint(tok)
+        differences: list[str] = []
+        facts = tokenizer_facts(tok)
+        same_facts = tinfo.get("tokenizer_facts") in (None, facts)
+        if fp != tinfo["tokenizer_fingerprint"] or not same_facts:
+            text = store.read_text(f"{self.tokens}/tokenizer.json")
+            if not text:
+                raise XprobeError(
+                    f"{self.tokens} has no tokenizer.json, so the ids it holds cannot be checked "
+                    f"against {self.cfg.model!r}'s tokenizer; tokenize the corpus again (--force)"
+                )
+            verdict = compare(
+                vocab_from_json(text),
+                tinfo.get("tokenizer_facts"),
+                self._ids_used(store, tinfo),
+                vocab(tok),
+                facts,
+                getattr(self.model_config, "vocab_size", None),
+            )
+            if not verdict.ok:
+                raise XprobeError(
+                    f"{self.cfg.model!r} cannot read {self.tokens}: "
+                    + "; ".join(verdict.problems)
+                    + ". A and B must read the corpus's ids as the same tokens: tokenize with a "
+                    "tokenizer whose ids mean the same in both models, or compare models that "
+                    "share a vocabulary."
+                )
+            differences = verdict.differences or [
+                "merges, normalisation or pre-tokenisation differ (B reads the stored ids, so "
+                "this changes nothing)"
+            ]
+        self._tokenizer_check = {
+            "model_tokenizer_fingerprint": fp,
+            "tokenizer_differences": differences,
+        }
+        return self._tokenizer_check
+
+    def _ids_used(self, store: Store, tinfo: dict[str, Any]) -> np.ndarray:
+        """``[n_vocab] bool``: recorded by tokenize, or counted from the stored ids (older stores)."""
+        if store.has(f"{self.tokens}/ids_used"):
+            return store.array(f"{self.tokens}/ids_used")[:]
+        return used_from_chunks(
+            (store.read_chunk(f"{self.tokens}/ids", i) for i in range(int(tinfo["n_chunks"]))),
+            0,
+        )
+
     def unit_of(self, layer: int, kind: str) -> str:
         return acts_unit(self.cfg.corpus, self.model_name, f"blocks.{layer}.hook_resid_{kind}")
 
     # ---- stage contract -------------------------------------------------------------------
+    def identity(self) -> Any:
+        """The config, without ``attn_implementation`` when unset (activations stored before it
+        existed keep their config fingerprint)."""
+        out = canonical(self.cfg)
+        if self.cfg.attn_implementation is None:
+            del out["attn_implementation"]
+        return out
+
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
         tinfo = store.info(self.tokens)
         out = {}
@@ -236,7 +330,9 @@ class ActivationsStage(ChunkedStage):
                 "hook_name": f"blocks.{layer}.hook_resid_{kind}",
                 "dtype": self.dtype,
                 "d_model": self.d_model,
+                "model_type": getattr(self.model_config, "model_type", None),
                 "tokenizer_fingerprint": tinfo["tokenizer_fingerprint"],
+                **self.tokenizer_check(store),
                 "corpus_fingerprint": tinfo["corpus_fingerprint"],
                 "n_tok": int(tinfo["n_seq"]) * int(tinfo["ctx"]),
                 "n_seq": int(tinfo["n_seq"]),
@@ -258,18 +354,7 @@ class ActivationsStage(ChunkedStage):
         tinfo = store.info(self.tokens)
         if not tinfo.get("complete"):
             raise XprobeError(f"{self.tokens} is not complete; resume the tokenize stage first")
-        tok = load_tokenizer(self.cfg.model, self.cfg.revision)
-        if tokenizer_fingerprint(tok) != tinfo["tokenizer_fingerprint"]:
-            text = store.read_text(f"{self.tokens}/tokenizer.json")
-            detail = (
-                first_difference(_vocab_from_json(text), tok)
-                if text
-                else "the corpus tokenizer is missing"
-            )
-            raise XprobeError(
-                f"the tokenizer differs between {self.cfg.model!r} and {self.tokens}: {detail}. "
-                "Tokenize the corpus with this model's tokenizer (a new corpus name)."
-            )
+        self.tokenizer_check(store)
         config = self.model_config
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
@@ -321,15 +406,42 @@ class ActivationsStage(ChunkedStage):
         return sum(self._rows(tinfo, i) for i in todo) * int(tinfo["ctx"])
 
     def load_model(self) -> Any:
+        """The model in eval mode, on ``device``, or spread by ``device_map`` (accelerate loads
+        shard by shard straight to each device, so no device ever holds the whole model)."""
         if self._model is None:
             import torch
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(
-                self.cfg.model, revision=self.cfg.revision, dtype=getattr(torch, self.dtype)
-            )
-            self._model = model.to(self.device).eval()
+            cfg = self.cfg
+            kwargs: dict[str, Any] = {
+                "revision": cfg.revision,
+                "dtype": getattr(torch, self.dtype),
+                "trust_remote_code": cfg.trust_remote_code,
+            }
+            if cfg.attn_implementation is not None:
+                kwargs["attn_implementation"] = cfg.attn_implementation
+            if cfg.device_map is not None:
+                kwargs["device_map"] = cfg.device_map
+                if cfg.max_memory:
+                    kwargs["max_memory"] = parse_max_memory(cfg.max_memory)
+                if cfg.offload_folder is not None:
+                    kwargs["offload_folder"] = cfg.offload_folder
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+            except (OSError, ValueError, ImportError) as e:
+                raise XprobeError(f"cannot load model {cfg.model!r}: {e}") from None
+            if cfg.device_map is None:
+                model = model.to(self.device)
+            self._model = model.eval()
         return self._model
+
+    def input_device(self, model: Any) -> Any:
+        """Where the ids go: ``device``, or the embedding's device under a ``device_map``."""
+        if self.cfg.device_map is None:
+            return self.device
+        embed = model.get_input_embeddings()
+        hook = getattr(embed, "_hf_hook", None)  # offloaded weights sit on "meta" between calls
+        return getattr(hook, "execution_device", None) or embed.weight.device
 
     def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
         import torch
@@ -339,6 +451,7 @@ class ActivationsStage(ChunkedStage):
         units = {w: self.unit_of(*w) for w in wanted}
         model = self.load_model()
         blocks = find_blocks(model, self.n_layers)
+        device = self.input_device(model)
         ctx, cs, bs = int(tinfo["ctx"]), int(tinfo["chunk_seqs"]), self.cfg.batch_seqs
         for index in range(int(tinfo["n_chunks"])):
             if not todo(index):
@@ -346,9 +459,7 @@ class ActivationsStage(ChunkedStage):
             ids = torch.from_numpy(store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64))
             parts: dict[tuple[int, str], list] = {w: [] for w in wanted}
             for start in range(0, len(ids), bs):
-                acts = forward_capture(
-                    model, blocks, ids[start : start + bs].to(self.device), wanted
-                )
+                acts = forward_capture(model, blocks, ids[start : start + bs].to(device), wanted)
                 for w in wanted:
                     parts[w].append(acts[w].detach().to("cpu"))
             first, last = index * cs, index * cs + len(ids) - 1

@@ -38,10 +38,11 @@ import torch
 from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import check_fields, path_field, runtime
+from pipeline.config import canonical, check_fields, path_field, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs import sae as sae_loader
+from pipeline.inputs.sae import sae_input_transform
 from pipeline.lineage import Input, sae_input, unit_input
 from pipeline.maths.sparse_pack import (
     CALIBRATION_TOKENS,
@@ -94,6 +95,10 @@ class FeaturesConfig:
     """Largest dropped activation mass (top-K overflow) a chunk may have before the run stops."""
     transfer_models: tuple[str, ...] = ()
     """Store names of models B (same d_model and hook) to measure direct SAE transfer on."""
+    sae_input: Literal["auto", "raw", "centered"] = "auto"
+    """What the SAE is given: ``auto`` follows its metadata (an SAE trained on TransformerLens
+    activations with ``center_writing_weights`` gets each position's residual centred over d_model
+    on LayerNorm models, as TransformerLens computes it); ``raw`` or ``centered`` overrule it."""
     batch_tokens: int = runtime(4096, "tokens per sae.encode call")
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
@@ -115,6 +120,16 @@ class FeaturesConfig:
             raise XprobeError(f"k must be positive, got {self.k}")
         if self.hook is not None and not RESID_HOOK.match(self.hook):
             raise XprobeError(f"hook {self.hook!r} cannot be read: {RESID_HOOK_ADVICE}")
+
+
+def _model_type(model: str | None, revision: str | None) -> str | None:
+    """``model_type`` of a model's config (activations recorded before it was in provenance)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, revision=revision).model_type
+    except Exception:
+        return None
 
 
 def load_sae(cfg: FeaturesConfig, device: str) -> Any:
@@ -145,6 +160,7 @@ class FeaturesStage(ChunkedStage):
         self.device = resolve_device(cfg.device)
         self._sae = None
         self.k: int | None = None
+        self._transform: tuple[str, str] | None = None
 
     # ---- SAE facts ----------------------------------------------------------------------------
     @property
@@ -165,6 +181,27 @@ class FeaturesStage(ChunkedStage):
     @property
     def n_feat(self) -> int:
         return int(self.sae.cfg.d_sae)
+
+    def input_transform(self, store: Store) -> tuple[str, str]:
+        """``(transform, why)`` the SAE's activations get (``pipeline.inputs.sae.sae_input_transform``)."""
+        if self._transform is None:
+            ainfo = store.info(self.acts_of(self.cfg.model))
+            model_type = ainfo.get("model_type")
+            if model_type is None and self.cfg.sae_input == "auto":
+                model_type = _model_type(ainfo.get("model"), ainfo.get("revision"))
+            self._transform = sae_input_transform(
+                self.sae.cfg.metadata, model_type, self.cfg.sae_input
+            )
+        return self._transform
+
+    def identity(self) -> Any:
+        """The config, with the SAE input transform when it is not ``raw`` (so features computed
+        before it existed, all raw, keep their fingerprint, and a centred run never resumes them)."""
+        out = canonical(self.cfg)
+        del out["sae_input"]
+        if self._transform is not None and self._transform[0] != "raw":
+            out["sae_input_transform"] = self._transform[0]
+        return out
 
     def acts_of(self, model: str) -> str:
         return acts_unit(self.cfg.corpus, model, self.hook)
@@ -192,6 +229,8 @@ class FeaturesStage(ChunkedStage):
                 "tokenizer_fingerprint": ainfo["tokenizer_fingerprint"],
                 "corpus_fingerprint": ainfo["corpus_fingerprint"],
                 "transfer_models": list(self.cfg.transfer_models),
+                "sae_input": self.input_transform(store)[0],
+                "sae_input_why": self.input_transform(store)[1],
             }
         }
 
@@ -230,6 +269,7 @@ class FeaturesStage(ChunkedStage):
 
     def validate(self, store: Store) -> None:
         ainfo = self._require_acts(store, self.cfg.model)
+        self.input_transform(store)
         d_in = int(self.sae.cfg.d_in)
         if d_in != int(ainfo["d_model"]):
             raise XprobeError(
@@ -330,6 +370,11 @@ class FeaturesStage(ChunkedStage):
         self, store: Store, model: str, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         acts = load_acts(store, self.acts_of(model), index)
+        if (
+            self.input_transform(store)[0] == "centered"
+        ):  # as TransformerLens's center_writing_weights
+            acts = acts.float()
+            acts = acts - acts.mean(dim=1, keepdim=True)
         mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
         return acts, mask
 

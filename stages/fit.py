@@ -18,6 +18,9 @@ Writes ``probes/<name>/<hook>/``:
     r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
     latent_scale [F]   Latent Scaling baseline, where B's width is the SAE's and the SAE loads
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
+With ``classes``
+(chat corpora), also ``<hook>/r2_held_out_<class> [F]``: the same probes scored on the held-out
+tokens of one token class (``tokens/<corpus>/token_class``), from that class's statistics.
 """
 
 from __future__ import annotations
@@ -31,12 +34,19 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
-from pipeline.config import check_fields, runtime
+from pipeline.config import canonical, check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
+from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lineage import Input, unit_input
 from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
-from pipeline.maths.lstsq import STATUS_OK, SufficientStats, solve_ridge, write_directions
+from pipeline.maths.lstsq import (
+    STATUS_OK,
+    SufficientStats,
+    r2_from_stats,
+    solve_ridge,
+    write_directions,
+)
 from pipeline.maths.split import held_out_sequences
 from pipeline.stage import WholeStage
 from pipeline.store import Store
@@ -70,6 +80,9 @@ class FitConfig:
     in every fit of the corpus): intervals for held-out R² and presence. Device memory 32·F·n."""
     compute_dtype: Literal["float32", "float64"] = "float32"
     """Dtype of the per-chunk products (accumulation is always float64)."""
+    classes: tuple[str, ...] = ()
+    """Chat corpora: also score each probe on the held-out tokens of these token classes
+    (``template``, ``system``, ``user``, ``assistant``, ``other``): ``<hook>/r2_held_out_<class>``."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(
@@ -140,6 +153,17 @@ class Fit:
                 f"hooks {list(cfg.hooks)} have different widths {sorted(d_models)}; fit them separately"
             )
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        if cfg.classes:
+            unknown = [c for c in cfg.classes if c not in TOKEN_CLASSES]
+            if unknown:
+                raise XprobeError(
+                    f"classes {unknown} unknown; token classes are {list(TOKEN_CLASSES)}"
+                )
+            if "token_classes" not in tokens:
+                raise XprobeError(
+                    f"classes needs a chat corpus: {self.tokens} has no token classes (tokenize "
+                    "conversations with chat_template_from)"
+                )
         return {
             "corpus": cfg.corpus,
             "model": cfg.model,
@@ -155,11 +179,11 @@ class Fit:
 
     # ---- accumulation with checkpoints --------------------------------------------------------
     def fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
+        """Empty statistics per hook: train, held-out, and with ``classes`` the held-out tokens
+        of each class (``held_out/<class>``: another cxx [d, d] and cyx [F, d] each)."""
+        splits = ("train", "held_out", *(f"held_out/{c}" for c in self.cfg.classes))
         return {
-            hook: {
-                split: SufficientStats(d, n_feat, self.device, self.dtype)
-                for split in ("train", "held_out")
-            }
+            hook: {split: SufficientStats(d, n_feat, self.device, self.dtype) for split in splits}
             for hook in self.cfg.hooks
         }
 
@@ -199,6 +223,12 @@ class Fit:
         seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
         rows, cols, vals = load_sparse(store, self.feats, index)
         splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
+        if self.cfg.classes:
+            cls = torch.from_numpy(
+                store.read_chunk(f"{self.tokens}/token_class", index).reshape(-1)
+            )
+            for c in self.cfg.classes:
+                splits[f"held_out/{c}"] = splits["held_out"] & (cls == TOKEN_CLASSES.index(c))
         for hook, unit in self.acts.items():
             x = load_acts(store, unit, index)
             for split, keep in splits.items():
@@ -323,6 +353,20 @@ class Fit:
                 "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
                 "n_ok": int(ok.sum()),
             }
+            for c in cfg.classes:
+                by_class = stats[hook][f"held_out/{c}"]
+                r2_c = np.where(
+                    ok, r2_from_stats(by_class, result["direction"], result["intercept"]), 0.0
+                )
+                path = f"{self.unit}/{hook}/r2_held_out_{c}"
+                if store.has(path):
+                    store.delete(path)
+                store.create_array(path, r2_c.shape, r2_c.shape, r2_c.dtype, prov)[...] = r2_c
+                defined = ok & np.isfinite(r2_c)
+                summary[hook][f"n_tok_held_out_{c}"] = int(by_class.n)
+                summary[hook][f"median_r2_held_out_{c}"] = (
+                    float(np.median(r2_c[defined])) if defined.any() else None
+                )
         best = np.argmax(np.stack(gcv_r2), axis=0).astype(np.int32)
         if store.has(f"{self.unit}/best_hook"):
             store.delete(f"{self.unit}/best_hook")
@@ -416,6 +460,14 @@ class FitStage(WholeStage):
 
     name = "fit"
     cfg: FitConfig
+
+    def identity(self) -> Any:
+        """The config, without ``classes`` when unused (fits made before it keep their
+        fingerprint)."""
+        out = canonical(self.cfg)
+        if not self.cfg.classes:
+            del out["classes"]
+        return out
 
     def validate(self, store: Store) -> None:
         self.fit = Fit(self.cfg, store)

@@ -4,12 +4,20 @@ Writes ``tokens/<corpus>``:
     ids   [n_seq, ctx] int32   token ids
     mask  [n_seq, ctx] bool    positions that count (not the BOS we prepend, not padding)
     doc   [n_seq, ctx] int32   index of the document each position came from (-1 for padding)
+    ids_used [n_vocab] bool    which ids occur anywhere in ``ids`` (written when complete)
+    token_class [n_seq, ctx] int8  chat corpora only: 0 template, 1 system, 2 user, 3 assistant,
+                               4 other role, -1 padding (``pipeline.inputs.chat``)
 and ``tokens/<corpus>/tokenizer.json`` (the tokenizer itself, so a shared cache carries it).
 
 Packing (``packing = "pack"``): documents are concatenated, each followed by EOS (or preceded
 by BOS, or nothing: ``separator``), and cut into sequences of ``ctx`` tokens, each starting with
 BOS when ``bos = true``; the last partial sequence is padded. ``packing = "document"`` puts one
 document per sequence (long documents continue in the next sequences), padded to ``ctx``.
+
+Chat corpora (``chat_template_from``): each document is a conversation (a ``messages`` list of
+{role, content}) rendered with that tokenizer's chat template and tokenized with ``tokenizer``;
+the ids must equal ``apply_chat_template``'s, and every token's class is stored. Separators and
+the prepended BOS are template tokens.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import check_fields, path_field, runtime
+from pipeline.config import canonical, check_fields, path_field, runtime
 from pipeline.errors import XprobeError
-from pipeline.inputs.corpus import iter_documents, resolve_paths
+from pipeline.inputs.chat import TOKEN_CLASSES, render_batch, template_tokenizer
+from pipeline.inputs.corpus import iter_conversations, iter_documents, resolve_paths
 from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.lineage import Input, files_input, tokenizer_input
+from pipeline.inputs.vocab import count_ids, tokenizer_facts, used_from_counts
+from pipeline.lineage import Input, chat_template_input, files_input, tokenizer_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
 from pipeline.store.chunks import ChunkResult
@@ -62,6 +72,12 @@ class TokenizeConfig:
     max_tokens: int | None = None
     """Stop once this many counted tokens (the mask: no BOS, no padding) are stored, rounded up
     to whole sequences."""
+    chat_template_from: str | None = None
+    """Conversations: a tokenizer (hub name or local path, usually the chat model B's) whose chat
+    template renders each ``field`` (``messages`` when left at ``text``: a list of {role,
+    content}); the token class of every position is stored (``token_class``)."""
+    chat_template_revision: str | None = None
+    """Hub revision of ``chat_template_from``."""
     batch_docs: int = runtime(512, "documents per tokenizer call")
     progress: bool = runtime(True, "show a progress bar")
 
@@ -90,76 +106,105 @@ class _Packer:
         self.ids = np.zeros(0, np.int32)
         self.doc = np.zeros(0, np.int32)
         self.count = np.zeros(0, bool)
+        self.cls = np.zeros(0, np.int8)
 
-    def _rows(self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Rows from flat arrays whose length is a multiple of ``body`` (pads already added)."""
+    def _rows(
+        self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray, cls: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """Rows ``(ids, mask, doc, token class)`` from flat arrays whose length is a multiple of
+        ``body`` (pads already added)."""
         n = len(ids) // self.body
-        ids, doc, count = (a.reshape(n, self.body) for a in (ids, doc, count))
+        ids, doc, count, cls = (a.reshape(n, self.body) for a in (ids, doc, count, cls))
         if self.cfg.bos:
             ids = np.concatenate([np.full((n, 1), self.bos_id, np.int32), ids], axis=1)
             doc = np.concatenate([doc[:, :1], doc], axis=1)
             count = np.concatenate([np.zeros((n, 1), bool), count], axis=1)
-        return ids, count, doc
+            cls = np.concatenate([np.zeros((n, 1), np.int8), cls], axis=1)
+        return ids, count, doc, cls
 
-    def _pad(self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _pad(
+        self, ids: np.ndarray, doc: np.ndarray, count: np.ndarray, cls: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
         extra = -len(ids) % self.body
         return (
             np.concatenate([ids, np.full(extra, self.pad_id, np.int32)]),
             np.concatenate([doc, np.full(extra, -1, np.int32)]),
             np.concatenate([count, np.zeros(extra, bool)]),
+            np.concatenate([cls, np.full(extra, -1, np.int8)]),
         )
 
-    def _flat(self, doc_tokens: list[list[int]], first_doc: int) -> tuple[np.ndarray, ...]:
+    def _flat(
+        self, doc_tokens: list[list[int]], first_doc: int, doc_classes: list[np.ndarray]
+    ) -> tuple[np.ndarray, ...]:
         sep = self.cfg.separator
-        pieces, docs, counts = [], [], []
-        for k, toks in enumerate(doc_tokens):
+        pieces, docs, counts, classes = [], [], [], []
+        for k, (toks, cls) in enumerate(zip(doc_tokens, doc_classes, strict=True)):
             toks = np.asarray(toks, np.int32)
             c = np.ones(len(toks), bool)
             if sep == "eos":
                 toks, c = np.append(toks, np.int32(self.sep_id)), np.append(c, True)
+                cls = np.append(cls, np.int8(0))
             elif sep == "bos":
                 toks, c = np.insert(toks, 0, np.int32(self.sep_id)), np.insert(c, 0, False)
+                cls = np.insert(cls, 0, np.int8(0))
             pieces.append(toks)
             counts.append(c)
+            classes.append(cls)
             docs.append(np.full(len(toks), first_doc + k, np.int32))
         if not pieces:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool)
-        return np.concatenate(pieces), np.concatenate(docs), np.concatenate(counts)
+            return tuple(np.zeros(0, t) for t in (np.int32, np.int32, bool, np.int8))
+        return tuple(np.concatenate(a) for a in (pieces, docs, counts, classes))
 
-    def add(self, doc_tokens: list[list[int]], first_doc: int) -> tuple[np.ndarray, ...] | None:
-        """Rows completed by these documents (None if none)."""
+    def add(
+        self,
+        doc_tokens: list[list[int]],
+        first_doc: int,
+        doc_classes: list[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, ...] | None:
+        """Rows completed by these documents (None if none). ``doc_classes``: each token's
+        class (``pipeline.inputs.chat``; default 0); separators and BOS are 0, padding -1."""
+        if doc_classes is None:
+            doc_classes = [np.zeros(len(t), np.int8) for t in doc_tokens]
         if self.cfg.packing == "document":
             rows = []
-            for k, toks in enumerate(doc_tokens):
-                if not toks:
+            for k, (toks, cls) in enumerate(zip(doc_tokens, doc_classes, strict=True)):
+                if not len(toks):
                     continue
                 ids = np.asarray(toks, np.int32)
                 rows.append(
                     self._rows(
                         *self._pad(
-                            ids, np.full(len(ids), first_doc + k, np.int32), np.ones(len(ids), bool)
+                            ids,
+                            np.full(len(ids), first_doc + k, np.int32),
+                            np.ones(len(ids), bool),
+                            np.asarray(cls, np.int8),
                         )
                     )
                 )
             if not rows:
                 return None
-            return tuple(np.concatenate([r[j] for r in rows]) for j in range(3))
-        ids, doc, count = self._flat(doc_tokens, first_doc)
-        self.ids, self.doc, self.count = (
-            np.concatenate(p) for p in ((self.ids, ids), (self.doc, doc), (self.count, count))
+            return tuple(np.concatenate([r[j] for r in rows]) for j in range(4))
+        flat = self._flat(doc_tokens, first_doc, doc_classes)
+        self.ids, self.doc, self.count, self.cls = (
+            np.concatenate(p)
+            for p in zip((self.ids, self.doc, self.count, self.cls), flat, strict=True)
         )
         n = len(self.ids) // self.body * self.body
         if n == 0:
             return None
-        out = self._rows(self.ids[:n], self.doc[:n], self.count[:n])
-        self.ids, self.doc, self.count = self.ids[n:], self.doc[n:], self.count[n:]
+        out = self._rows(self.ids[:n], self.doc[:n], self.count[:n], self.cls[:n])
+        self.ids, self.doc, self.count, self.cls = (
+            a[n:] for a in (self.ids, self.doc, self.count, self.cls)
+        )
         return out
 
     def flush(self) -> tuple[np.ndarray, ...] | None:
         if self.cfg.packing == "document" or len(self.ids) == 0:
             return None
-        out = self._rows(*self._pad(self.ids, self.doc, self.count))
-        self.ids, self.doc, self.count = (a[:0] for a in (self.ids, self.doc, self.count))
+        out = self._rows(*self._pad(self.ids, self.doc, self.count, self.cls))
+        self.ids, self.doc, self.count, self.cls = (
+            a[:0] for a in (self.ids, self.doc, self.count, self.cls)
+        )
         return out
 
 
@@ -170,6 +215,8 @@ class TokenizeStage(ChunkedStage):
     def __init__(self, cfg: TokenizeConfig):
         super().__init__(cfg)
         self.unit = tokens_unit(cfg.corpus)
+        self.chat = cfg.chat_template_from is not None
+        self.field = "messages" if self.chat and cfg.field == "text" else cfg.field
         self._tok = None
         self._paths = None
 
@@ -207,20 +254,42 @@ class TokenizeStage(ChunkedStage):
                 "tokenizer": self.cfg.tokenizer,
                 "tokenizer_revision": self.cfg.tokenizer_revision,
                 "tokenizer_fingerprint": tokenizer_fingerprint(self.tok),
+                "tokenizer_facts": tokenizer_facts(self.tok),
+                **(
+                    {
+                        "chat_template_from": self.cfg.chat_template_from,
+                        "token_classes": TOKEN_CLASSES,
+                    }
+                    if self.chat
+                    else {}
+                ),
                 "ctx": self.cfg.ctx,
                 "chunk_seqs": self.cfg.chunk_seqs,
                 "dtype": "int32",
             }
         }
 
+    def identity(self) -> Any:
+        """The config, without the chat fields when unused (so stores tokenized before they
+        existed keep their config fingerprint)."""
+        out = canonical(self.cfg)
+        if not self.chat:
+            del out["chat_template_from"], out["chat_template_revision"]
+        return out
+
     def inputs(self, store: Store) -> dict[str, Input]:
         cfg = self.cfg
-        return {
+        out = {
             "corpus": files_input(self.paths),
             "tokenizer": tokenizer_input(
                 cfg.tokenizer, cfg.tokenizer_revision, tokenizer_fingerprint(self.tok)
             ),
         }
+        if self.chat:
+            out["chat_template"] = chat_template_input(
+                cfg.chat_template_from, cfg.chat_template_revision
+            )
+        return out
 
     def validate(self, store: Store) -> None:
         self._special()
@@ -237,6 +306,10 @@ class TokenizeStage(ChunkedStage):
             store.create_array(
                 f"{self.unit}/{name}", (0, cfg.ctx), chunks, dtype, prov, fill_value=fill
             )
+        if self.chat:
+            store.create_array(
+                f"{self.unit}/token_class", (0, cfg.ctx), chunks, "int8", prov, fill_value=-1
+            )
         store.write_text(f"{self.unit}/tokenizer.json", self.tok.backend_tokenizer.to_str())
         return None
 
@@ -244,7 +317,7 @@ class TokenizeStage(ChunkedStage):
         cfg = self.cfg
         batch: list[str] = []
         for doc in iter_documents(
-            self.paths, cfg.format, cfg.field, cfg.text_split, cfg.encoding_errors, cfg.hf_split
+            self.paths, cfg.format, self.field, cfg.text_split, cfg.encoding_errors, cfg.hf_split
         ):
             batch.append(doc)
             if len(batch) == cfg.batch_docs:
@@ -253,13 +326,38 @@ class TokenizeStage(ChunkedStage):
         if batch:
             yield batch
 
+    def _conversations(self) -> Iterator[tuple[list[list[int]], list[np.ndarray]]]:
+        """Batches of conversations rendered with the chat template: ids and token classes."""
+        cfg = self.cfg
+        template = template_tokenizer(
+            load_tokenizer(cfg.chat_template_from, cfg.chat_template_revision),
+            cfg.chat_template_from,
+        )
+        batch: list[tuple[str, list[dict[str, str]]]] = []
+        for item in iter_conversations(
+            self.paths, cfg.format, self.field, cfg.encoding_errors, cfg.hf_split
+        ):
+            batch.append(item)
+            if len(batch) == cfg.batch_docs:
+                yield render_batch([m for _, m in batch], self.tok, template, [w for w, _ in batch])
+                batch = []
+        if batch:
+            yield render_batch([m for _, m in batch], self.tok, template, [w for w, _ in batch])
+
     def _sequences(self) -> Iterator[tuple[np.ndarray, ...]]:
         packer = _Packer(self.cfg, *self._special())
         first_doc = 0
-        for batch in self._documents():
-            encoded = self.tok(batch, add_special_tokens=False)["input_ids"]
-            rows = packer.add(encoded, first_doc)
-            first_doc += len(batch)
+        batches = (
+            self._conversations()
+            if self.chat
+            else (
+                (self.tok(b, add_special_tokens=False)["input_ids"], None)
+                for b in self._documents()
+            )
+        )
+        for encoded, classes in batches:
+            rows = packer.add(encoded, first_doc, classes)
+            first_doc += len(encoded)
             if rows is not None:
                 yield rows
         if first_doc == 0:
@@ -276,7 +374,7 @@ class TokenizeStage(ChunkedStage):
 
         def take(n: int) -> ChunkResult | None:
             nonlocal buffers, buffered, index
-            ids, mask, doc = (np.concatenate([b[j] for b in buffers]) for j in range(3))
+            ids, mask, doc, cls = (np.concatenate([b[j] for b in buffers]) for j in range(4))
             result = None
             if todo(index):
                 arrays = {
@@ -284,8 +382,10 @@ class TokenizeStage(ChunkedStage):
                     f"{self.unit}/mask": mask[:n],
                     f"{self.unit}/doc": doc[:n],
                 }
+                if self.chat:
+                    arrays[f"{self.unit}/token_class"] = cls[:n]
                 result = ChunkResult(index, arrays, n_tok=int(n * cfg.ctx))
-            buffers = [(ids[n:], mask[n:], doc[n:])] if n < len(ids) else []
+            buffers = [(ids[n:], mask[n:], doc[n:], cls[n:])] if n < len(ids) else []
             buffered -= n
             index += 1
             return result
@@ -313,7 +413,7 @@ class TokenizeStage(ChunkedStage):
     def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
         import hashlib
 
-        for name in ("ids", "mask", "doc"):
+        for name in ("ids", "mask", "doc") + (("token_class",) if self.chat else ()):
             arr = store.array(f"{self.unit}/{name}")
             if arr.shape[0] != self.n_seq:
                 arr.resize((self.n_seq, self.cfg.ctx))
@@ -324,10 +424,21 @@ class TokenizeStage(ChunkedStage):
             crc = store.chunk_record(self.unit, i)["crc32"]
             h.update(f"{crc['ids']}:{crc['mask']};".encode())
         n_tok = int(sum(store.chunk_record(self.unit, i)["n_tok"] for i in range(self.n_chunks)))
-        mask, doc = store.array(f"{self.unit}/mask"), store.array(f"{self.unit}/doc")
-        counted = sum(int(mask[a : a + 4096].sum()) for a in range(0, self.n_seq, 4096))
+        mask, ids = store.array(f"{self.unit}/mask"), store.array(f"{self.unit}/ids")
+        doc = store.array(f"{self.unit}/doc")
+        counted, counts = 0, np.zeros(0, np.int64)
+        for a in range(0, self.n_seq, 4096):
+            counted += int(mask[a : a + 4096].sum())
+            counts = count_ids(ids[a : a + 4096], counts)
         n_docs = 1 + max(int(doc[a : a + 4096].max()) for a in range(0, self.n_seq, 4096))
+        # which ids occur (BOS, separators and padding included: B reads them all), so that a
+        # model's tokenizer is checked on these ids only (pipeline/inputs/vocab.py)
+        used = used_from_counts(counts, len(self.tok))
+        store.create_array(
+            f"{self.unit}/ids_used", used.shape, used.shape, "bool", store.info(self.unit)
+        )[:] = used
         return {
+            "n_ids_used": int(used.sum()),
             "n_chunks": self.n_chunks,
             "n_seq": self.n_seq,
             "n_tok": n_tok,

@@ -217,3 +217,45 @@ def pipeline_config(
         )
     config.write_text(text)
     return config
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML chat template (Qwen-style): role headers and ends are the added tokens."""
+
+
+def save_instruct_variant(model_dir: Path, out: Path) -> Path:
+    """B_instruct as a chat finetune ships it: ``model_dir``'s weights with a tokenizer that adds
+    two special tokens (``<|im_start|>``, ``<|im_end|>``; the embedding resized to hold them),
+    makes ``<|im_end|>`` the eos, sets a pad token and a ChatML chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = tok.convert_ids_to_tokens(0)
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(len(tok))
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def swap_vocab_ids(model_dir: Path, out: Path, a: int, b: int) -> Path:
+    """A copy of ``model_dir`` whose tokenizer swaps the token strings of ids ``a`` and ``b``
+    (same weights): a vocabulary that truly differs on those two ids."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    vocab[by_id[a]], vocab[by_id[b]] = b, a
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out

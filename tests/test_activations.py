@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.errors import XprobeError
 from pipeline.store import Store
 from pipeline.store.reader import iter_chunks, load_acts
-from stages.activations import ActivationsConfig, run
+from stages.activations import ActivationsConfig, ActivationsStage, run
 from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
 from tests.helpers import wait_for_markers
@@ -167,7 +167,7 @@ def test_mismatched_tokenizer_refused_naming_a_token(
     store = _tokenized(tmp_path / "s", corpus_jsonl, tokenizer_dir, max_tokens=300)
     with pytest.raises(
         XprobeError,
-        match=r"tokenizer differs .* token id \d+ is '.*' in the corpus tokenizer but .* in this one",
+        match=r"cannot read tokens/c: \d+ of the \d+ ids the corpus uses mean other tokens: id \d+ is '.*' in the corpus tokenizer but .* in",
     ):
         run(_acts_cfg(other_model), store)
     assert not store.has("acts")
@@ -309,3 +309,64 @@ def test_reader_restores_bfloat16(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_di
     assert np.array_equal(
         acts.view(torch.int16).numpy().view(np.uint16), store.array(f"{unit}/x")[:]
     )
+
+
+def test_sharded_checkpoint_with_device_map_equals_unsharded_load(
+    tmp_path, corpus_jsonl, tokenizer_dir, llama_dir
+):
+    from transformers import AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(llama_dir).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) >= 3
+    assert not (sharded / "model.safetensors").exists()
+    store = _tokenized(tmp_path / "s", corpus_jsonl, tokenizer_dir, max_tokens=300)
+    run(_acts_cfg(llama_dir, hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")), store)
+    run(
+        _acts_cfg(
+            sharded,
+            name="sharded",
+            hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+            device_map="auto",
+            max_memory=("cpu=2GiB",),
+        ),
+        store,
+    )
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        assert np.array_equal(store.array(f"acts/c/sharded/{hook}/x")[:], _stored(store, hook))
+    # too little memory for the whole model: accelerate keeps the embedding in memory and the
+    # blocks on disk, loading each for its forward (a 70B B on too few GPUs works the same way)
+    tight = dict(device_map="auto", max_memory=("cpu=350KB",), offload_folder=str(tmp_path / "off"))
+    dispatched = ActivationsStage(_acts_cfg(sharded, **tight)).load_model()
+    assert dispatched.hf_device_map["model.embed_tokens"] == "cpu"
+    assert dispatched.hf_device_map["model.layers"] == "disk"
+    run(_acts_cfg(sharded, name="offloaded", layers=(0, 1), **tight), store)
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        assert np.array_equal(store.array(f"acts/c/offloaded/{hook}/x")[:], _stored(store, hook))
+
+    # attn_implementation reaches the model (and the identity): eager equals HF's eager forward
+    run(_acts_cfg(llama_dir, name="eager", layers=(0,), attn_implementation="eager"), store)
+    assert store.info("acts/c/eager/blocks.0.hook_resid_post")["config"]["attn_implementation"] == (
+        "eager"
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert model.config._attn_implementation == "eager"
+    ids = torch.from_numpy(store.array("tokens/c/ids")[:].astype(np.int64))
+    with torch.inference_mode():
+        ref = torch.cat(
+            [
+                model(b, output_hidden_states=True).hidden_states[1].reshape(-1, 64)
+                for c in ids.split(CHUNK_SEQS)
+                for b in c.split(3)
+            ]
+        )
+    assert np.array_equal(store.array("acts/c/eager/blocks.0.hook_resid_post/x")[:], ref.numpy())
+
+    with pytest.raises(XprobeError, match="max_memory entry '70GiB' is not DEVICE=SIZE"):
+        run(_acts_cfg(llama_dir, device_map="auto", max_memory=("70GiB",)), store)
+    with pytest.raises(XprobeError, match="max_memory needs device_map"):
+        run(_acts_cfg(llama_dir, max_memory=("cpu=1GiB",)), store)

@@ -247,3 +247,48 @@ def iter_documents(
             yield from _hf_docs(path, field, hf_split)
         else:
             raise XprobeError(f"unknown corpus format {kind!r}; use one of {FORMATS}")
+
+
+def _jsonl_values(path: Path, field: str, errors: str) -> Iterator[tuple[str, object]]:
+    """``(where, record[field])`` of every line, of any JSON type."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, path, errors))
+            except json.JSONDecodeError as e:
+                raise XprobeError(f"{path} line {lineno} is not valid JSON: {e}") from None
+            if not isinstance(record, dict) or field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise XprobeError(
+                    f"{path} line {lineno} has no field {field!r} (it has {keys}); set field = ..."
+                )
+            yield f"{path} line {lineno}", record[field]
+
+
+def iter_conversations(
+    paths: list[Path],
+    fmt: str = "auto",
+    field: str = "messages",
+    encoding_errors: str = "strict",
+    hf_split: str | None = None,
+) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """Every conversation (``field``: a list of ``{role, content}`` messages) of jsonl, parquet
+    or HF dataset inputs, in a deterministic order, each with where it came from."""
+    from pipeline.inputs.chat import check_messages
+
+    for path in paths:
+        kind = detect_format(path) if fmt == "auto" else fmt
+        if kind == "jsonl":
+            values: Iterator[tuple[str, object]] = _jsonl_values(path, field, encoding_errors)
+        elif kind == "parquet":
+            values = ((f"{path} row {i}", v) for i, v in enumerate(_parquet_docs(path, field)))
+        elif kind == "hf":
+            values = ((f"{path} row {i}", v) for i, v in enumerate(_hf_docs(path, field, hf_split)))
+        else:
+            raise XprobeError(
+                f"{path}: conversations are read from jsonl, parquet or an HF dataset, not {kind}"
+            )
+        for where, value in values:
+            yield where, check_messages(value, where)

@@ -23,13 +23,15 @@ def require_local_folder(name: str, what: str) -> None:
         )
 
 
-def load_tokenizer(name: str, revision: str | None = None) -> Any:
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """A fast HF tokenizer by hub name or local path."""
     from transformers import AutoTokenizer
 
     require_local_folder(name, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
     if not getattr(tok, "is_fast", False):
@@ -57,15 +59,3 @@ def tokenizer_fingerprint(tok: Any) -> str:
 
 def vocab(tok: Any) -> dict[int, str]:
     return {i: t for t, i in tok.get_vocab().items()}
-
-
-def first_difference(stored_vocab: dict[int, str], tok: Any) -> str:
-    """A sentence naming the first token id on which ``tok`` disagrees with ``stored_vocab``."""
-    theirs = vocab(tok)
-    for i in sorted(set(stored_vocab) | set(theirs)):
-        if stored_vocab.get(i) != theirs.get(i):
-            a, b = (
-                repr(v) if v is not None else "absent" for v in (stored_vocab.get(i), theirs.get(i))
-            )
-            return f"token id {i} is {a} in the corpus tokenizer but {b} in this one"
-    return "the vocabularies agree but merges, normalisation or special tokens differ"

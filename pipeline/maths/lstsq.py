@@ -499,3 +499,37 @@ def write_directions(
         explained = torch.where(keep, squared / _nonzero(syy * total), torch.zeros_like(syy))
         r2[block] = (explained if total > 0 else torch.zeros_like(syy)).cpu().numpy()
     return {"write_direction": direction, "write_norm": norm, "write_r2": r2}
+
+
+def r2_from_stats(
+    stats: SufficientStats,
+    direction: np.ndarray | torch.Tensor,
+    intercept: np.ndarray | torch.Tensor,
+    feature_block: int = 16384,
+) -> np.ndarray:
+    """R² ``[F]`` of given probes ``y ≈ x·w + b`` on the tokens summarised by ``stats`` (e.g. the
+    held-out tokens of one token class), from the statistics alone, in float64:
+
+        SSE = syy − 2·w·cyx + wᵀ cxx w + n·(μy − μx·w − b)²,   R² = 1 − SSE / syy
+
+    ``direction [F, d]``, ``intercept [F]``. NaN where y is constant on these tokens (syy = 0,
+    no tokens included): R² is undefined there.
+    """
+    dev = stats.device
+    out = np.full(stats.n_feat, np.nan)
+    if stats.n == 0:
+        return out
+    direction = torch.as_tensor(direction)
+    intercept = torch.as_tensor(intercept)
+    for start in range(0, stats.n_feat, feature_block):
+        block = slice(start, min(start + feature_block, stats.n_feat))
+        w = direction[block].to(dev, torch.float64)  # [B, d]
+        b = intercept[block].to(dev, torch.float64)
+        quad = ((w @ stats.cxx) * w).sum(1)
+        cross = (w * stats.cyx[block]).sum(1)
+        bias = stats.mean_y[block] - w @ stats.mean_x - b
+        syy = stats.syy[block]
+        sse = syy - 2 * cross + quad + stats.n * bias * bias
+        r2 = torch.where(syy > 0, 1 - sse / torch.where(syy > 0, syy, 1), torch.nan)
+        out[block] = r2.cpu().numpy()
+    return out

@@ -24,6 +24,7 @@ from pipeline.report.plots import (
     plot_presence,
     plot_scatter,
 )
+from pipeline.store.layout import acts_unit
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; color: #1f2328;
@@ -127,6 +128,14 @@ def _store_name(store: Any) -> str:
     return local.name if local is not None else str(store.url)
 
 
+def _tokenizer_rows(store: Any, corpus: str, role: Any) -> list[tuple[str, str]]:
+    """How the tokenizer of a role's model differs from the corpus tokenizer (ids the corpus
+    uses mean the same in both, or the activations stage would have refused it)."""
+    unit = acts_unit(corpus, role.model, role.hooks[0])
+    differences = store.info(unit).get("tokenizer_differences") if store.has(unit) else None
+    return [(f"{role.model}'s tokenizer", "; ".join(differences))] if differences else []
+
+
 def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     store = report.store
     tokens = store.info(report.tokens)
@@ -152,6 +161,7 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     for role in report.roles:
         what = {"ceiling": "ceiling (A → A)", "floor": "floor (random init)"}.get(role.label, "B")
         rows.append((what, f"fit {role.fit!r}: {role.model} at {', '.join(role.hooks)}"))
+        rows += _tokenizer_rows(store, report.cfg.corpus, role)
     for label, t in (notes.get("transfer") or {}).items():
         if t:
             rows.append(

@@ -20,6 +20,7 @@ from pipeline.maths.presence import (
     TokenBaselineReplicates,
     TokenPredictor,
     TopActivations,
+    classify,
 )
 from pipeline.maths.split import held_out_sequences
 from pipeline.report.match import agreement_line, pair_match
@@ -243,6 +244,7 @@ class Report:
                 both = int(((df[f"{role.label}_class"] == "present") & floor_present).sum())
                 row += f"   ({both} of its present features are present in the floor too)"
             lines.append(row)
+        lines += class_lines(df, self.roles[1:], cfg.present_at, cfg.partial_at)
         for m in self.match_roles:
             lines.append(agreement_line(df, m, cfg.match_at))
         return "\n".join(lines)
@@ -250,3 +252,21 @@ class Report:
     @staticmethod
     def _display(role: Role) -> str:
         return f"{role.fit} (floor)" if role.label == "floor" else role.fit
+
+
+def class_lines(df: Any, roles: list[Role], present_at: float, partial_at: float) -> list[str]:
+    """Summary lines of presence per token class (fits with ``classes``; see table.class_columns)."""
+    from pipeline.inputs.chat import TOKEN_CLASSES
+
+    lines = []
+    for role in roles:
+        for token_class in TOKEN_CLASSES:
+            col = f"{role.label}_presence_{token_class}"
+            if col not in df:
+                continue
+            verdict = classify(df[col].to_numpy(), present_at, partial_at)
+            shown = "".join(f"{int((verdict == k).sum()):>10}" for k in CLASSES)
+            lines.append(f"  {role.fit + ' on ' + token_class:<{len(role.fit) + 14}}{shown}")
+    if lines:
+        lines.insert(0, "per token class (presence = R²_B / R²_ceiling on its held-out tokens):")
+    return lines

@@ -122,6 +122,37 @@ def direction_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
     return out, ""
 
 
+def token_classes_of(store: Store, fit: str) -> list[str]:
+    """The token classes a fit scored (``classes`` in its config; chat corpora)."""
+    return list(store.info(probes_unit(fit))["config"].get("classes") or [])
+
+
+def class_columns(
+    report: Report, role: Role, best: np.ndarray, own: np.ndarray, ceiling_status: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per token class scored by both this fit and the ceiling (``classes``): B's held-out R² on
+    that class at its best hook (``<fit>_r2_<class>``), the ceiling's (``ceiling_r2_<class>``)
+    and presence on that class, ``<fit>_presence_<class>`` = clip(R²_B / R²_ceiling, 0, 1) on
+    the class's held-out tokens (no token baseline: the report's is not split by class), NaN
+    where the ceiling's R² on the class is below ``min_headroom`` or either is undefined."""
+    store, ceiling = report.store, report.roles[0]
+    shared = [
+        c for c in token_classes_of(store, role.fit) if c in token_classes_of(store, ceiling.fit)
+    ]
+    cols: dict[str, np.ndarray] = {}
+    for c in shared:
+        key = f"r2_held_out_{c}"
+        r2_hooks = np.stack([_probe(store, role.fit, h, key) for h in role.hooks])
+        r2 = np.take_along_axis(r2_hooks, best[None], 0)[0]
+        ceiling_r2 = _probe(store, ceiling.fit, ceiling.hooks[0], key)
+        zero = np.zeros(len(r2))
+        status = feature_status(ceiling_status, ceiling_r2, zero, report.cfg.min_headroom)
+        cols[f"ceiling_r2_{c}"] = ceiling_r2
+        cols[f"{role.label}_r2_{c}"] = r2
+        cols[f"{role.label}_presence_{c}"] = presence(r2, own, ceiling_r2, zero, status)[1]
+    return cols
+
+
 def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
     """The table (a pandas DataFrame, one row per feature) and notes for the page."""
     import pandas as pd
@@ -207,6 +238,7 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         if len(role.hooks) > 1:
             for hook, values in zip(role.hooks, r2_hooks, strict=True):
                 cols[f"{p}_r2@{hook}"] = values
+        cols.update(class_columns(report, role, best, own, ceiling_status))
         b_name = safe_name(role.model)
         if store.has(f"{report.feats}/transfer/{b_name}/corr"):
             cols[f"{p}_transfer_corr"] = store.array(f"{report.feats}/transfer/{b_name}/corr")[:]

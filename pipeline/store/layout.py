@@ -80,6 +80,9 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "ids": "[n_seq, ctx] int32 token ids",
             "mask": "[n_seq, ctx] bool positions that count (not BOS, not padding)",
             "doc": "[n_seq, ctx] int32 document index (-1: padding)",
+            "ids_used": "[n_vocab] bool which ids occur in ids (written at completion)",
+            "token_class": "[n_seq, ctx] int8 chat corpora: 0 template, 1 system, 2 user, "
+            "3 assistant, 4 other role, -1 padding",
         },
     ),
     "acts": UnitKind(
@@ -109,6 +112,7 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "<hook>/{intercept,lam,r2_train,r2_held_out,pearson_held_out}": "[F]",
             "<hook>/{n_active_train,n_active_held_out}": "[F] int64",
             "<hook>/status": "[F] int8",
+            "<hook>/r2_held_out_<class>": "[F] float64 held-out R² on one token class",
             "best_hook": "[F] int32 index into hooks",
         },
     ),
