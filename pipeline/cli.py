@@ -482,8 +482,10 @@ def export(
     it on B's held-out tokens beside A's SAE applied directly to B."""
     from pipeline.export.run import export_fit
 
+    # with --causal, a local store folder is opened to record the table for the report
+    writable = causal > 0 and "://" not in store_path and Path(store_path).is_dir()
     summary = export_fit(
-        Store(store_path, mode="r"),
+        Store(store_path, mode="a" if writable else "r"),
         fit,
         Path(out),
         hook=hook,

@@ -290,3 +290,85 @@ def test_cli_export_measures_beside_direct_transfer(store_path, tmp_path):
     top = table.loc[table["group"] == "top", "feature"].to_numpy()
     assert len(table) == 4 and sorted(r2[top]) == sorted(np.sort(r2)[-2:])
     assert "causal agreement" in result.output and (out / "causal.png").stat().st_size > 0
+
+
+def test_causal_table_recorded_in_the_store_and_shown_by_the_report(store_path, tmp_path):
+    """``xprobe export --causal`` on a local store records its table under causal/<fit>; the
+    report shows a causal section iff a fit has one, with the numbers of the export's causal.csv,
+    and a table recorded before the fit was recomputed only as a stale note."""
+    import re
+    import shutil
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.lineage import staleness
+    from pipeline.report.causal import causal_unit, group_medians, recorded_causal
+    from pipeline.store.verify import verify_store
+    from stages.report import ReportConfig
+    from stages.report import run as report
+
+    root = tmp_path / "store"
+    shutil.copytree(store_path, root)
+    shutil.rmtree(root / "causal", ignore_errors=True)  # recorded by the CLI test, if it ran
+    cfg = ReportConfig(
+        corpus="c", features="relu", fits=("b",), ceiling="ceiling", n_shown=0, progress=False
+    )
+
+    def page() -> str:
+        return Path(report(cfg, Store(root))["html"]).read_text()
+
+    assert "Causal agreement" not in page()  # no fit has causal results yet
+
+    out = tmp_path / "export"
+    args = [str(root), "--fit", "b", "--out", str(out), "--min-r2", "0", "--eval-tokens", "0"]
+    result = CliRunner().invoke(
+        cli, ["export", *args, "--causal", "2", "--causal-contexts", "2"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert f"recorded in the store as causal/b/{HOOK}" in result.output
+    csv = pd.read_csv(out / "causal.csv")
+    store = Store(root, mode="r")
+    (rec,) = recorded_causal(store, "b")
+    assert rec.stale is None and rec.hook == HOOK and rec.settings["n_contexts"] == 2
+    pd.testing.assert_frame_equal(rec.table, csv[rec.table.columns.tolist()], check_dtype=False)
+    assert staleness(store, causal_unit("b")) is None and verify_store(store) == []
+    assert recorded_causal(store, "ceiling") == []
+
+    text = page()
+    assert text.count("Causal agreement") == 1 and text.count('table class="counts causal"') == 1
+    section = text[text.index("<h2>Causal agreement</h2>") :]
+    shown = re.findall(r"<tr>((?:<td>[^<]*</td>)+)</tr>", section.split("</table>")[0])
+    expected = []
+    for label, n, med in group_medians(csv):
+        expected.append(
+            [label, str(n), f"{med['score']:.2f}", f"{med['cos_steer']:.3f}"]
+            + [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}"]
+            + [f"{med[k]:.4f}" for k in ("dloss_probe", "dloss_write", "dloss_random")]
+        )
+    assert [re.findall(r"<td>([^<]*)</td>", row) for row in shown] == expected
+    assert len(expected) == 2 and expected[0][0] == "top by score"
+
+    # the fit recomputed to other bytes: the recorded table is stale, shown as a note only
+    fit(
+        FitConfig(
+            name="b",
+            corpus="c",
+            features="relu",
+            model="B",
+            hooks=(HOOK,),
+            held_out_fraction=0.25,
+            lambdas=(1e-2, 1.0),
+            device="cpu",
+            progress=False,
+        ),
+        Store(root),
+        force=True,
+    )
+    store = Store(root, mode="r")
+    (rec,) = recorded_causal(store, "b")
+    assert rec.stale is not None and "recomputed" in rec.stale
+    assert staleness(store, causal_unit("b")) is not None
+    text = page()
+    assert "is stale and not shown" in text and 'table class="counts causal"' not in text

@@ -204,15 +204,10 @@ def causal_figure(table: Any, title: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.report.plots import draw_causal
+
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.scatter(table["score"], table["abs_cos_null"], s=14, c="#b8b8b8", label="|random null|")
-    for group, color, label in (("top", "#2a9d8f", "top by score"), ("other", "#d1495b", "others")):
-        rows = table[table["group"] == group]
-        ax.scatter(rows["score"], rows["cos_steer"], s=18, c=color, label=f"{label}: steering")
-    ax.axhline(0, color="#57606a", lw=0.6)
-    ax.set_xlabel("score (presence, or held-out R²)")
-    ax.set_ylabel("cosine with A's Δ log-probs")
+    draw_causal(ax, table)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

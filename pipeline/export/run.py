@@ -21,6 +21,7 @@ from pipeline.export.sae import (
     write_export,
 )
 from pipeline.maths.lstsq import STATUS_OK
+from pipeline.report.causal import record_causal
 from pipeline.store import Store
 
 EXPORTED = "exported"
@@ -46,7 +47,8 @@ def export_fit(
     """Export ``fit`` to ``out`` and, unless ``eval_tokens`` is None, measure it (and A's SAE
     applied directly to B where it fits B's hook) on B's held-out tokens. With ``causal`` > 0,
     the causal agreement of the ``causal`` most present features and of as many others (a
-    seeded random draw) goes to ``out/causal.csv`` and ``out/causal.png``. Returns a summary with ``lines`` to print."""
+    seeded random draw) goes to ``out/causal.csv`` and ``out/causal.png``, and, when
+    ``store`` is writable, to the store's ``causal/<fit>/<hook>`` for the report. Returns a summary with ``lines`` to print."""
     source = FitSource.resolve(store, fit, hook)
     feature_ids, selection = select_features(source, report, present_at, min_r2)
     sae = build_sae(source, feature_ids, decoder, train_tokens, device)
@@ -77,6 +79,12 @@ def export_fit(
         figure = causal_figure(table, f"causal agreement: {fit} vs A ({source.hook})")
         figure.savefig(Path(out) / "causal.png", dpi=100)
         lines += _causal_lines(table, causal_contexts)
+        if store.local_path is not None and store.mode != "r":
+            settings = {"n": causal, "n_contexts": causal_contexts, "selection": selection}
+            unit = record_causal(store, fit, source.hook, table, settings)
+            lines.append(f"  recorded in the store as {unit}/{source.hook} (the report shows it)")
+        else:
+            lines.append("  (the store is open read-only: not recorded for the report)")
         summary["causal"] = table
     summary["lines"] = lines
     return summary

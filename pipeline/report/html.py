@@ -16,6 +16,7 @@ from pipeline.maths.presence import STATUS_ORDER
 from pipeline.report.browser import CSS as BROWSER_CSS
 from pipeline.report.browser import feature_browser
 from pipeline.report.cards import Contexts, feature_card
+from pipeline.report.causal import causal_section
 from pipeline.report.match import match_section
 from pipeline.report.plots import (
     plot_baselines,
@@ -265,6 +266,7 @@ def render_html(
             "the cosine of B's probe with A's decoder row. A feature the probe finds where the "
             "decoder direction is gone sits top left.</p>",
         ]
+    body.append(causal_section(report))
     contexts = Contexts(report)
     body.append(match_section(report, df, scan))
     body.append(_feature_sections(report, df, scan, contexts))

@@ -244,3 +244,25 @@ def plot_baselines(report: Any, df: Any) -> str | None:
     axes[0][0].legend(frameon=False, fontsize=8, loc="best")
     fig.tight_layout()
     return png(fig)
+
+
+def draw_causal(ax: Any, table: Any) -> None:
+    """Each feature's steering cosine against its score, its random-direction null magnitude in
+    grey beneath (the figure of ``xprobe export --causal`` and of the report)."""
+    ax.scatter(table["score"], table["abs_cos_null"], s=14, c="#b8b8b8", label="|random null|")
+    for group, color, label in (("top", "#2a9d8f", "top by score"), ("other", "#d1495b", "others")):
+        rows = table[table["group"] == group]
+        ax.scatter(rows["score"], rows["cos_steer"], s=18, c=color, label=f"{label}: steering")
+    ax.axhline(0, color="#57606a", lw=0.6)
+    ax.set_xlabel("score (presence, or held-out R²)")
+    ax.set_ylabel("cosine with A's Δ log-probs")
+    ax.legend(fontsize=8, frameon=False)
+
+
+def plot_causal(table: Any, title: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    draw_causal(ax, table)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return png(fig)
