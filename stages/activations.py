@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import canonical, check_fields, path_field, runtime
@@ -39,6 +38,7 @@ from pipeline.inputs.tokenizer import (
     vocab,
 )
 from pipeline.inputs.vocab import compare, tokenizer_facts, used_from_chunks, vocab_from_json
+from pipeline.lazy import zarr
 from pipeline.lineage import Input, model_input, unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
@@ -392,7 +392,7 @@ class ActivationsStage(ChunkedStage):
                 store.info(unit),
                 # zstd level 1 saves 20% on 16-bit activations at ~900 MB/s, but only 7% on
                 # float32 at ~200 MB/s: not worth a writer competing with the forward for cores
-                compressors=None if self.dtype == "float32" else ZstdCodec(level=1),
+                compressors=None if self.dtype == "float32" else zarr.codecs.ZstdCodec(level=1),
             )
         return int(tinfo["n_chunks"])
 

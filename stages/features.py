@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from zarr.codecs import ZstdCodec
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import canonical, check_fields, path_field, runtime
@@ -43,6 +41,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs import sae as sae_loader
 from pipeline.inputs.sae import sae_input_transform
+from pipeline.lazy import inference_mode, torch, zarr
 from pipeline.lineage import Input, sae_input, unit_input
 from pipeline.maths.sparse_pack import (
     CALIBRATION_TOKENS,
@@ -318,7 +317,7 @@ class FeaturesStage(ChunkedStage):
         store.update_info(self.unit, k=self.k)
         info = store.info(self.unit)
         # mostly padding: zstd level 1 shrinks them ~7x at a fraction of the default level's cost
-        fast = ZstdCodec(level=1)
+        fast = zarr.codecs.ZstdCodec(level=1)
         store.create_array(
             f"{self.unit}/idx",
             (n_tok, self.k),
@@ -382,12 +381,12 @@ class FeaturesStage(ChunkedStage):
         for start in range(0, len(acts), self.cfg.batch_tokens):
             yield acts[start : start + self.cfg.batch_tokens].to(self.device, self.sae.dtype)
 
-    @torch.inference_mode()
+    @inference_mode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.sae.encode(x)
         return (feats.to_dense() if feats.is_sparse else feats).float()
 
-    @torch.inference_mode()
+    @inference_mode
     def compute(self, store: Store, todo: Callable[[int], bool]) -> Iterator[ChunkResult]:
         n_chunks = int(store.info(self.tokens)["n_chunks"])
         for index in range(n_chunks):

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pipeline.cluster import client_for, scheduler_field, workers_field
@@ -38,6 +37,7 @@ from pipeline.config import canonical, check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs.chat import TOKEN_CLASSES
+from pipeline.lazy import torch
 from pipeline.lineage import Input, unit_input
 from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
 from pipeline.maths.lstsq import (

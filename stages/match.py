@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import check_fields, runtime
 from pipeline.device import resolve_device
 from pipeline.errors import XprobeError
 from pipeline.inputs.sae import load_sae_of
+from pipeline.lazy import torch
 from pipeline.lineage import Input, unit_input
 from pipeline.maths.coactivation import (
     DensePairs,

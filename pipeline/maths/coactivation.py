@@ -25,9 +25,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+from pipeline.lazy import torch
 
-PairBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+PairBatch = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
 """(keys int64 sorted unique, Σab float64, co-activation count int64) of co-active pairs."""
 
 

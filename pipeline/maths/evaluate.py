@@ -31,9 +31,9 @@ bytes per feature (2 GB at F = 10⁶, n_bins = 128).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from pipeline.errors import XprobeError
+from pipeline.lazy import torch
 
 _BLOCK_ELEMS = 1 << 22  # elements of one [rows, F_block] float64 scratch block (32 MiB)
 
@@ -60,11 +60,12 @@ class ProbeScores:
         center: torch.Tensor,
         scale: torch.Tensor,
         device: torch.device,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         n_boot: int = 0,
         n_bins: int = 128,
         feature_block: int = 16384,
     ) -> None:
+        compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
         n_feat, d = direction.shape
         if not intercept.shape == center.shape == scale.shape == (n_feat,):
             raise XprobeError("intercept, center and scale must be [F] like direction's rows")

@@ -41,9 +41,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline.errors import XprobeError
+from pipeline.lazy import torch
 
 STATUS_OK = 0
 STATUS_DEAD = 1  # never active in train
@@ -75,8 +75,9 @@ class SufficientStats:
         d: int,
         n_feat: int,
         device: torch.device,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
         if compute_dtype not in (torch.float32, torch.float64):
             raise XprobeError(
                 f"compute_dtype {compute_dtype} is not supported for the x·xᵀ product: "
@@ -158,7 +159,7 @@ class SufficientStats:
         cls,
         state: Mapping[str, torch.Tensor | np.ndarray],
         device: torch.device,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
     ) -> SufficientStats:
         """Rebuild an accumulator from :meth:`state_dict` output (torch or numpy values), exactly."""
         n_feat, d = torch.as_tensor(state["cyx"]).shape
@@ -281,7 +282,7 @@ def solve_ridge(
     lambdas: Sequence[float],
     feature_block: int = 16384,
     min_active: int = 10,
-    direction_dtype: torch.dtype = torch.float32,
+    direction_dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
     """Centred ridge for all features, λ chosen per feature by GCV on the training statistics.
 
@@ -292,7 +293,7 @@ def solve_ridge(
     ``train`` alone; ``held_out`` only scores the chosen probe, so its scores are unbiased.
     Features are processed ``feature_block`` at a time: extra device memory is O(d·block).
 
-    Returns numpy arrays: ``direction [F, d]`` (``direction_dtype``: float32 or float64),
+    Returns numpy arrays: ``direction [F, d]`` (``direction_dtype``: float32, the default, or float64),
     ``intercept [F]``, ``lam [F]`` (λ chosen), ``r2_train [F]``, ``r2_gcv [F]`` (GCV estimate
     of out-of-sample R² at the chosen λ; -inf where df(λ) ≥ n), ``r2_held_out [F]``,
     ``pearson_held_out [F]`` (float64), ``n_active_train [F]``, ``n_active_held_out [F]``
@@ -302,6 +303,7 @@ def solve_ridge(
     not ok get a zero direction, the train mean of y as intercept, λ = 0 and scores 0; scores
     that need held-out data are 0 without it. No NaN.
     """
+    direction_dtype = torch.float32 if direction_dtype is None else direction_dtype
     if direction_dtype not in (torch.float32, torch.float64):
         raise XprobeError(
             f"direction_dtype must be torch.float32 or torch.float64, not {direction_dtype}"

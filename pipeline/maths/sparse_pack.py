@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
+
+from pipeline.lazy import torch
 
 STATS = ("count", "sum", "sum_sq", "max")
 """Rows of ``chunk_stats``: per-feature partial statistics of one chunk (float64)."""

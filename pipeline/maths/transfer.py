@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
+
+from pipeline.lazy import torch
 
 PAIR = ("sum_b", "sum_bb", "sum_ab")
 """Rows of ``chunk_transfer/<B>/pair``: per-feature partial sums for the A/B correlation."""

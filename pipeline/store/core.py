@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.errors import XprobeError
+from pipeline.lazy import zarr
 from pipeline.store import io as store_io
 from pipeline.store import locks
 from pipeline.store.io import checksum

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.config import canonical, fingerprint
 from pipeline.errors import XprobeError
+from pipeline.lazy import zarr
 
 FORMAT_VERSION = 1
 FSSPEC_EXTRAS = {

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline.errors import XprobeError
+from pipeline.lazy import torch
 from pipeline.store import Store
 from pipeline.store.layout import acts_unit, tokens_unit
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import torch
 
+from pipeline.lazy import torch
 from pipeline.store import Store
 from pipeline.store.layout import feats_unit
 
