@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -243,3 +245,29 @@ def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_wi
         FeaturesConfig(corpus="c", model="a", sae_path=str(sae), name="x", device="cpu")
     )
     assert "exclude_norm_above" not in stage.identity()
+    # the report: its token pass skips the excluded positions, its header counts them
+    from stages.report import ReportConfig
+    from stages.report import run as report
+    from tests.test_report import shrunk_token_means
+
+    fit(FitConfig(name="ceil", **{**base, "model": "a"}), store)
+    out = report(
+        ReportConfig(
+            corpus="c", features="sae", fits=("g",), ceiling="ceil", n_shown=0, progress=False
+        ),
+        store,
+    )
+    ids = store.array("tokens/c/ids")[:].reshape(-1)
+    train, test = mask & ~excluded & ~held, mask & ~excluded & held
+    pred = shrunk_token_means(ids[train], y[train], ids[test])
+    sst = ((y[test] - y[test].mean(0)) ** 2).sum(0)
+    defined = sst > 0
+    got = store.array("report/main/token_r2")[:]
+    want_r2 = 1 - ((y[test] - pred) ** 2).sum(0)[defined] / sst[defined]
+    np.testing.assert_allclose(got[defined], want_r2, rtol=1e-9, atol=1e-9)
+    page = Path(out["html"]).read_text()
+    assert "high-norm positions (A)" in page and f"{int(want.sum()):,} counted positions" in page
+    assert (
+        "high-norm positions (fit &#x27;g&#x27;)" in page or "high-norm positions (fit 'g')" in page
+    )
+    assert "residual norms at blocks.0.hook_resid_post" in page
