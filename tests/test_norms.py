@@ -271,3 +271,19 @@ def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_wi
         "high-norm positions (fit &#x27;g&#x27;)" in page or "high-norm positions (fit 'g')" in page
     )
     assert "residual norms at blocks.0.hook_resid_post" in page
+    # the match stage counts only the positions that keep their features
+    from stages.match import MatchConfig
+    from stages.match import run as match
+
+    match(
+        MatchConfig(
+            name="self",
+            corpus="c",
+            features_a="sae",
+            features_b="sae",
+            device="cpu",
+            progress=False,
+        ),
+        store,
+    )
+    assert store.info("matches/self")["summary"]["n_counted"] == mask.sum() - want.sum()
