@@ -388,6 +388,10 @@ def info(store_path: str, as_json: bool) -> None:
         )
         for difference in info.get("tokenizer_differences") or []:
             click.echo(f"  tokenizer differs: {difference}")
+        if info.get("norms"):
+            from pipeline.maths.norms import describe
+
+            click.echo(f"  residual norms: {describe(info['norms'])}")
 
 
 @cli.command()

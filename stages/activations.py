@@ -40,6 +40,7 @@ from pipeline.inputs.tokenizer import (
 from pipeline.inputs.vocab import compare, tokenizer_facts, used_from_chunks, vocab_from_json
 from pipeline.lazy import zarr
 from pipeline.lineage import Input, model_input, unit_input
+from pipeline.maths import norms as norm_hist
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
 from pipeline.store.chunks import ChunkResult
@@ -394,7 +395,36 @@ class ActivationsStage(ChunkedStage):
                 # float32 at ~200 MB/s: not worth a writer competing with the forward for cores
                 compressors=None if self.dtype == "float32" else zarr.codecs.ZstdCodec(level=1),
             )
+            # per chunk: how many tokens' residual norms fall in each log2 bin, per position
+            # group, and the groups' maxima (pipeline.maths.norms); summed at finalize
+            n_chunks, groups = int(tinfo["n_chunks"]), len(norm_hist.GROUPS)
+            store.create_array(
+                f"{unit}/norm_hist",
+                (n_chunks, groups, norm_hist.N_BINS),
+                (1, groups, norm_hist.N_BINS),
+                np.uint32,
+                store.info(unit),
+            )
+            store.create_array(
+                f"{unit}/norm_max", (n_chunks, groups), (1, groups), np.float64, store.info(unit)
+            )
         return int(tinfo["n_chunks"])
+
+    def finalize(self, store: Store, n_chunks: int | None) -> dict[str, Any]:
+        """Each unit's norm distribution (median, p99, max; by position) into its provenance."""
+        for unit in self.units(store):
+            if not store.has(f"{unit}/norm_hist") or n_chunks is None:
+                continue  # a unit started before norms were recorded
+            done = store.done_chunks(unit)
+            if not all(i in done for i in range(n_chunks)):
+                continue
+            hist = np.zeros((len(norm_hist.GROUPS), norm_hist.N_BINS), dtype=np.int64)
+            top = np.zeros(len(norm_hist.GROUPS))
+            for i in range(n_chunks):
+                hist += store.read_chunk(f"{unit}/norm_hist", i)[0]
+                top = np.maximum(top, store.read_chunk(f"{unit}/norm_max", i)[0])
+            store.update_info(unit, norms=norm_hist.summary(hist, top))
+        return {}
 
     def _rows(self, tinfo: dict[str, Any], index: int) -> int:
         cs = int(tinfo["chunk_seqs"])
@@ -463,14 +493,18 @@ class ActivationsStage(ChunkedStage):
                 for w in wanted:
                     parts[w].append(acts[w].detach().to("cpu"))
             first, last = index * cs, index * cs + len(ids) - 1
-            arrays = {
-                f"{units[w]}/x": encode_for_store(
-                    torch.cat(pieces).reshape(-1, self.d_model),
-                    f"{units[w]} chunk {index} (corpus sequences {first}..{last})",
-                    ctx,
+            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            arrays = {}
+            for w, pieces in parts.items():
+                x = torch.cat(pieces).reshape(-1, self.d_model)
+                arrays[f"{units[w]}/x"] = encode_for_store(
+                    x, f"{units[w]} chunk {index} (corpus sequences {first}..{last})", ctx
                 )
-                for w, pieces in parts.items()
-            }
+                # norms of the values as stored (float64 sums of squares)
+                norms = torch.linalg.vector_norm(x.double(), dim=-1).numpy()
+                hist, top = norm_hist.chunk_histograms(norms, mask, ctx)
+                arrays[f"{units[w]}/norm_hist"] = hist[None]
+                arrays[f"{units[w]}/norm_max"] = top[None]
             yield ChunkResult(index, arrays, n_tok=len(ids) * ctx)
 
 

@@ -64,7 +64,7 @@ from pipeline.store.layout import (
     safe_name,
     tokens_unit,
 )
-from pipeline.store.reader import load_acts
+from pipeline.store.reader import excluded_threshold, high_norm, load_acts
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ class FeaturesConfig:
     """What the SAE is given: ``auto`` follows its metadata (an SAE trained on TransformerLens
     activations with ``center_writing_weights`` gets each position's residual centred over d_model
     on LayerNorm models, as TransformerLens computes it); ``raw`` or ``centered`` overrule it."""
+    exclude_norm_above: float | None = None
+    """Drop positions whose residual L2 norm exceeds this many times the unit's median norm (as
+    recorded by the activations stage): attention-sink / BOS-like tokens. They get no features,
+    are listed in ``excluded`` and are skipped by fit and report like masked positions."""
     batch_tokens: int = runtime(4096, "tokens per sae.encode call")
     progress: bool = runtime(True, "show a progress bar")
     scheduler: str | None = scheduler_field()
@@ -117,6 +121,10 @@ class FeaturesConfig:
             )
         if self.k is not None and self.k < 1:
             raise XprobeError(f"k must be positive, got {self.k}")
+        if self.exclude_norm_above is not None and not self.exclude_norm_above > 0:
+            raise XprobeError(
+                f"exclude_norm_above must be positive (× the median norm), got {self.exclude_norm_above}"
+            )
         if self.hook is not None and not RESID_HOOK.match(self.hook):
             raise XprobeError(f"hook {self.hook!r} cannot be read: {RESID_HOOK_ADVICE}")
 
@@ -198,6 +206,8 @@ class FeaturesStage(ChunkedStage):
         before it existed, all raw, keep their fingerprint, and a centred run never resumes them)."""
         out = canonical(self.cfg)
         del out["sae_input"]
+        if self.cfg.exclude_norm_above is None:
+            del out["exclude_norm_above"]
         if self._transform is not None and self._transform[0] != "raw":
             out["sae_input_transform"] = self._transform[0]
         return out
@@ -278,6 +288,8 @@ class FeaturesStage(ChunkedStage):
             )
         if self.cfg.k is not None and not 1 <= self.cfg.k <= self.n_feat:
             raise XprobeError(f"k must be in 1..{self.n_feat} (the SAE's d_sae), got {self.cfg.k}")
+        if self.cfg.exclude_norm_above is not None:
+            self.norm_threshold(store)
         for b in self.cfg.transfer_models:
             binfo = self._require_acts(store, b)
             if int(binfo["d_model"]) != int(ainfo["d_model"]):
@@ -290,6 +302,12 @@ class FeaturesStage(ChunkedStage):
                     f"transfer model {b!r} was run on another token stream than {self.cfg.model!r} "
                     "(corpus fingerprints differ); rerun its activations stage on this corpus"
                 )
+
+    def norm_threshold(self, store: Store) -> float | None:
+        """``exclude_norm_above`` × the median residual norm of A's activations, or None."""
+        if self.cfg.exclude_norm_above is None:
+            return None
+        return excluded_threshold(store, self.acts_of(self.cfg.model), self.cfg.exclude_norm_above)
 
     def _chunk_rows(self, info: dict[str, Any]) -> int:
         return int(info["chunk_seqs"]) * int(info["ctx"])
@@ -330,6 +348,8 @@ class FeaturesStage(ChunkedStage):
         store.create_array(
             f"{self.unit}/val", (n_tok, self.k), (rows, self.k), "float32", info, compressors=fast
         )
+        if self.cfg.exclude_norm_above is not None:
+            store.create_array(f"{self.unit}/excluded", (n_tok,), (rows,), "bool", info)
         store.create_array(
             f"{self.unit}/chunk_stats",
             (n_chunks, len(STATS), n_feat),
@@ -369,12 +389,14 @@ class FeaturesStage(ChunkedStage):
         self, store: Store, model: str, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         acts = load_acts(store, self.acts_of(model), index)
+        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        if model == self.cfg.model and self.cfg.exclude_norm_above is not None:
+            mask = mask & ~torch.from_numpy(high_norm(acts, self.norm_threshold(store)))
         if (
             self.input_transform(store)[0] == "centered"
         ):  # as TransformerLens's center_writing_weights
             acts = acts.float()
             acts = acts - acts.mean(dim=1, keepdim=True)
-        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
         return acts, mask
 
     def _batches(self, acts: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -435,6 +457,11 @@ class FeaturesStage(ChunkedStage):
             arrays[f"{self.unit}/chunk_transfer_{name}_pair"] = pair[b].numpy()[None]
             arrays[f"{self.unit}/chunk_transfer_{name}_scalars"] = scalars[b].numpy()[None]
         record = {"dropped_mass": dropped, "total_mass": total, "dropped_fraction": fraction}
+        if self.cfg.exclude_norm_above is not None:
+            counted = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            excluded = counted & ~mask.numpy()
+            arrays[f"{self.unit}/excluded"] = excluded
+            record["n_excluded"] = int(excluded.sum())
         return ChunkResult(index, arrays, n_tok=n, record=record)
 
     # ---- finalize ---------------------------------------------------------------------------------
@@ -442,11 +469,13 @@ class FeaturesStage(ChunkedStage):
         info = store.info(self.unit)
         n_tok, n_feat = int(info["n_tok"]), self.n_feat
         n_counted = int(store.info(self.tokens)["n_counted"])
+        records = [store.chunk_record(self.unit, i) or {} for i in range(n_chunks)]
+        n_excluded = sum(int(r.get("n_excluded", 0)) for r in records)
+        n_counted -= n_excluded  # excluded positions count as masked
         # sums in chunk order: the same bits whether or not the run was resumed
         out = feature_stats(store.array(f"{self.unit}/chunk_stats")[:], n_counted, n_feat)
         for name, data in out.items():
             self._write_whole(store, f"{self.unit}/stats/{name}", data, info)
-        records = [store.chunk_record(self.unit, i) or {} for i in range(n_chunks)]
         dropped = sum(r.get("dropped_mass", 0.0) for r in records)
         total = sum(r.get("total_mass", 0.0) for r in records)
         k = int(store.array(f"{self.unit}/idx").shape[1])
@@ -460,6 +489,10 @@ class FeaturesStage(ChunkedStage):
             "bytes_per_token_on_disk": stored / max(n_tok, 1),
             "dense_bytes_per_token": 4 * n_feat,
         }
+        if self.cfg.exclude_norm_above is not None:
+            extra["exclude_norm_above"] = self.cfg.exclude_norm_above
+            extra["norm_threshold"] = self.norm_threshold(store)
+            extra["n_excluded"] = n_excluded
         if self.cfg.transfer_models:
             extra["transfer"] = {
                 b: self._finalize_transfer(store, name, out, info)

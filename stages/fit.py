@@ -52,7 +52,7 @@ from pipeline.stage import WholeStage
 from pipeline.store import Store
 from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
-from pipeline.store.reader import load_acts
+from pipeline.store.reader import excluded_rows, excluded_threshold, high_norm, load_acts
 from pipeline.store.sparse import load_sparse, select_rows
 
 
@@ -83,6 +83,10 @@ class FitConfig:
     classes: tuple[str, ...] = ()
     """Chat corpora: also score each probe on the held-out tokens of these token classes
     (``template``, ``system``, ``user``, ``assistant``, ``other``): ``<hook>/r2_held_out_<class>``."""
+    exclude_norm_above: float | None = None
+    """Skip positions where B's residual L2 norm at any fitted hook exceeds this many times that
+    hook's median norm (recorded by the activations stage): attention-sink / BOS-like tokens
+    that dominate least squares. Positions A's features stage excluded are always skipped."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(
@@ -116,6 +120,10 @@ class FitConfig:
             raise XprobeError(f"checkpoint_seconds must be positive, got {self.checkpoint_seconds}")
         if self.n_bootstrap < 0:
             raise XprobeError(f"n_bootstrap must be >= 0 (0: no intervals), got {self.n_bootstrap}")
+        if self.exclude_norm_above is not None and not self.exclude_norm_above > 0:
+            raise XprobeError(
+                f"exclude_norm_above must be positive (× the median norm), got {self.exclude_norm_above}"
+            )
 
 
 class Fit:
@@ -129,6 +137,32 @@ class Fit:
         self.acts = {hook: acts_unit(cfg.corpus, safe_name(cfg.model), hook) for hook in cfg.hooks}
         self.device = torch.device(resolve_device(cfg.device))
         self.dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
+        self._thresholds: dict[str, float] | None = None
+
+    def norm_thresholds(self) -> dict[str, float]:
+        """``exclude_norm_above`` × each hook's recorded median norm ({} when unset)."""
+        if self._thresholds is None:
+            factor = self.cfg.exclude_norm_above
+            self._thresholds = (
+                {}
+                if factor is None
+                else {h: excluded_threshold(self.store, u, factor) for h, u in self.acts.items()}
+            )
+        return self._thresholds
+
+    def counted(self, index: int, xs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[rows] bool``: positions of chunk ``index`` that count: the tokens' mask, less those
+        the features stage excluded for their norm, less (``exclude_norm_above``) those where B's
+        norm at any fitted hook exceeds its threshold. ``xs``: B's activations, if loaded."""
+        store = self.store
+        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        excluded = excluded_rows(store, self.feats, index)
+        if excluded is not None:
+            mask = mask & ~torch.from_numpy(excluded)
+        for hook, threshold in self.norm_thresholds().items():
+            x = xs[hook] if xs is not None else load_acts(store, self.acts[hook], index)
+            mask = mask & ~torch.from_numpy(high_norm(x, threshold))
+        return mask
 
     def validate(self) -> dict[str, Any]:
         store, cfg = self.store, self.cfg
@@ -153,6 +187,7 @@ class Fit:
                 f"hooks {list(cfg.hooks)} have different widths {sorted(d_models)}; fit them separately"
             )
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
             unknown = [c for c in cfg.classes if c not in TOKEN_CLASSES]
             if unknown:
@@ -175,6 +210,11 @@ class Fit:
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
             "dtype": "float32",
+            **(
+                {"exclude_norm_above": cfg.exclude_norm_above, "norm_thresholds": self._thresholds}
+                if cfg.exclude_norm_above is not None
+                else {}
+            ),
         }
 
     # ---- accumulation with checkpoints --------------------------------------------------------
@@ -219,7 +259,8 @@ class Fit:
         store = self.store
         tokens = store.info(self.tokens)
         ctx, chunk_seqs = tokens["ctx"], tokens["chunk_seqs"]
-        mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        xs = {hook: load_acts(store, unit, index) for hook, unit in self.acts.items()}
+        mask = self.counted(index, xs)
         seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
         rows, cols, vals = load_sparse(store, self.feats, index)
         splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
@@ -229,8 +270,7 @@ class Fit:
             )
             for c in self.cfg.classes:
                 splits[f"held_out/{c}"] = splits["held_out"] & (cls == TOKEN_CLASSES.index(c))
-        for hook, unit in self.acts.items():
-            x = load_acts(store, unit, index)
+        for hook, x in xs.items():
             for split, keep in splits.items():
                 if bool(keep.any()):
                     r, c, v = select_rows(rows, cols, vals, keep)
@@ -400,7 +440,7 @@ class Fit:
             n_seqs = min(chunk_seqs, n_seq - first)
             if not bool(held[first : first + n_seqs].any()):
                 continue
-            mask = torch.from_numpy(store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+            mask = self.counted(index)
             local_seq = torch.arange(len(mask)) // ctx
             keep = mask & held[first + local_seq]
             rows, cols, vals = select_rows(*load_sparse(store, self.feats, index), keep)
@@ -467,6 +507,8 @@ class FitStage(WholeStage):
         out = canonical(self.cfg)
         if not self.cfg.classes:
             del out["classes"]
+        if self.cfg.exclude_norm_above is None:
+            del out["exclude_norm_above"]
         return out
 
     def validate(self, store: Store) -> None:
@@ -491,10 +533,14 @@ class FitStage(WholeStage):
         stats = self.fit.accumulate(facts["d_model"], facts["n_feat"], client)
         summary = self.fit.solve_and_write(stats, facts["n_feat"])
         first = stats[self.cfg.hooks[0]]
+        n_train, n_held = int(first["train"].n), int(first["held_out"].n)
+        # counted tokens the fit skipped for their norm (its own threshold or the features')
+        n_counted = int(store.info(self.fit.tokens).get("n_counted", n_train + n_held))
         return facts["n_chunks_planned"], {
             "summary": summary,
-            "n_tok_train": int(first["train"].n),
-            "n_tok_held_out": int(first["held_out"].n),
+            "n_tok_train": n_train,
+            "n_tok_held_out": n_held,
+            "n_excluded": n_counted - n_train - n_held,
         }
 
 

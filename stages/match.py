@@ -205,6 +205,10 @@ class Match:
     def _chunk(self, index: int) -> tuple[int, tuple, tuple, int]:
         """Chunk ``index``: its length, A's and B's COO on counted tokens, and the counted count."""
         mask = torch.from_numpy(self.store.read_chunk(f"{self.tokens}/mask", index).reshape(-1))
+        for unit in (self.feats_a, self.feats_b):  # positions excluded for their norm: masked
+            if self.store.has(f"{unit}/excluded"):
+                excluded = self.store.read_chunk(f"{unit}/excluded", index).reshape(-1)
+                mask = mask & ~torch.from_numpy(excluded.astype(bool))
         out = []
         for unit in (self.feats_a, self.feats_b):
             rows, cols, vals = load_sparse(self.store, unit, index)

@@ -255,6 +255,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus_jsonl, tokenizer_
             got, want = killed.read_chunk(f"{unit}/x", i), ref.read_chunk(f"{unit}/x", i)
             assert np.array_equal(got, want)
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bits, incl. -0.0
+            for name in ("norm_hist", "norm_max"):
+                assert np.array_equal(
+                    killed.read_chunk(f"{unit}/{name}", i), ref.read_chunk(f"{unit}/{name}", i)
+                )
+        assert killed.info(unit)["norms"] == ref.info(unit)["norms"]
 
 
 def test_forward_stops_after_deepest_block(gpt2_dir, llama_dir):

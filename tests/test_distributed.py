@@ -281,7 +281,8 @@ def test_workers_write_no_shared_metadata(tokens_store, single, gpt2_dir, client
     store = _copy(tokens_store, "metadata")
     stage = _WatchMetadata(acts_cfg(gpt2_dir, "a"))
     run_stage(stage, store, client=client)
-    assert len(stage.before) == 2 * len(HOOKS) + 3  # x and its unit per hook, acts/ groups
+    # x, norm_hist, norm_max and their unit per hook, acts/ groups
+    assert len(stage.before) == 4 * len(HOOKS) + 3
     assert stage.after == stage.before  # no array resized, no attribute written by a worker
     assert_identical(store, single, [f"acts/c/a/{h}/x" for h in HOOKS])
 

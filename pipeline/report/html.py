@@ -137,6 +137,43 @@ def _tokenizer_rows(store: Any, corpus: str, role: Any) -> list[tuple[str, str]]
     return [(f"{role.model}'s tokenizer", "; ".join(differences))] if differences else []
 
 
+def _norm_rows(store: Any, corpus: str, model: str, hook: str) -> list[tuple[str, str]]:
+    """The per-token residual norms the activations stage recorded for ``model`` at ``hook``."""
+    from pipeline.maths.norms import describe
+
+    unit = acts_unit(corpus, model, hook)
+    norms = store.info(unit).get("norms") if store.has(unit) else None
+    return [(f"{model}'s residual norms at {hook}", describe(norms))] if norms else []
+
+
+def _exclusion_rows(report: Any, feats: dict[str, Any]) -> list[tuple[str, str]]:
+    """Positions left out for their residual norm (``exclude_norm_above``), by the features stage
+    (A's norm) and by each fit (B's norm), counted."""
+    rows = []
+    if feats.get("exclude_norm_above") is not None:
+        rows.append(
+            (
+                "high-norm positions (A)",
+                f"{feats.get('n_excluded', 0):,} counted positions whose residual norm exceeds "
+                f"{feats['exclude_norm_above']:g} × the median ({feats.get('norm_threshold', 0):.4g}) "
+                "have no features and are skipped by fits and this report",
+            )
+        )
+    for role in report.roles:
+        unit = f"probes/{role.fit}"
+        info = report.store.info(unit) if report.store.has(unit) else {}
+        if info.get("exclude_norm_above") is not None or info.get("n_excluded"):
+            factor = info.get("exclude_norm_above")
+            why = f" (B's norm above {factor:g} × its median, or A's)" if factor else ""
+            rows.append(
+                (
+                    f"high-norm positions (fit {role.fit!r})",
+                    f"{info.get('n_excluded', 0):,} counted positions skipped{why}",
+                )
+            )
+    return rows
+
+
 def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
     store = report.store
     tokens = store.info(report.tokens)
@@ -159,10 +196,13 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
             f"{'fires' if feats.get('n_dead') == 1 else 'fire'} on this corpus",
         ),
     ]
+    rows += _norm_rows(store, report.cfg.corpus, feats["model"], feats["hook"])
+    rows += _exclusion_rows(report, feats)
     for role in report.roles:
         what = {"ceiling": "ceiling (A → A)", "floor": "floor (random init)"}.get(role.label, "B")
         rows.append((what, f"fit {role.fit!r}: {role.model} at {', '.join(role.hooks)}"))
         rows += _tokenizer_rows(store, report.cfg.corpus, role)
+        rows += _norm_rows(store, report.cfg.corpus, role.model, role.hooks[0])
     for label, t in (notes.get("transfer") or {}).items():
         if t:
             rows.append(

@@ -150,6 +150,14 @@ class Report:
             "corpus_fingerprint": tokens["corpus_fingerprint"],
         }
 
+    def _counted(self, index: int) -> np.ndarray:
+        """Positions of chunk ``index`` that count: the tokens' mask, less those the features
+        stage excluded for their residual norm (``exclude_norm_above``)."""
+        mask = self.store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+        if self.store.has(f"{self.feats}/excluded"):
+            mask = mask & ~self.store.read_chunk(f"{self.feats}/excluded", index).reshape(-1)
+        return mask
+
     # ---- the one pass over tokens and features ---------------------------------------------------
     def _scan_pass(self, n_feat: int) -> tuple[dict[str, np.ndarray], int]:
         from tqdm.auto import tqdm
@@ -163,7 +171,7 @@ class Report:
             range(n_chunks), desc="report", unit="chunk", disable=not self.cfg.progress
         ):
             ids = store.read_chunk(f"{self.tokens}/ids", index).reshape(-1)
-            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            mask = self._counted(index)
             rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))
             first_token = index * chunk_seqs * ctx
             top.update(first_token + rows, cols, vals)
@@ -194,7 +202,7 @@ class Report:
             if not held[first : first + n_seqs].any():
                 continue
             ids = store.read_chunk(f"{self.tokens}/ids", index).reshape(-1)
-            mask = store.read_chunk(f"{self.tokens}/mask", index).reshape(-1)
+            mask = self._counted(index)
             local_seq = np.arange(len(ids)) // ctx
             keep = mask & held[first + local_seq]
             rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))

@@ -157,3 +157,34 @@ def iter_chunks(
                 out.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+# ---- high-norm positions (``exclude_norm_above``) ---------------------------------------------
+
+
+def excluded_threshold(store: Store, acts_unit: str, factor: float) -> float:
+    """``factor`` × the median per-token residual norm the activations stage recorded for
+    ``acts_unit``; refuses a unit stored before norms were recorded."""
+    norms = store.info(acts_unit).get("norms")
+    if not norms or norms.get("median") is None:
+        raise XprobeError(
+            f"{acts_unit} has no recorded residual norms (stored by an older xprobe), so "
+            "exclude_norm_above has no median to scale; rerun its activations stage with --force"
+        )
+    return float(factor) * float(norms["median"])
+
+
+def high_norm(acts: torch.Tensor, threshold: float) -> np.ndarray:
+    """``[n] bool``: rows of ``acts`` whose L2 norm (float64, as the activations stage records
+    it) exceeds ``threshold``."""
+    import torch
+
+    return (torch.linalg.vector_norm(acts.double(), dim=-1) > threshold).cpu().numpy()
+
+
+def excluded_rows(store: Store, feats_unit: str, index: int) -> np.ndarray | None:
+    """``[rows] bool``: positions of chunk ``index`` the features stage excluded for their norm
+    (``exclude_norm_above``), or None when it excluded none. Readers treat them as masked."""
+    if not store.has(f"{feats_unit}/excluded"):
+        return None
+    return store.read_chunk(f"{feats_unit}/excluded", index).reshape(-1).astype(bool)
