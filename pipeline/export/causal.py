@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import XprobeError
 from pipeline.export.measure import load_model, splice
 from pipeline.export.sae import FitSource
+from pipeline.report.causal import MEASURES
 from pipeline.store.layout import acts_unit, safe_name
 from pipeline.store.sparse import load_sparse
 
@@ -138,17 +139,7 @@ def causal_agreement(
     generator = torch.Generator().manual_seed(seed)
 
     ids_all = store.array(f"{source.tokens}/ids")
-    columns: dict[str, list[np.ndarray]] = {
-        k: []
-        for k in (
-            "cos_steer",
-            "cos_null",
-            "abs_cos_null",
-            "dloss_probe",
-            "dloss_write",
-            "dloss_random",
-        )
-    }
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in MEASURES}
     for start in range(0, len(contexts.feature), batch):
         sl = slice(start, start + batch)
         feats, seqs, pos = contexts.feature[sl], contexts.seq[sl], contexts.pos[sl]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -80,15 +79,6 @@ def detect_format(path: Path) -> str:
     if suffixes.endswith(".parquet"):
         return "parquet"
     return "text"
-
-
-def source_fingerprint(paths: list[Path]) -> str:
-    """A cheap identity of the inputs (path, size, mtime) to refuse resuming on changed files."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -167,29 +157,10 @@ def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
 
 
 def _jsonl_docs(path: Path, field: str, errors: str) -> Iterator[str]:
-    with _open(path) as f:
-        offset = 0
-        for lineno, raw in enumerate(_lines(f, path), 1):
-            start, offset = offset, offset + len(raw)
-            if start == 0:
-                _refuse_binary(raw, path)
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(_decode(raw, path, errors, start))
-            except json.JSONDecodeError as e:
-                raise XprobeError(f"{path} line {lineno} is not valid JSON: {e}") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise XprobeError(
-                    f"{path} line {lineno} has no field {field!r} (it has {keys}); set field = ..."
-                )
-            value = record[field]
-            if not isinstance(value, str):
-                raise XprobeError(
-                    f"{path} line {lineno}: field {field!r} is {type(value).__name__}, not text"
-                )
-            yield value
+    for where, value in _jsonl_values(path, field, errors):
+        if not isinstance(value, str):
+            raise XprobeError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+        yield value
 
 
 def _parquet_docs(path: Path, column: str) -> Iterator[str]:
@@ -250,13 +221,18 @@ def iter_documents(
 
 
 def _jsonl_values(path: Path, field: str, errors: str) -> Iterator[tuple[str, object]]:
-    """``(where, record[field])`` of every line, of any JSON type."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    """``(where, record[field])`` of every line, of any JSON type (compressed files read through,
+    binary data refused by name)."""
+    with _open(path) as f:
+        offset = 0
+        for lineno, raw in enumerate(_lines(f, path), 1):
+            start, offset = offset, offset + len(raw)
+            if start == 0:
+                _refuse_binary(raw, path)
             if not raw.strip():
                 continue
             try:
-                record = json.loads(_decode(raw, path, errors))
+                record = json.loads(_decode(raw, path, errors, start))
             except json.JSONDecodeError as e:
                 raise XprobeError(f"{path} line {lineno} is not valid JSON: {e}") from None
             if not isinstance(record, dict) or field not in record:

@@ -34,6 +34,8 @@ COLUMNS = (
     "dloss_random",
 )
 """The per-feature columns recorded (``group`` is recorded as the bool array ``top``)."""
+MEASURES = COLUMNS[4:]
+"""The columns measured per context (medians per feature): steering cosines and loss changes."""
 GROUPS = (("top", "top by score"), ("other", "random others"))
 
 
