@@ -32,8 +32,8 @@ def stage_sections(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def check_sections(config: dict[str, Any]) -> None:
-    """Refuse top-level keys that are neither ``store``/``cache`` nor a stage."""
-    known = {"store", "cache"} | {s.name for s in STAGES}
+    """Refuse top-level keys that are neither ``store``/``cache``/``max_disk`` nor a stage."""
+    known = {"store", "cache", "max_disk"} | {s.name for s in STAGES}
     unknown = sorted(set(config) - known)
     if unknown:
         raise XprobeError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
@@ -83,10 +83,11 @@ def run(
     force: bool = False,
     rebuild_stale: bool = False,
     progress: bool = True,
+    max_disk: str | int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every stage of ``config`` (a TOML file, or its tables as a dict) in order, skipping
-    finished work, like ``xprobe run`` (``force``, ``rebuild_stale``: its flags); returns each
-    stage's summary.
+    finished work, like ``xprobe run`` (``force``, ``rebuild_stale``, ``max_disk``: its flags;
+    ``max_disk`` also from the config); returns each stage's summary.
 
     Relative paths are relative to the TOML file's folder (for a dict: the working directory).
     """
@@ -107,6 +108,26 @@ def run(
         mode="a",
         cache=[store_location(c, base) for c in caches],
     )
+    return run_planned(
+        planned, store, max_disk or config.get("max_disk"), force, rebuild_stale, progress
+    )
+
+
+def run_planned(
+    planned: list[tuple[StageEntry, Any, Any]],
+    store: Store,
+    max_disk: str | int | None,
+    force: bool,
+    rebuild_stale: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Run planned stages in order; by segments (``pipeline.segments``) with a disk budget, or
+    when a configured stage needs dense chunks an earlier segmented run evicted."""
+    from pipeline.segments import needs_segments, parse_size, run_config
+
+    budget = None if max_disk is None else parse_size(max_disk)
+    if budget is not None or needs_segments(planned, store):
+        return run_config(planned, store, budget, force, rebuild_stale, progress)
     return [
         run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale) for _, cfg, run_fn in planned
     ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pipeline.api import plan, stage_sections, store_location
+from pipeline.api import plan, run_planned, stage_sections, store_location
 from pipeline.config import field_docs, from_dict, is_list_field, load_toml, parse_flag, relative_to
 from pipeline.errors import Interrupted, XprobeError
 from pipeline.registry import STAGES, StageEntry
@@ -115,6 +115,12 @@ def cli() -> None:
     help="Start one local dask cluster of N worker processes for the run (one per GPU where "
     "CUDA is visible; 0 = every GPU).",
 )
+@click.option(
+    "--max-disk",
+    help="Disk budget for the store, e.g. 50GB: go over the corpus in segments that fit it, "
+    "evicting each segment's dense activations once every stage has consumed them (also "
+    'max_disk = "50GB" in the config).',
+)
 def run(
     config_path: str,
     store_path: str | None,
@@ -126,6 +132,7 @@ def run(
     dry_run: bool,
     scheduler: str | None,
     workers: int | None,
+    max_disk: str | None,
 ) -> None:
     """Run every stage configured in CONFIG_PATH in order, skipping finished work.
 
@@ -141,6 +148,11 @@ def run(
     if scheduler or workers is not None:
         overrides["scheduler"] = scheduler  # the flags win over the TOML
     planned = plan(config, base, only, overrides)  # every section checked before any runs
+    max_disk = max_disk or config.get("max_disk")
+    if max_disk is not None:
+        from pipeline.segments import parse_size
+
+        parse_size(max_disk)  # a bad size is refused before anything runs
     if not planned:
         raise XprobeError(f"{config_path} configures no stage; add a section such as [tokenize]")
     if dry_run:
@@ -162,8 +174,10 @@ def run(
                 )
                 for entry, cfg, fn in planned
             ]
-        for _, cfg, run_fn in planned:
-            _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
+        for summary in run_planned(
+            planned, store, max_disk, force, rebuild_stale, progress=not no_progress
+        ):
+            _print_summary(summary)
 
 
 _PLAN_WORDS = {
@@ -318,7 +332,9 @@ def _progress_of(store: Store, unit: str, info: dict[str, Any]) -> str:
     done = len(store.done_chunks(unit))
     total = info.get("n_chunks") or info.get("n_chunks_planned")
     state = "complete" if info.get("complete") else "incomplete"
-    return f"{done}/{total if total is not None else '?'} chunks  {state}"
+    evicted = len(store.evicted_chunks(unit)) if unit.startswith("acts/") else 0
+    gone = f" ({evicted} consumed and evicted)" if evicted else ""
+    return f"{done}/{total if total is not None else '?'} chunks  {state}{gone}"
 
 
 @cli.command()

@@ -29,7 +29,7 @@ import contextlib
 import errno
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,7 @@ def run(
     progress: bool = True,
     cluster: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     client: Any = None,
+    chunks: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` on ``store`` to completion, doing only what is missing. Returns a summary.
 
@@ -175,16 +176,22 @@ def run(
     (and nothing else). ``cluster()`` gives a dask client (or None) for the work, entered only
     when there is work to do: chunks then run as tasks on its workers (``pipeline.distributed``)
     while this process holds the locks, prepares and finalizes. ``client``: a client to use as is.
+
+    ``chunks`` (a segmented run, ``pipeline.segments``): do only the work of these chunks. A
+    chunked stage computes those of them that are missing or were evicted (and finalizes only
+    once every chunk is recorded); a whole stage that consumes chunks (the fit) adds them to its
+    checkpoint and is built later, by a run without ``chunks``.
     """
     if client is not None:
         cluster = lambda: contextlib.nullcontext(client)  # noqa: E731
+    stage.segment = None if chunks is None else sorted(chunks)
     stage.validate(store)
     unit_facts = stage.units(store)
     units = list(unit_facts)
     now = stage.inputs(store)
     memo: dict[str, Stale | None] = {}
     config_fp = fingerprint(stage.identity())
-    if not force and (cache := store.cached_complete(units, config_fp)):
+    if not force and chunks is None and (cache := store.cached_complete(units, config_fp)):
         stale = [a for u in units if (a := assess(store, stage, u, now, memo)).state == "stale"]
         if not stale:
             return _done(stage, store, units, cache=cache)
@@ -206,7 +213,7 @@ def run(
                 raise
             locked.append(unit)
         return _run_locked(
-            stage, store, unit_facts, now, memo, force, rebuild_stale, progress, cluster
+            stage, store, unit_facts, now, memo, force, rebuild_stale, progress, cluster, chunks
         )
     except OSError as e:  # metadata, side files and locks can hit a full disk too
         if e.errno == errno.ENOSPC:
@@ -250,6 +257,7 @@ def _run_locked(
     rebuild_stale: bool,
     progress: bool,
     cluster: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+    chunks: Collection[int] | None = None,
 ) -> dict[str, Any]:
     units = list(unit_facts)
     states = [assess(store, stage, u, now, memo) for u in units]
@@ -261,7 +269,11 @@ def _run_locked(
         if a.state == "config" and not (force or stage.recompute_on_config_change):
             raise refusal(stage, a)
     if not force and all(a.state == "complete" for a in states):
-        return _done(stage, store, units)
+        if chunks is None or not isinstance(stage, ChunkedStage):
+            return _done(stage, store, units)
+        evicted = set.union(*(store.evicted_chunks(u) for u in units))
+        if not evicted & set(chunks):
+            return _done(stage, store, units)
     lineage = {name: inp.record() for name, inp in now.items()}
     for a in states:
         if store.has_local(a.unit) and (force or a.state in ("stale", "config", "restart")):
@@ -273,10 +285,15 @@ def _run_locked(
             )
     with (cluster or contextlib.nullcontext)() as client:
         if isinstance(stage, ChunkedStage):
-            summary = _run_chunks(stage, store, units, progress, client)
+            summary = _run_chunks(stage, store, units, progress, client, chunks)
+        elif chunks is not None:
+            assert isinstance(stage, WholeStage)
+            consumed = stage.consume(store, sorted(chunks), client)
+            return _summary(stage, units, consumed, already_complete=False)
         else:
             assert isinstance(stage, WholeStage)
             n_chunks, facts = stage.build(store, client)
+            _seal_lineage(stage, store, units)
             for unit in units:
                 store.mark_complete(unit, n_chunks, **facts)
             summary = _summary(
@@ -285,6 +302,30 @@ def _run_locked(
     if isinstance(stage, WholeStage):
         summary = stage.publish(store, summary)
     return summary
+
+
+def _all_recorded(store: Store, units: list[str], n_chunks: int | None) -> bool:
+    return n_chunks is not None and all(len(store.done_chunks(u)) == n_chunks for u in units)
+
+
+def _seal_lineage(stage: Stage, store: Store, units: list[str]) -> None:
+    """At completion, record the content fingerprints of input units that had none when the unit
+    was created: a segmented run (``pipeline.segments``) starts consuming an input unit's chunks
+    before that unit is complete. Those chunks were checked against their markers when read, and
+    the input's fingerprint hashes those markers, so it names what was consumed."""
+    now = stage.inputs(store)
+    for unit in units:
+        lineage = dict(store.info(unit).get("lineage") or {})
+        fill = {
+            name: now[name].record()
+            for name, rec in lineage.items()
+            if rec.get("fingerprint") is None
+            and name in now
+            and now[name].kind == "unit"
+            and now[name].fingerprint is not None
+        }
+        if fill:
+            store.update_info(unit, lineage={**lineage, **fill})
 
 
 # ---- chunked stages ----------------------------------------------------------------------------------
@@ -334,13 +375,26 @@ def disk_full(store: Store) -> XprobeError:
 
 
 def _run_chunks(
-    stage: ChunkedStage, store: Store, units: list[str], progress: bool, client: Any
+    stage: ChunkedStage,
+    store: Store,
+    units: list[str],
+    progress: bool,
+    client: Any,
+    only: Collection[int] | None = None,
 ) -> dict[str, Any]:
+    complete = all(store.info(u).get("complete") for u in units)
     n_chunks = stage.prepare(store)
-    if n_chunks is not None:
+    if n_chunks is not None and not complete:
         for unit in units:
             store.update_info(unit, n_chunks_planned=n_chunks)
     done = set.intersection(*(store.done_chunks(u) for u in units)) if units else set()
+    if only is not None:  # a segment: these chunks only, evicted ones computed again
+        if n_chunks is None:
+            raise XprobeError(
+                f"stage {stage.name} cannot run by segments: its chunk count is unknown"
+            )
+        evicted = set.union(*(store.evicted_chunks(u) for u in units))
+        done = (done - (evicted & set(only))) | (set(range(n_chunks)) - set(only))
     bar = tqdm(
         total=stage.tokens_todo(store, done),
         unit="tok",
@@ -385,10 +439,13 @@ def _run_chunks(
                 writer.close()
             finally:
                 bar.close()
+    if only is not None and (complete or not _all_recorded(store, units, n_chunks)):
+        return _summary(stage, units, len(written), already_complete=False)
     extras = stage.finalize(store, n_chunks)
     n_chunks = extras.pop("n_chunks", n_chunks)
     if n_chunks is None:
         raise RuntimeError(f"stage {stage.name} did not report its chunk count")
+    _seal_lineage(stage, store, units)
     for unit in units:
         missing = sorted(set(range(n_chunks)) - store.done_chunks(unit))
         if missing:

@@ -45,6 +45,10 @@ class Stage(ABC):
         """What the units are computed from, by name (``pipeline.lineage``); called after
         ``validate``, before anything is done or skipped."""
 
+    segment: list[int] | None = None
+    """Set by the lifecycle: the chunks a segmented run (``pipeline.segments``) does now, or None
+    for a whole run. Within a segment, input units need only these chunks, not be complete."""
+
     recompute_on_config_change: ClassVar[bool] = False
     """True for a unit that is only a cache (the report's pass): another config recomputes it
     instead of being refused."""
@@ -92,6 +96,14 @@ class WholeStage(Stage):
     def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
         """Compute and write the unit(s), resuming from a checkpoint if there is one; return the
         number of chunks read and the facts to record at completion."""
+
+    consumes_chunks: ClassVar[bool] = False
+    """Whether the stage can take its input chunks a segment at a time (``consume``), so that
+    a segmented run (``pipeline.segments``) can evict them before the whole corpus is read."""
+
+    def consume(self, store: Store, chunks: list[int], client: Any = None) -> int:
+        """Add ``chunks`` (those not yet consumed) to the unit's checkpoint; return how many."""
+        raise NotImplementedError(f"stage {self.name} cannot consume its input by segments")
 
     def publish(self, store: Store, summary: dict[str, Any]) -> dict[str, Any]:
         """After the units are complete (now or before): anything rebuilt on every run."""

@@ -272,7 +272,8 @@ class FeaturesStage(ChunkedStage):
                 "or set hook to one that is stored."
             )
         info = store.info(unit)
-        if not info.get("complete"):
+        if not info.get("complete") and self.segment is None:
+            # a segmented run (pipeline.segments) encodes each segment as soon as it is stored
             raise XprobeError(f"{unit} is not complete; resume the activations stage first")
         return info
 

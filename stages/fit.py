@@ -25,7 +25,9 @@ tokens of one token class (``tokens/<corpus>/token_class``), from that class's s
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +56,9 @@ from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
 from pipeline.store.reader import excluded_rows, excluded_threshold, high_norm, load_acts
 from pipeline.store.sparse import load_sparse, select_rows
+
+CONSUMED_FILE = "consumed.json"
+"""Side file of a fit unit: the chunks its checkpoint holds (read by pipeline.segments)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,12 @@ class Fit:
         self.device = torch.device(resolve_device(cfg.device))
         self.dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
         self._thresholds: dict[str, float] | None = None
+        self.segment: list[int] | None = None
+        """A segmented run (pipeline.segments): the chunks this call consumes; inputs need
+        only these, not be complete."""
+        self.provider: Callable[[int], None] | None = None
+        """A segmented run: called with a chunk index before the evaluation pass reads it, to
+        compute again (and later evict) dense chunks that were evicted after accumulation."""
 
     def norm_thresholds(self) -> dict[str, float]:
         """``exclude_norm_above`` × each hook's recorded median norm ({} when unset)."""
@@ -173,7 +184,9 @@ class Fit:
         ]:
             if not store.has(unit):
                 raise XprobeError(f"{unit} is not in the store; run the {what} stage first")
-            if not store.info(unit).get("complete"):
+            if not store.info(unit).get("complete") and (
+                self.segment is None or what == "tokenize"
+            ):
                 raise XprobeError(f"{unit} is incomplete; finish the {what} stage first")
         tokens, feats = store.info(self.tokens), store.info(self.feats)
         for unit in [self.feats, *self.acts.values()]:
@@ -246,6 +259,21 @@ class Fit:
             "stats": {h: {s: st.state_dict() for s, st in sp.items()} for h, sp in stats.items()},
         }
         save_checkpoint(self.store, self.unit, state)
+        # what a segmented run's scheduler reads to know what may be evicted (never ahead of
+        # the checkpoint: written after it)
+        self.store.write_text(f"{self.unit}/{CONSUMED_FILE}", json.dumps(sorted(consumed)))
+
+    def consumed_chunks(self) -> set[int]:
+        """Chunks whose statistics are in the checkpoint (all, once the fit is complete)."""
+        store = self.store
+        if store.has(self.unit) and store.info(self.unit).get("complete"):
+            return set(range(int(store.info(self.unit)["n_chunks"])))
+        text = store.read_text(f"{self.unit}/{CONSUMED_FILE}") if store.has(self.unit) else None
+        return set(json.loads(text)) if text else set()
+
+    def dense_units(self) -> list[str]:
+        """Every dense activation unit this fit reads."""
+        return list(self.acts.values())
 
     def held_out_mask(self) -> torch.Tensor:
         """[n_seq] bool: the held-out sequences of this fit's corpus."""
@@ -281,15 +309,18 @@ class Fit:
                         v.to(self.device),
                     )
 
-    def accumulate(self, d: int, n_feat: int, client: Any = None) -> dict:
-        """Statistics of every chunk, resuming from the checkpoint; with a dask ``client`` the
-        missing chunks are partition tasks on its workers, summed by a tree of merges."""
+    def accumulate(
+        self, d: int, n_feat: int, client: Any = None, only: list[int] | None = None
+    ) -> dict:
+        """Statistics of every chunk (``only``: of these, a segment), resuming from the
+        checkpoint; with a dask ``client`` the missing chunks are partition tasks on its
+        workers, summed by a tree of merges."""
         store, cfg = self.store, self.cfg
         tokens = store.info(self.tokens)
         ctx, chunk_seqs, n_chunks = tokens["ctx"], tokens["chunk_seqs"], tokens["n_chunks"]
         held = self.held_out_mask()
         consumed, stats = self._load_checkpoint(d, n_feat)
-        todo = [i for i in range(n_chunks) if i not in set(consumed)]
+        todo = [i for i in (range(n_chunks) if only is None else only) if i not in set(consumed)]
         rows = {i: min(chunk_seqs, tokens["n_seq"] - i * chunk_seqs) * ctx for i in todo}
         bar = tqdm(
             total=sum(rows.values()),
@@ -334,79 +365,33 @@ class Fit:
 
     # ---- solve and write ----------------------------------------------------------------------
     def solve_and_write(self, stats: dict, n_feat: int) -> dict[str, Any]:
+        """Solve every hook's probes, score them in one pass over the held-out tokens and write
+        them. Hook by hook; in a segmented run (``provider`` set) all hooks are scored in one
+        pass, so evicted chunks are computed again once, not once per hook (same numbers: each
+        hook's sums run over the chunks in the same order)."""
         store, cfg = self.store, self.cfg
         prov = store.info(self.unit)
         gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
-        summary = {}
+        summary: dict[str, Any] = {}
         decoder = self.sae_decoder(stats[cfg.hooks[0]]["train"].d)
+        together = self.provider is not None
+        solved = {}
         for hook in cfg.hooks:
-            train, held = stats[hook]["train"], stats[hook]["held_out"]
-            if train.n == 0:
-                raise XprobeError(
-                    "no training tokens: the corpus is too small for this held_out_fraction"
+            result = self.solve_hook(stats[hook], decoder)
+            if not together:
+                self.write_hook(
+                    hook, result, stats[hook], self.held_out_scores({hook: result}, stats)
                 )
-            scale = float(torch.trace(train.cxx)) / train.cxx.shape[0]
-            lambdas = [lam * scale for lam in cfg.lambdas]
-            result = solve_ridge(
-                train,
-                held if held.n > 0 else None,
-                lambdas,
-                feature_block=cfg.feature_block,
-                min_active=cfg.min_active,
-            )
-            # B's write direction (decoder row) per feature, beside the probe (encoder row)
-            ok = np.asarray(result["status"]) == STATUS_OK
-            result.update(write_directions(train, ok, cfg.feature_block))
-            if held.n > 0:
-                result.update(self.held_out_scores(hook, result, train))
-            if decoder is not None:
-                result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
-            for key, value in result.items():
-                value = (
-                    value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-                )
-                if key == "direction":
-                    value = value.astype(np.float32)
-                path = f"{self.unit}/{hook}/{key}"
-                if store.has(path):
-                    store.delete(path)
-                chunks = (min(len(value), 4096),) + value.shape[1:] if value.ndim else ()
-                arr = store.create_array(
-                    path, value.shape, chunks or value.shape, value.dtype, prov
-                )
-                arr[...] = value
-            r2 = np.asarray(
-                result["r2_held_out"].cpu()
-                if isinstance(result["r2_held_out"], torch.Tensor)
-                else result["r2_held_out"]
-            )
-            gcv_r2.append(np.asarray(result["r2_gcv"]))
-            ok = (
-                np.asarray(
-                    result["status"].cpu()
-                    if isinstance(result["status"], torch.Tensor)
-                    else result["status"]
-                )
-                == 0
-            )
-            summary[hook] = {
-                "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
-                "n_ok": int(ok.sum()),
-            }
-            for c in cfg.classes:
-                by_class = stats[hook][f"held_out/{c}"]
-                r2_c = np.where(
-                    ok, r2_from_stats(by_class, result["direction"], result["intercept"]), 0.0
-                )
-                path = f"{self.unit}/{hook}/r2_held_out_{c}"
-                if store.has(path):
-                    store.delete(path)
-                store.create_array(path, r2_c.shape, r2_c.shape, r2_c.dtype, prov)[...] = r2_c
-                defined = ok & np.isfinite(r2_c)
-                summary[hook][f"n_tok_held_out_{c}"] = int(by_class.n)
-                summary[hook][f"median_r2_held_out_{c}"] = (
-                    float(np.median(r2_c[defined])) if defined.any() else None
-                )
+                gcv_r2.append(np.asarray(result["r2_gcv"]))
+                summary[hook] = self.hook_summary(hook, result, stats[hook], prov)
+            else:
+                solved[hook] = result
+        if together:
+            scores = self.held_out_scores(solved, stats)
+            for hook, result in solved.items():
+                self.write_hook(hook, result, stats[hook], scores)
+                gcv_r2.append(np.asarray(result["r2_gcv"]))
+                summary[hook] = self.hook_summary(hook, result, stats[hook], prov)
         best = np.argmax(np.stack(gcv_r2), axis=0).astype(np.int32)
         if store.has(f"{self.unit}/best_hook"):
             store.delete(f"{self.unit}/best_hook")
@@ -415,31 +400,122 @@ class Fit:
         ] = best
         return summary
 
+    def solve_hook(self, stats: dict, decoder: torch.Tensor | None) -> dict[str, Any]:
+        """One hook's probes from its training statistics (λ by GCV), write directions and the
+        Latent Scaling baseline; no held-out token is read."""
+        cfg = self.cfg
+        train, held = stats["train"], stats["held_out"]
+        if train.n == 0:
+            raise XprobeError(
+                "no training tokens: the corpus is too small for this held_out_fraction"
+            )
+        scale = float(torch.trace(train.cxx)) / train.cxx.shape[0]
+        lambdas = [lam * scale for lam in cfg.lambdas]
+        result = solve_ridge(
+            train,
+            held if held.n > 0 else None,
+            lambdas,
+            feature_block=cfg.feature_block,
+            min_active=cfg.min_active,
+        )
+        # B's write direction (decoder row) per feature, beside the probe (encoder row)
+        ok = np.asarray(result["status"]) == STATUS_OK
+        result.update(write_directions(train, ok, cfg.feature_block))
+        if decoder is not None:
+            result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
+        return result
+
+    def write_hook(
+        self, hook: str, result: dict[str, Any], stats: dict, scores: dict[str, dict]
+    ) -> None:
+        """Write one hook's arrays (``probes/<name>/<hook>/...``), its held-out scores included."""
+        store = self.store
+        prov = store.info(self.unit)
+        if stats["held_out"].n > 0:
+            result.update(scores[hook])
+        for key, value in result.items():
+            value = value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if key == "direction":
+                value = value.astype(np.float32)
+            path = f"{self.unit}/{hook}/{key}"
+            if store.has(path):
+                store.delete(path)
+            chunks = (min(len(value), 4096),) + value.shape[1:] if value.ndim else ()
+            arr = store.create_array(path, value.shape, chunks or value.shape, value.dtype, prov)
+            arr[...] = value
+
+    def hook_summary(
+        self, hook: str, result: dict[str, Any], stats: dict, prov: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Medians for the run's summary; with ``classes``, each class's held-out R² (written)."""
+        store, cfg = self.store, self.cfg
+        r2 = np.asarray(
+            result["r2_held_out"].cpu()
+            if isinstance(result["r2_held_out"], torch.Tensor)
+            else result["r2_held_out"]
+        )
+        ok = (
+            np.asarray(
+                result["status"].cpu()
+                if isinstance(result["status"], torch.Tensor)
+                else result["status"]
+            )
+            == 0
+        )
+        out: dict[str, Any] = {
+            "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
+            "n_ok": int(ok.sum()),
+        }
+        for c in cfg.classes:
+            by_class = stats[f"held_out/{c}"]
+            r2_c = np.where(
+                ok, r2_from_stats(by_class, result["direction"], result["intercept"]), 0.0
+            )
+            path = f"{self.unit}/{hook}/r2_held_out_{c}"
+            if store.has(path):
+                store.delete(path)
+            store.create_array(path, r2_c.shape, r2_c.shape, r2_c.dtype, prov)[...] = r2_c
+            defined = ok & np.isfinite(r2_c)
+            out[f"n_tok_held_out_{c}"] = int(by_class.n)
+            out[f"median_r2_held_out_{c}"] = (
+                float(np.median(r2_c[defined])) if defined.any() else None
+            )
+        return out
+
     def held_out_scores(
-        self, hook: str, result: dict[str, np.ndarray], train: SufficientStats
-    ) -> dict[str, np.ndarray]:
-        """One pass over the held-out tokens of ``hook`` with its solved probes: R² of the prediction
-        clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and clipped) over held-out
-        sequences (pipeline/maths/evaluate.py). NaN where the probe's status is not ok."""
+        self, results: dict[str, dict[str, np.ndarray]], stats: dict
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """One pass over the held-out tokens with the solved probes of the hooks in ``results``:
+        R² of the prediction clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and
+        clipped) over held-out sequences (pipeline/maths/evaluate.py), per hook. NaN where the
+        probe's status is not ok. Hooks without held-out tokens are left out."""
         store, cfg = self.store, self.cfg
         tokens = store.info(self.tokens)
         ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
         held = self.held_out_mask()
-        scores = ProbeScores(
-            torch.from_numpy(np.ascontiguousarray(result["direction"])),
-            torch.from_numpy(result["intercept"]),
-            train.mean_y.cpu(),
-            torch.sqrt(train.syy.cpu() / train.n),
-            self.device,
-            self.dtype,
-            n_boot=cfg.n_bootstrap,
-            feature_block=cfg.feature_block,
-        )
+        hooks = [h for h in results if stats[h]["held_out"].n > 0]
+        if not hooks:
+            return {}
+        scorers = {}
+        for hook in hooks:
+            train = stats[hook]["train"]
+            scorers[hook] = ProbeScores(
+                torch.from_numpy(np.ascontiguousarray(results[hook]["direction"])),
+                torch.from_numpy(results[hook]["intercept"]),
+                train.mean_y.cpu(),
+                torch.sqrt(train.syy.cpu() / train.n),
+                self.device,
+                self.dtype,
+                n_boot=cfg.n_bootstrap,
+                feature_block=cfg.feature_block,
+            )
         for index in range(tokens["n_chunks"]):
             first = index * chunk_seqs
             n_seqs = min(chunk_seqs, n_seq - first)
             if not bool(held[first : first + n_seqs].any()):
                 continue
+            if self.provider is not None:
+                self.provider(index)
             mask = self.counted(index)
             local_seq = torch.arange(len(mask)) // ctx
             keep = mask & held[first + local_seq]
@@ -447,18 +523,21 @@ class Fit:
             weights = torch.from_numpy(
                 bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
             )
-            x = load_acts(store, self.acts[hook], index)[keep]
-            scores.update(x, rows, cols, vals, weights, groups=local_seq[keep])
-        out = scores.result()
-        bad = result["status"] != STATUS_OK
+            for hook in hooks:
+                x = load_acts(store, self.acts[hook], index)[keep]
+                scorers[hook].update(x, rows, cols, vals, weights, groups=local_seq[keep])
         boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}
         named = {"r2_clipped": "r2_clipped_held_out", "auroc": "auroc_held_out", **boot}
-        written = {}
-        for key, name in named.items():
-            if key in out:
-                value = out[key].astype(np.float32 if key in boot else np.float64)
-                value[bad] = np.nan
-                written[name] = value
+        written: dict[str, dict[str, np.ndarray]] = {}
+        for hook in hooks:
+            out = scorers[hook].result()
+            bad = results[hook]["status"] != STATUS_OK
+            written[hook] = {}
+            for key, name in named.items():
+                if key in out:
+                    value = out[key].astype(np.float32 if key in boot else np.float64)
+                    value[bad] = np.nan
+                    written[hook][name] = value
         return written
 
     def sae_decoder(self, d: int) -> torch.Tensor | None:
@@ -511,9 +590,19 @@ class FitStage(WholeStage):
             del out["exclude_norm_above"]
         return out
 
+    provider: Callable[[int], None] | None = None
+    """Set by a segmented run (pipeline.segments): see ``Fit.provider``."""
+
     def validate(self, store: Store) -> None:
         self.fit = Fit(self.cfg, store)
+        self.fit.segment, self.fit.provider = self.segment, self.provider
         self.facts = self.fit.validate()
+
+    def consume(self, store: Store, chunks: list[int], client: Any = None) -> int:
+        """A segment of a segmented run: add ``chunks`` (those not yet in it) to the checkpoint."""
+        before = self.fit.consumed_chunks()
+        self.fit.accumulate(self.facts["d_model"], self.facts["n_feat"], client, only=chunks)
+        return len(set(chunks) - before)
 
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
         return {self.fit.unit: self.facts}

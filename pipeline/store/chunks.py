@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import XprobeError
 from pipeline.store.core import Store
 from pipeline.store.io import checksum
 
@@ -27,8 +28,20 @@ class ChunkResult:
 
 
 def write_chunk(store: Store, units: list[str], result: ChunkResult) -> None:
-    """Write one chunk's arrays, fsync them, then record the chunk complete in each unit."""
+    """Write one chunk's arrays, fsync them, then record the chunk complete in each unit. A chunk
+    that replaces an evicted one (``Store.evict_chunk``) must have the bytes it had."""
     crcs: dict[str, dict[str, int]] = {u: {} for u in units}
+    for path, data in result.arrays.items():
+        unit, name = path.rsplit("/", 1)
+        crcs.setdefault(unit, {})[name] = checksum(data)
+    for unit in units:  # checked before anything is overwritten
+        old = store.chunk_record(unit, result.index)
+        if old and old.get("evicted") and old.get("crc32") != crcs.get(unit, {}):
+            raise XprobeError(
+                f"chunk {result.index} of {unit} was recomputed to other bytes than the evicted "
+                "chunk it replaces (a nondeterministic forward?): what was consumed from it would "
+                f"not match. Recompute {unit} and what follows from it with --force."
+            )
     for path, data in result.arrays.items():
         arr = store.array(path)
         start = result.index * arr.chunks[0]
@@ -37,8 +50,6 @@ def write_chunk(store: Store, units: list[str], result: ChunkResult) -> None:
             arr.resize((stop,) + arr.shape[1:])
         arr[start:stop] = data
         store.sync_chunk(arr, result.index)
-        unit, name = path.rsplit("/", 1)
-        crcs.setdefault(unit, {})[name] = checksum(data)
     for unit in units:
         record = {
             "chunk": result.index,

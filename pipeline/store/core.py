@@ -382,6 +382,40 @@ class Store:
                 out[path] = array_crc32(node)
         return out
 
+    # ---- eviction (segmented runs, --max-disk) ------------------------------------------------------
+    def evict_chunk(self, unit: str, index: int, arrays: Sequence[str] = ("x",)) -> None:
+        """Delete the data of chunk ``index`` of ``unit``'s ``arrays`` once every stage that needs it
+        has consumed it (a segmented run, ``pipeline.segments``), keeping its marker (and the
+        checksums in it: lineage and a later recomputation are checked against them) with the
+        evicted arrays listed under ``evicted``. The marker is written before any file is deleted,
+        so a reader never takes a deleted chunk for a written one."""
+        self._require_local()
+        record = self.chunk_record(unit, index)
+        if record is None:
+            raise XprobeError(f"chunk {index} of {unit} is not written; there is nothing to evict")
+        gone = sorted(set(record.get("evicted") or []) | set(arrays))
+        if record.get("evicted") != gone:
+            self.mark_done(unit, index, {**record, "evicted": gone})
+        for name in arrays:
+            arr = self.array(f"{unit}/{name}")
+            coords = (index,) + (0,) * (arr.ndim - 1)
+            path = self.local_path / arr.path / arr.metadata.encode_chunk_key(coords)
+            path.unlink(missing_ok=True)
+
+    def evicted_chunks(self, unit: str) -> set[int]:
+        """Chunks of ``unit`` recorded complete, then consumed and evicted (some data is gone)."""
+        if (src := self._source(unit)) is not self:
+            return src.evicted_chunks(unit)
+        if self.local_path is None or not (self.local_path / unit / DONE_DIR).is_dir():
+            return set()
+        out = set()
+        for name in os.listdir(self.local_path / unit / DONE_DIR):
+            if name.endswith(".json") and name[:-5].isdigit():
+                record = self.chunk_record(unit, int(name[:-5])) or {}
+                if record.get("evicted"):
+                    out.add(int(name[:-5]))
+        return out
+
     def require_chunk(self, unit: str, index: int) -> None:
         if index not in self.done_chunks(unit):
             raise XprobeError(
@@ -397,6 +431,13 @@ class Store:
         """
         unit = array_path.rsplit("/", 1)[0]
         self.require_chunk(unit, index)
+        record = self.chunk_record(unit, index)
+        name = array_path.rsplit("/", 1)[1]
+        if record and name in (record.get("evicted") or ()):
+            raise XprobeError(
+                f"chunk {index} of {unit} was consumed and evicted (a run with --max-disk); "
+                "`xprobe run CONFIG` recomputes the evicted chunks a stage still needs"
+            )
         arr = self.array(array_path)
         rows = arr.chunks[0]
         try:
@@ -406,8 +447,6 @@ class Store:
                 self._corrupt(array_path, index, f"it cannot be decoded: {e}")
             ) from None
         if verify:
-            record = self.chunk_record(unit, index)
-            name = array_path.rsplit("/", 1)[1]
             if (
                 record
                 and name in record.get("crc32", {})

@@ -61,7 +61,8 @@ def verify_unit(store: Store, unit: str) -> list[Problem]:
         if record is None:  # a complete unit whose markers were lost: nothing to check against
             problems.append(Problem(unit, index, "", "its chunk marker is missing"))
             continue
-        for name in sorted(record.get("crc32", {})):
+        gone = set(record.get("evicted") or ())  # consumed and evicted on purpose (--max-disk)
+        for name in sorted(set(record.get("crc32", {})) - gone):
             try:
                 data = store.read_chunk(f"{unit}/{name}", index, verify=True)
             except XprobeError as e:

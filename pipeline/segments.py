@@ -1,0 +1,413 @@
+"""Segmented runs (``xprobe run CONFIG --max-disk 50GB``): corpora whose dense activations do not
+fit on the disk.
+
+The fitter needs each activation once (it accumulates sufficient statistics) and A's features are
+sparse, so only the dense activations need the disk, and only until every stage that reads them
+has consumed them. A segmented run goes over the corpus in *segments* of whole chunks, sized so
+that the store stays within the budget: for each segment, the activations of every configured
+model are computed, A's features encoded, and every fit's statistics accumulated (each fit
+checkpoints what it consumed); then the segment's dense chunks are *evicted*: their files are
+deleted and their markers kept, flagged (``Store.evict_chunk``), with their checksums, so lineage
+still names them and a recomputation is checked against them. Tokens, sparse features, fit
+checkpoints and every output are kept.
+
+Once every chunk is consumed, each fit solves its probes and scores them on the held-out
+sequences. That pass needs B's held-out activations again, after they were evicted: it computes
+them again a segment at a time (the same forward, checked bit for bit against the recorded
+checksums) and evicts them after. The held-out sequences are spread over every chunk, so this is
+a second forward of B over the corpus: the price of a bounded disk.
+
+Chunks are consumed in ascending order in every segment, so every sum runs in the same order as
+in an unsegmented run: the results are bit-identical to one, and a run killed at any point and
+started again with the same command ends the same. A stage that needs evicted chunks later (a fit
+added to the config) gets exactly those computed again by ``xprobe run`` (with ``--max-disk``
+they are evicted again after; without, they are kept).
+
+Match and the report read only tokens and sparse features, so they run after, as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import lifecycle
+from pipeline.errors import XprobeError
+from pipeline.stage import Stage
+from pipeline.store import Store
+from pipeline.store.checkpoint import checkpoint_path
+from pipeline.store.layout import tokens_unit
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+_UNITS.update({f"{u}b": v for u, v in list(_UNITS.items()) if len(u) == 1 and u != "b"})
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``50GB``, ``1.5TB``, ``800MiB`` or a plain number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise XprobeError(
+                f"max_disk {text!r} is not a size: give a number with a unit, e.g. 50GB, 1.5TB, 800MiB"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise XprobeError(f"max_disk must be positive, got {text!r}")
+    return size
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+@dataclass
+class Segmented:
+    """The configured stages of a segmented run, by role."""
+
+    store: Store
+    max_disk: int | None
+    activations: list[Any]  # ActivationsStage
+    features: list[Any]  # FeaturesStage
+    fits: list[Any]  # FitStage
+    force: bool = False
+    rebuild_stale: bool = False
+    progress: bool = True
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    written: dict[int, int] = field(default_factory=dict)
+    """Chunks each stage (by id) wrote in segments, for its summary."""
+    samples: list[int] = field(default_factory=list)
+    """The store's size, sampled before and after every segment (what the tests check)."""
+
+    # ---- what is where --------------------------------------------------------------------
+    def producers(self) -> dict[str, Any]:
+        """Dense unit -> the activations stage that writes it."""
+        return {unit: stage for stage in self.activations for unit in stage.units(self.store)}
+
+    def consumers(self) -> dict[str, list[Callable[[], set[int]]]]:
+        """Dense unit -> for each configured stage reading it, what it has consumed."""
+        store = self.store
+        out: dict[str, list[Callable[[], set[int]]]] = {}
+        for stage in self.features:
+            reads = [stage.acts_of(stage.cfg.model)]
+            reads += [stage.acts_of(b) for b in stage._transfer_names()]
+            for unit in reads:
+                out.setdefault(unit, []).append(
+                    lambda s=stage: store.done_chunks(s.unit) if store.has(s.unit) else set()
+                )
+        for stage in self.fits:
+            fit = _fit_of(stage, store)
+            for unit in fit.dense_units():
+                out.setdefault(unit, []).append(fit.consumed_chunks)
+        return out
+
+    def n_chunks(self) -> int:
+        tokens = {tokens_unit(s.cfg.corpus) for s in self.activations}
+        if len(tokens) != 1:
+            raise XprobeError(
+                f"a segmented run goes over one corpus; the activations sections read {sorted(tokens)}"
+            )
+        return int(self.store.info(tokens.pop())["n_chunks"])
+
+    def chunk_bytes(self, units: Sequence[str]) -> int:
+        """Bytes one chunk of ``units`` takes at most on disk (uncompressed)."""
+        total = 0
+        for unit in units:
+            arr = self.store.array(f"{unit}/x") if self.store.has(f"{unit}/x") else None
+            if arr is not None:
+                total += math.prod(arr.chunks) * arr.dtype.itemsize
+            else:
+                stage = self.producers()[unit]
+                tinfo = self.store.info(stage.tokens)
+                rows = int(tinfo["chunk_seqs"]) * int(tinfo["ctx"])
+                total += rows * stage.d_model * _itemsize(stage.dtype)
+        return total
+
+    def used(self) -> int:
+        used = self.store.nbytes_stored("") or 0
+        self.samples.append(used)
+        return used
+
+    def reserve(self) -> int:
+        """Room kept for what a segment writes besides dense chunks: each fit's checkpoint is
+        rewritten through a temporary copy (so twice its size), whose first save is still to come."""
+        out = 0
+        for stage in self.fits:
+            fit = _fit_of(stage, self.store)
+            path = checkpoint_path(self.store, fit.unit)
+            now = path.stat().st_size if path.exists() else 0
+            out += max(2 * _stats_bytes(stage, self.store) - now, 0)
+        return out
+
+    def segment_length(self, units: Sequence[str], kept_per_chunk: float, left: int) -> int:
+        """Chunks per segment within the budget (all of ``left`` without one)."""
+        if self.max_disk is None:
+            return max(left, 1)
+        used, reserve = self.used(), self.reserve()
+        per_chunk = self.chunk_bytes(units) + kept_per_chunk
+        n = int((self.max_disk - used - reserve) // max(per_chunk, 1))
+        if n < 1:
+            raise XprobeError(
+                f"--max-disk {human(self.max_disk)} is too small: the store holds {human(used)}, the "
+                f"fits' checkpoints need {human(reserve)} more, and one chunk of dense activations "
+                f"takes {human(per_chunk)}. Give at least {human(used + reserve + per_chunk)} (a "
+                "few chunks' worth more keeps the overhead low), or tokenize with fewer chunk_seqs."
+            )
+        return min(n, left)
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        for stage in self.activations:
+            stage.validate(self.store)  # tokens are complete: its units and widths are known
+        self._refuse_global_norms()
+        n_chunks = self.n_chunks()
+        self._consume_all(n_chunks)
+        for stage in self.activations + self.features:  # complete by now, or finalised here
+            self._run(stage)
+        for stage in self.fits:
+            self._build_fit(stage, n_chunks)
+        return self.summaries
+
+    def _run(self, stage: Stage, chunks: list[int] | None = None) -> dict[str, Any]:
+        from pipeline.cluster import client_for
+
+        summary = lifecycle.run(
+            stage,
+            self.store,
+            force=self.force and chunks is None,
+            rebuild_stale=self.rebuild_stale,
+            progress=self.progress and getattr(stage.cfg, "progress", True),
+            cluster=lambda: client_for(stage.cfg),  # None unless scheduler / workers is set
+            chunks=chunks,
+        )
+        if chunks is not None:
+            self.written[id(stage)] = self.written.get(id(stage), 0) + summary["chunks_written"]
+        else:
+            if self.written.get(id(stage)) and summary.get("already_complete"):
+                summary = {**summary, "already_complete": False}
+            summary["chunks_written"] += self.written.pop(id(stage), 0)
+            self.summaries.append(summary)
+        return summary
+
+    def _consume_all(self, n_chunks: int) -> None:
+        store = self.store
+        producers = self.producers()
+        if self.force:  # --force: every configured unit starts over, before the first segment
+            units = [*producers, *(s.unit for s in self.features)]
+            units += [_fit_of(s, store).unit for s in self.fits]
+            for unit in units:
+                if store.has_local(unit):
+                    store.delete(unit)
+            self.force = False
+        consumers = self.consumers()
+        dense = [u for u in producers if u in consumers]  # evicted once all have consumed them
+
+        def finished(index: int) -> bool:
+            return all(index in done() for unit in dense for done in consumers[unit])
+
+        self._evict([i for i in range(n_chunks) if finished(i)], dense)  # a killed run's last
+        todo = [i for i in range(n_chunks) if not finished(i)]
+        start, consumed = self.used() if self.max_disk is not None else 0, 0
+        kept_per_chunk = 0.1 * self.chunk_bytes(list(producers))  # a guess until measured
+        while todo:
+            n = self.segment_length(list(producers), kept_per_chunk, len(todo))
+            segment, todo = todo[:n], todo[n:]
+            self._say(f"segment: chunks {segment[0]}..{segment[-1]} ({len(todo)} left)")
+            for stage in [*self.activations, *self.features, *self.fits]:
+                self._run(stage, segment)
+            consumers = self.consumers()  # the fits' units exist now
+            self._evict(segment, dense)
+            consumed += len(segment)
+            if self.max_disk is not None:  # what stays per chunk: features, kept activations...
+                kept_per_chunk = max((self.samples[-1] - start) / consumed, 0.0)
+
+    def _say(self, line: str) -> None:
+        if self.progress and self.max_disk is not None:
+            used = self.samples[-1] if self.samples else 0
+            print(f"{line}; store {human(used)} of {human(self.max_disk)}", file=sys.stderr)
+
+    def _evict(self, chunks: list[int], dense: list[str]) -> None:
+        if self.max_disk is None:
+            return
+        store = self.store
+        for unit in dense:
+            if not store.has(unit):
+                continue
+            recorded, gone = store.done_chunks(unit), store.evicted_chunks(unit)
+            for index in chunks:
+                if index in recorded and index not in gone:
+                    store.evict_chunk(unit, index, ("x",))
+        self.used()
+
+    def _build_fit(self, stage: Any, n_chunks: int) -> None:
+        """Solve and score a fit whose every chunk is consumed; held-out chunks that were
+        evicted are computed again a segment at a time (``Rematerialize``)."""
+        fit = _fit_of(stage, self.store)
+        provider = Rematerialize(self, fit.dense_units(), n_chunks)
+        stage.provider = provider
+        try:
+            self._run(stage)
+        finally:
+            stage.provider = None
+            provider.close()
+
+    def _refuse_global_norms(self) -> None:
+        """``exclude_norm_above`` scales by the median norm over the whole corpus, known only
+        once a model's activations are complete: a segment's features cannot wait for it."""
+        store = self.store
+        for stage in self.features + self.fits:
+            if stage.cfg.exclude_norm_above is None:
+                continue
+            units = (
+                [stage.acts_of(stage.cfg.model)]
+                if stage in self.features
+                else _fit_of(stage, store).dense_units()
+            )
+            for unit in units:
+                if not (store.has(unit) and store.info(unit).get("complete")):
+                    raise XprobeError(
+                        f"exclude_norm_above needs the median residual norm of {unit} over the whole "
+                        "corpus before anything is encoded or fitted, but a --max-disk run encodes "
+                        "and fits each segment as soon as it is stored. Leave exclude_norm_above "
+                        "unset in a segmented run, or compute the activations first (without "
+                        "--max-disk, or with enough disk for them)."
+                    )
+
+
+class Rematerialize:
+    """The evaluation pass's chunk provider in a segmented run: before chunk ``index`` is read,
+    if it was evicted, compute it again with the chunks after it (a segment within the budget),
+    having evicted the previous segment first."""
+
+    def __init__(self, run: Segmented, units: list[str], n_chunks: int):
+        self.run, self.units, self.n_chunks = run, units, n_chunks
+        self.current: list[int] = []
+        self.written: list[str] = []  # every unit the producers wrote (all their hooks)
+
+    def __call__(self, index: int) -> None:
+        store = self.run.store
+        missing = [u for u in self.units if index in store.evicted_chunks(u)]
+        if not missing:
+            return
+        producers = self.run.producers()
+        orphans = [u for u in missing if u not in producers]
+        if orphans:
+            raise XprobeError(
+                f"chunk {index} of {orphans[0]} was evicted after a segmented run, and no "
+                "activations section of this config computes it: add that section back so that "
+                "`xprobe run` can compute the evicted chunks again"
+            )
+        self.close()
+        stages = list({id(producers[u]): producers[u] for u in missing}.values())
+        written = [u for stage in stages for u in stage.units(store)]
+        n = self.run.segment_length(written, 0.0, self.n_chunks - index)
+        consumed = self.run.consumers()  # outputs no configured stage reads were never evicted
+        self.written = [u for u in written if u in consumed]
+        segment = list(range(index, index + n))
+        for stage in stages:
+            self.run._run(stage, segment)
+        self.current = segment
+
+    def close(self) -> None:
+        if self.current:
+            self.run._evict(self.current, self.written)
+            self.current = []
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
+
+
+def _fit_of(stage: Any, store: Store) -> Any:
+    from stages.fit import Fit
+
+    return Fit(stage.cfg, store)
+
+
+def _units(stage: Any, store: Store) -> list[str]:
+    from stages.fit import FitStage
+
+    if isinstance(stage, FitStage):
+        return [_fit_of(stage, store).unit]
+    return [stage.unit]
+
+
+def _stats_bytes(stage: Any, store: Store) -> int:
+    """Bytes of one fit's statistics (its checkpoint), from the widths."""
+    cfg = stage.cfg
+    fit = _fit_of(stage, store)
+    d = None
+    for unit in fit.dense_units():
+        if store.has(unit):
+            d = int(store.info(unit)["d_model"])
+    if d is None or not store.has(fit.feats):
+        return 0  # not known before the first segment; its first save is small next to a chunk
+    n_feat = int(store.info(fit.feats)["n_feat"])
+    splits = 2 + len(cfg.classes)
+    return len(cfg.hooks) * splits * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+
+
+def run_config(
+    planned: Sequence[tuple[Any, Any, Any]],
+    store: Store,
+    max_disk: int | None,
+    force: bool = False,
+    rebuild_stale: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``xprobe run`` in segments: tokenize, then the segmented stages, then the rest."""
+    summaries = []
+    roles: dict[str, list[Any]] = {"activations": [], "features": [], "fit": []}
+    rest = []
+    for entry, cfg, run_fn in planned:
+        if entry.name == "tokenize":
+            summaries.append(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
+        elif entry.name in roles:
+            roles[entry.name].append(entry.load_stage()(cfg))
+        else:
+            rest.append((cfg, run_fn))
+    if roles["activations"]:
+        segmented = Segmented(
+            store,
+            max_disk,
+            roles["activations"],
+            roles["features"],
+            roles["fit"],
+            force=force,
+            rebuild_stale=rebuild_stale,
+            progress=progress,
+        )
+        summaries += segmented.run()
+    else:
+        for stage in roles["features"] + roles["fit"]:
+            summaries.append(lifecycle.run(stage, store, force=force, rebuild_stale=rebuild_stale))
+    for cfg, run_fn in rest:
+        summaries.append(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
+    return summaries
+
+
+def needs_segments(planned: Sequence[tuple[Any, Any, Any]], store: Store) -> bool:
+    """Whether a run without ``--max-disk`` must still go by segments: a configured stage reads
+    a dense unit that has evicted chunks (from an earlier segmented run)."""
+    for entry, cfg, _ in planned:
+        if entry.name != "activations":
+            continue
+        stage = entry.load_stage()(cfg)
+        try:
+            units = stage.units(store)
+        except Exception:  # noqa: BLE001 - not validated yet (no tokens): nothing evicted
+            continue
+        if any(store.has(u) and store.evicted_chunks(u) for u in units):
+            return True
+    return False

@@ -1,0 +1,210 @@
+"""Segmented runs (``xprobe run --max-disk``, pipeline/segments.py): a disk budget a third of what
+the dense activations need, results equal to an unsegmented run, the budget held (sampled during
+the run), SIGKILLs at random points, and a fit added afterwards."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.errors import XprobeError
+from pipeline.segments import parse_size
+from pipeline.store import Store
+from pipeline.store.verify import verify_store
+from tests.helpers import save_standard_sae
+
+ROOT = Path(__file__).parents[1]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def _config(root: Path, corpus: Path, tokenizer: Path, model: Path, sae: Path, fits: list) -> Path:
+    """Tokens (chunks of 4 × 32 tokens), A = B = ``model`` at two hooks, features of ``sae``
+    at the first, and the fits ``fits`` (name, hooks)."""
+    text = (
+        f'store = "{root / "store"}"\n\n'
+        f'[tokenize]\ncorpus = "c"\nsource = ["{corpus}"]\ntokenizer = "{tokenizer}"\n'
+        "ctx = 32\nchunk_seqs = 4\nmax_tokens = 2048\nprogress = false\n\n"
+        f'[activations]\ncorpus = "c"\nmodel = "{model}"\nname = "a"\nhooks = {HOOKS}\n'
+        'dtype = "float32"\ndevice = "cpu"\nprogress = false\n\n'
+        f'[features]\ncorpus = "c"\nmodel = "a"\nsae_path = "{sae}"\nname = "sae_a"\n'
+        'device = "cpu"\nprogress = false\n\n'
+    )
+    for name, hooks in fits:
+        text += (
+            f'[[fit]]\nname = "{name}"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\n'
+            f'hooks = {hooks}\ndevice = "cpu"\nmin_active = 1\nn_bootstrap = 20\n'
+            "progress = false\n\n"
+        )
+    (root / "x.toml").write_text(text.replace("'", '"'))
+    return root / "x.toml"
+
+
+FITS = [("B", HOOKS[:1]), ("B2", HOOKS)]
+
+
+@pytest.fixture(scope="module")
+def unsegmented(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir):
+    root = tmp_path_factory.mktemp("whole")
+    sae = save_standard_sae(root / "sae_a", hook=HOOKS[0], seed=0)
+    config = _config(root, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
+    result = CliRunner().invoke(cli, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    store = Store(root / "store", mode="r")
+    dense = sum(store.nbytes_stored(f"acts/c/a/{h}/x") for h in HOOKS)
+    return root, sae, dense
+
+
+def _arrays(store: Store, unit: str) -> dict[str, np.ndarray]:
+    group = store.group(unit)
+    import zarr
+
+    return {
+        path: np.asarray(node[...])
+        for path, node in group.members(max_depth=None)
+        if isinstance(node, zarr.Array)
+    }
+
+
+def _assert_same_results(root: Path, reference: Path) -> None:
+    """Features and every fit equal to the unsegmented run's, bit for bit."""
+    got, want = Store(root / "store", mode="r"), Store(reference / "store", mode="r")
+    for unit in ["feats/c/sae_a", "probes/B", "probes/B2"]:
+        a, b = _arrays(got, unit), _arrays(want, unit)
+        assert a.keys() == b.keys(), unit
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{unit}/{name}")
+        assert (
+            got.info(unit)["content_fingerprint"] == want.info(unit)["content_fingerprint"]
+        ), unit
+
+
+def _budget(reference: Path, dense: int) -> int:
+    """The unsegmented store's size less two thirds of its dense activations (the dense chunks
+    get a third of what they need), plus room for the fits' checkpoints, which a finished store
+    no longer holds: statistics (float64 XᵀX [d, d], XᵀY [F, d], ...) per hook, for train and
+    held-out tokens, twice (a checkpoint is rewritten through a temporary copy)."""
+    store = Store(reference / "store", mode="r")
+    d, n_feat = 64, int(store.info("feats/c/sae_a")["n_feat"])
+    stats = sum(len(hooks) for _, hooks in FITS) * 2 * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+    return store.nbytes_stored("") - (2 * dense) // 3 + 2 * stats
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_segmented_run_equals_unsegmented_within_budget(
+    unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir
+):
+    reference, sae, dense = unsegmented
+    config = _config(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
+    budget = _budget(reference, dense)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _du(tmp_path / "store"))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = CliRunner().invoke(cli, ["run", str(config), "--max-disk", str(budget)])
+    finally:
+        stop.set()
+        sampler.join()
+    assert result.exit_code == 0, result.output
+    _assert_same_results(tmp_path, reference)
+    # one chunk of both hooks in flight at most beyond the budget (the writer's next chunk)
+    store = Store(tmp_path / "store", mode="r")
+    n_chunks = int(store.info("tokens/c")["n_chunks"])
+    assert peak[0] <= budget, (peak[0], budget)
+    for hook in HOOKS:
+        assert store.evicted_chunks(f"acts/c/a/{hook}") == set(range(n_chunks))
+        assert store.info(f"acts/c/a/{hook}")["complete"]
+    assert verify_store(store) == []
+    status = CliRunner().invoke(cli, ["status", str(tmp_path / "store")])
+    assert f"{n_chunks} consumed and evicted" in status.output, status.output
+    with pytest.raises(XprobeError, match="consumed and evicted"):
+        store.read_chunk(f"acts/c/a/{HOOKS[0]}/x", 3)
+
+    # a fit added afterwards: `xprobe run` (no budget) computes again exactly the evicted chunks
+    # it needs and keeps them; the new fit equals one on the unsegmented store
+    config = _config(
+        tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS + [("B3", HOOKS[1:])]
+    )
+    result = CliRunner().invoke(cli, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert f"activations: wrote {n_chunks} chunk(s)" in result.output, result.output
+    store = Store(tmp_path / "store", mode="r")
+    assert not store.evicted_chunks(f"acts/c/a/{HOOKS[1]}")
+    ref_config = _config(
+        reference, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS + [("B3", HOOKS[1:])]
+    )
+    assert CliRunner().invoke(cli, ["run", str(ref_config)]).exit_code == 0
+    a = _arrays(store, "probes/B3")
+    b = _arrays(Store(reference / "store", mode="r"), "probes/B3")
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigkill_at_random_points_then_resume(unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
+    reference, sae, dense = unsegmented
+    config = _config(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
+    budget = _budget(reference, dense)
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--max-disk", str(budget)]
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 12.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stdout.read().decode()
+        break
+    else:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert kills >= 1
+    _assert_same_results(tmp_path, reference)
+    assert verify_store(Store(tmp_path / "store", mode="r")) == []
+
+
+def test_budget_errors(unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
+    assert parse_size("50GB") == 50 * 10**9
+    assert parse_size("1.5 TiB") == int(1.5 * 2**40)
+    assert parse_size(1000) == 1000
+    with pytest.raises(XprobeError, match="not a size"):
+        parse_size("fifty")
+    reference, sae, dense = unsegmented
+    config = _config(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
+    result = CliRunner().invoke(cli, ["run", str(config), "--max-disk", "lots"])
+    assert result.exit_code != 0 and "not a size" in str(result.exception)
+    assert not (tmp_path / "store").exists()
+    result = CliRunner().invoke(cli, ["run", str(config), "--max-disk", "100KB"])
+    assert result.exit_code != 0
+    assert "too small" in str(result.exception) and "Give at least" in str(result.exception)
+    shutil.rmtree(tmp_path / "store", ignore_errors=True)
