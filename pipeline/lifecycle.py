@@ -260,29 +260,14 @@ def _run_locked(
     chunks: Collection[int] | None = None,
 ) -> dict[str, Any]:
     units = list(unit_facts)
-    states = [assess(store, stage, u, now, memo) for u in units]
-    for a in states:
-        if a.state == "stale" and not (force or rebuild_stale):
-            raise refusal(stage, a)
-        if a.state == "stale" and a.stale is not None and a.stale.via is not None:
-            raise refusal(stage, a)  # recomputing this unit cannot help: its input is stale
-        if a.state == "config" and not (force or stage.recompute_on_config_change):
-            raise refusal(stage, a)
-    if not force and all(a.state == "complete" for a in states):
+    complete = _assess_all(stage, store, units, now, memo, force, rebuild_stale)
+    if complete:
         if chunks is None or not isinstance(stage, ChunkedStage):
             return _done(stage, store, units)
         evicted = set.union(*(store.evicted_chunks(u) for u in units))
         if not evicted & set(chunks):
             return _done(stage, store, units)
-    lineage = {name: inp.record() for name, inp in now.items()}
-    for a in states:
-        if store.has_local(a.unit) and (force or a.state in ("stale", "config", "restart")):
-            store.delete(a.unit)
-        if not store.has_local(a.unit) or "xprobe" not in store.group(a.unit).attrs:
-            store.create_unit(
-                a.unit,
-                provenance(stage.name, stage.identity(), lineage=lineage, **unit_facts[a.unit]),
-            )
+    _create(stage, store, unit_facts, now, memo, force)
     with (cluster or contextlib.nullcontext)() as client:
         if isinstance(stage, ChunkedStage):
             summary = _run_chunks(stage, store, units, progress, client, chunks)
@@ -302,6 +287,83 @@ def _run_locked(
     if isinstance(stage, WholeStage):
         summary = stage.publish(store, summary)
     return summary
+
+
+def _assess_all(
+    stage: Stage,
+    store: Store,
+    units: list[str],
+    now: dict[str, Input],
+    memo: dict[str, Stale | None],
+    force: bool,
+    rebuild_stale: bool,
+) -> bool:
+    """Refuse what must not be resumed or overwritten unasked; True if every unit is complete
+    (and not forced)."""
+    states = [assess(store, stage, u, now, memo) for u in units]
+    for a in states:
+        if a.state == "stale" and not (force or rebuild_stale):
+            raise refusal(stage, a)
+        if a.state == "stale" and a.stale is not None and a.stale.via is not None:
+            raise refusal(stage, a)  # recomputing this unit cannot help: its input is stale
+        if a.state == "config" and not (force or stage.recompute_on_config_change):
+            raise refusal(stage, a)
+    return not force and all(a.state == "complete" for a in states)
+
+
+def _create(
+    stage: Stage,
+    store: Store,
+    unit_facts: dict[str, dict[str, Any]],
+    now: dict[str, Input],
+    memo: dict[str, Stale | None],
+    force: bool,
+) -> None:
+    """Delete what starts over (forced, stale, another config, a failed first attempt) and
+    create the units that are missing, with their provenance and lineage."""
+    lineage = {name: inp.record() for name, inp in now.items()}
+    for unit in unit_facts:
+        a = assess(store, stage, unit, now, memo)
+        if store.has_local(unit) and (force or a.state in ("stale", "config", "restart")):
+            store.delete(unit)
+        if not store.has_local(unit) or "xprobe" not in store.group(unit).attrs:
+            store.create_unit(
+                unit,
+                provenance(stage.name, stage.identity(), lineage=lineage, **unit_facts[unit]),
+            )
+
+
+def consume_together(
+    stages: list[WholeStage], store: Store, chunks: Collection[int], rebuild_stale: bool = False
+) -> dict[str, int]:
+    """A segment (``pipeline.segments``) consumed by several stages of one kind (the fits) in
+    one pass over its chunks, so each dense chunk is read once for all of them. Each stage's
+    units are assessed, locked and created as ``run`` does; then ``consume_all`` on the stages
+    that are not complete. Returns the chunks each unit consumed."""
+    chunks = sorted(chunks)
+    if store.local_path is None or store.mode == "r":
+        raise XprobeError(f"the store {store.url} is open read-only: a segmented run writes")
+    try:
+        with contextlib.ExitStack() as held:
+            ready = []
+            for stage in stages:
+                stage.segment = chunks
+                stage.validate(store)
+                unit_facts = stage.units(store)
+                now = stage.inputs(store)
+                memo: dict[str, Stale | None] = {}
+                store.claim(list(unit_facts))
+                for unit in unit_facts:
+                    store.acquire_lock(unit, stage.name)
+                    held.callback(store.release_lock, unit)
+                if not _assess_all(stage, store, list(unit_facts), now, memo, False, rebuild_stale):
+                    _create(stage, store, unit_facts, now, memo, False)
+                    ready.append(stage)
+            return type(ready[0]).consume_all(ready, store, chunks) if ready else {}
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(store) from e
+        raise
 
 
 def _all_recorded(store: Store, units: list[str], n_chunks: int | None) -> bool:

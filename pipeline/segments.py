@@ -224,8 +224,10 @@ class Segmented:
             n = self.segment_length(list(producers), kept_per_chunk, len(todo))
             segment, todo = todo[:n], todo[n:]
             self._say(f"segment: chunks {segment[0]}..{segment[-1]} ({len(todo)} left)")
-            for stage in [*self.activations, *self.features, *self.fits]:
+            for stage in [*self.activations, *self.features]:
                 self._run(stage, segment)
+            if self.fits:  # every fit in one pass over the segment: each chunk read once
+                lifecycle.consume_together(self.fits, store, segment, self.rebuild_stale)
             consumers = self.consumers()  # the fits' units exist now
             self._evict(segment, dense)
             consumed += len(segment)
@@ -244,9 +246,9 @@ class Segmented:
         for unit in dense:
             if not store.has(unit):
                 continue
-            recorded, gone = store.done_chunks(unit), store.evicted_chunks(unit)
+            recorded = store.done_chunks(unit)
             for index in chunks:
-                if index in recorded and index not in gone:
+                if index in recorded:  # again for one flagged but not deleted (a kill between)
                     store.evict_chunk(unit, index, ("x",))
         self.used()
 

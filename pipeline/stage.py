@@ -105,6 +105,14 @@ class WholeStage(Stage):
         """Add ``chunks`` (those not yet consumed) to the unit's checkpoint; return how many."""
         raise NotImplementedError(f"stage {self.name} cannot consume its input by segments")
 
+    @classmethod
+    def consume_all(
+        cls, stages: list[WholeStage], store: Store, chunks: list[int]
+    ) -> dict[str, int]:
+        """Several stages of this kind consume ``chunks`` (``lifecycle.consume_together``); by
+        default one after the other. Returns the chunks each consumed, by stage name."""
+        return {f"{s.name} {i}": s.consume(store, chunks) for i, s in enumerate(stages)}
+
     def publish(self, store: Store, summary: dict[str, Any]) -> dict[str, Any]:
         """After the units are complete (now or before): anything rebuilt on every run."""
         return summary

@@ -199,6 +199,8 @@ class Fit:
             raise XprobeError(
                 f"hooks {list(cfg.hooks)} have different widths {sorted(d_models)}; fit them separately"
             )
+        if self.segment is None and self.provider is None:
+            self.refuse_evicted()
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
         self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
@@ -271,6 +273,22 @@ class Fit:
         text = store.read_text(f"{self.unit}/{CONSUMED_FILE}") if store.has(self.unit) else None
         return set(json.loads(text)) if text else set()
 
+    def refuse_evicted(self) -> None:
+        """Outside a segmented run: refuse, before anything is written, a fit that would need
+        dense chunks a segmented run evicted (a fit already complete needs none)."""
+        store = self.store
+        if store.has(self.unit) and store.info(self.unit).get("complete"):
+            return
+        for unit in self.dense_units():
+            gone = sorted(store.evicted_chunks(unit)) if store.has(unit) else []
+            if gone:
+                shown = ", ".join(map(str, gone[:8])) + (", ..." if len(gone) > 8 else "")
+                raise XprobeError(
+                    f"{len(gone)} chunk(s) of {unit} ({shown}) were consumed and evicted by a "
+                    "segmented run (--max-disk), and this fit needs them: `xprobe run CONFIG` "
+                    "computes them again (with --max-disk, a segment at a time)"
+                )
+
     def dense_units(self) -> list[str]:
         """Every dense activation unit this fit reads."""
         return list(self.acts.values())
@@ -282,15 +300,31 @@ class Fit:
             held_out_sequences(tokens["n_seq"], self.cfg.held_out_fraction, self.cfg.split_seed)
         )
 
-    def add_chunk(self, stats: dict, index: int, held: torch.Tensor) -> None:
-        """Add chunk ``index`` (every hook, train and held-out tokens) to ``stats``."""
+    def read(self, unit: str, index: int, shared: dict | None = None) -> Any:
+        """Chunk ``index`` of a dense unit (``acts/...``: its activations) or of a features unit
+        (its sparse rows); ``shared``: chunks already read by another fit of the same segment."""
+        if shared is not None and (unit, index) in shared:
+            return shared[(unit, index)]
+        if unit.startswith("feats/"):
+            value = load_sparse(self.store, unit, index)
+        else:
+            value = load_acts(self.store, unit, index)
+        if shared is not None:
+            shared[(unit, index)] = value
+        return value
+
+    def add_chunk(
+        self, stats: dict, index: int, held: torch.Tensor, shared: dict | None = None
+    ) -> None:
+        """Add chunk ``index`` (every hook, train and held-out tokens) to ``stats``. ``shared``:
+        chunks read once for several fits (``FitStage.consume_all``)."""
         store = self.store
         tokens = store.info(self.tokens)
         ctx, chunk_seqs = tokens["ctx"], tokens["chunk_seqs"]
-        xs = {hook: load_acts(store, unit, index) for hook, unit in self.acts.items()}
+        xs = {hook: self.read(unit, index, shared) for hook, unit in self.acts.items()}
         mask = self.counted(index, xs)
         seq = index * chunk_seqs + torch.arange(len(mask)) // ctx
-        rows, cols, vals = load_sparse(store, self.feats, index)
+        rows, cols, vals = self.read(self.feats, index, shared)
         splits = {"train": mask & ~held[seq], "held_out": mask & held[seq]}
         if self.cfg.classes:
             cls = torch.from_numpy(
@@ -603,6 +637,36 @@ class FitStage(WholeStage):
         before = self.fit.consumed_chunks()
         self.fit.accumulate(self.facts["d_model"], self.facts["n_feat"], client, only=chunks)
         return len(set(chunks) - before)
+
+    @classmethod
+    def consume_all(cls, stages: list[Any], store: Store, chunks: list[int]) -> dict[str, int]:
+        """Several fits consume a segment in one pass: each chunk of B's activations (and of the
+        features) is read once for every fit that needs it. Every fit's statistics are held at
+        once; each checkpoints as ``accumulate`` does. Sums run in the same order as alone."""
+        fits = [stage.fit for stage in stages]
+        state = []
+        for stage, fit in zip(stages, fits, strict=True):
+            consumed, stats = fit._load_checkpoint(stage.facts["d_model"], stage.facts["n_feat"])
+            state.append((fit, consumed, stats, fit.held_out_mask(), set(consumed)))
+        counts = {fit.unit: 0 for fit in fits}
+        last = time.monotonic()
+        every = min(fit.cfg.checkpoint_every for fit in fits)
+        seconds = min(fit.cfg.checkpoint_seconds for fit in fits)
+        for n, index in enumerate(chunks):
+            shared: dict = {}
+            for fit, consumed, stats, held, seen in state:
+                if index in seen:
+                    continue
+                fit.add_chunk(stats, index, held, shared)
+                consumed.append(index)
+                seen.add(index)
+                counts[fit.unit] += 1
+            if time.monotonic() - last >= seconds or (n + 1) % every == 0 or n == len(chunks) - 1:
+                for fit, consumed, stats, _, _ in state:
+                    if counts[fit.unit]:  # a fit with nothing new keeps its checkpoint
+                        fit._save_checkpoint(consumed, stats)
+                last = time.monotonic()
+        return counts
 
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
         return {self.fit.unit: self.facts}

@@ -152,6 +152,10 @@ def test_segmented_run_equals_unsegmented_within_budget(
     config = _config(
         tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS + [("B3", HOOKS[1:])]
     )
+    alone = CliRunner().invoke(cli, ["fit", "--config", str(config), "--index", "2"])
+    assert alone.exit_code != 0
+    assert "consumed and evicted by a segmented run" in str(alone.exception), alone.output
+    assert not Store(tmp_path / "store", mode="r").has("probes/B3")  # nothing written
     result = CliRunner().invoke(cli, ["run", str(config)])
     assert result.exit_code == 0, result.output
     assert f"activations: wrote {n_chunks} chunk(s)" in result.output, result.output
