@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--size cpu|gpu] [--smoke] [--only SECTION ...] [--out FILE]
 
-Each section (tokenize, activations, features, fit) runs in its own subprocess, so its peak
+Each section (tokenize, activations, features, fit, segments) runs in its own subprocess, so its peak
 RAM (``ru_maxrss``) and peak GPU memory are its own. Every throughput figure comes with the
 limit it is compared against, measured in the same process on the same data, so the ratios
 mean the same thing on any machine.
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("tokenize", "activations", "features", "fit")
+SECTIONS = ("tokenize", "activations", "features", "fit", "segments")
 
 GEMMA2_2B = {
     "family": "gemma2",
@@ -69,6 +69,17 @@ SIZES: dict[str, dict[str, dict]] = {
             "sklearn_feat": 256,
             "wide_feat": None,
         },
+        "segments": {
+            "shape": {"family": "gpt2", "n_layer": 4, "d_model": 256, "n_head": 4},
+            "layer": 1,
+            "ctx": 128,
+            "chunk_seqs": 16,
+            "batch_seqs": 16,
+            "n_tok": 65_536,  # 32 chunks
+            "widths": [1024, 2048, 4096],  # three fits of one B (as Gemma Scope's 16k/65k/1M)
+            "dtype": "float32",
+            "corpus_bytes": 1_000_000,
+        },
     },
     "gpu": {
         "tokenize": {"corpus_bytes": 20_000_000},
@@ -104,6 +115,17 @@ SIZES: dict[str, dict[str, dict]] = {
             "wide_tokens": 524_288,
             "feature_block": 16384,
         },
+        "segments": {
+            "shape": GEMMA2_2B,
+            "layer": 12,
+            "ctx": 1024,
+            "chunk_seqs": 64,
+            "batch_seqs": 16,
+            "n_tok": 1_048_576,  # 16 chunks
+            "widths": [16384, 65536],
+            "dtype": "bfloat16",
+            "corpus_bytes": 8_000_000,
+        },
     },
 }
 
@@ -137,6 +159,10 @@ def smoke(params: dict[str, dict]) -> dict[str, dict]:
         sklearn_rows=8000,
         sklearn_feat=64,
     )
+    s = p["segments"]
+    s["shape"] = {"family": s["shape"]["family"], **tiny}
+    s.update(layer=0, ctx=32, chunk_seqs=4, batch_seqs=4, n_tok=2048, widths=[128, 256])
+    s.update(corpus_bytes=200_000)
     if p["fit"].get("wide_feat"):
         p["fit"].update(wide_feat=4096, wide_tokens=8192, feature_block=1024)
     return p
@@ -152,6 +178,8 @@ def run_section(name: str, params: dict, work: Path) -> dict:
         from benchmarks.bench_activations import bench_activations as bench
     elif name == "features":
         from benchmarks.bench_features import bench_features as bench
+    elif name == "segments":
+        from benchmarks.bench_segments import bench_segments as bench
     else:
         from benchmarks.bench_fit import bench_fit as bench
     result = bench(work, params)
