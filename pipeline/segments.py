@@ -407,8 +407,8 @@ def needs_segments(planned: Sequence[tuple[Any, Any, Any]], store: Store) -> boo
             continue
         stage = entry.load_stage()(cfg)
         try:
-            units = stage.units(store)
-        except Exception:  # noqa: BLE001 - not validated yet (no tokens): nothing evicted
+            units = [stage.unit_of(layer, kind) for layer, kind in stage.wanted()]
+        except Exception:  # noqa: BLE001 - a bad model path: the stage's own run says so
             continue
         if any(store.has(u) and store.evicted_chunks(u) for u in units):
             return True
