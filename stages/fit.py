@@ -39,7 +39,7 @@ from pipeline.errors import XprobeError
 from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lazy import torch
 from pipeline.lineage import Input, unit_input
-from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
+from pipeline.maths.evaluate import PredictionScores, ProbeScores, bootstrap_weights
 from pipeline.maths.lstsq import (
     STATUS_OK,
     SufficientStats,
@@ -48,6 +48,7 @@ from pipeline.maths.lstsq import (
     write_directions,
 )
 from pipeline.maths.split import held_out_sequences
+from pipeline.maths.stitch import linear_r2_through_map, solve_map
 from pipeline.stage import WholeStage
 from pipeline.store import Store
 from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
@@ -87,6 +88,11 @@ class FitConfig:
     """Skip positions where B's residual L2 norm at any fitted hook exceeds this many times that
     hook's median norm (recorded by the activations stage): attention-sink / BOS-like tokens
     that dominate least squares. Positions A's features stage excluded are always skipped."""
+    affine_map: bool = False
+    """Affine-map baseline (model stitching, Chen et al. 2025): also fit one ridge map from B's
+    residual at each hook to A's residual at the SAE's hook (as the SAE reads it), and score A's
+    SAE encoder applied to mapped held-out activations against A's features: ``<hook>/map_*``.
+    Reads A's activations too; extra statistics d_B·(d_A + d_B) float64 per hook."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(
@@ -138,6 +144,16 @@ class Fit:
         self.device = torch.device(resolve_device(cfg.device))
         self.dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
         self._thresholds: dict[str, float] | None = None
+        # the affine-map baseline's target: A's residual at the SAE's hook (None: not asked for)
+        self.a_acts: str | None = None
+        if cfg.affine_map and store.has(self.feats):
+            info = store.info(self.feats)
+            if info.get("model") and info.get("hook"):
+                self.a_acts = acts_unit(cfg.corpus, safe_name(info["model"]), info["hook"])
+
+    def dense_units(self) -> list[str]:
+        """Every activations unit this fit reads: B's hooks, and A's with ``affine_map``."""
+        return [*self.acts.values(), *([self.a_acts] if self.a_acts is not None else [])]
 
     def norm_thresholds(self) -> dict[str, float]:
         """``exclude_norm_above`` × each hook's recorded median norm ({} when unset)."""
@@ -187,6 +203,7 @@ class Fit:
                 f"hooks {list(cfg.hooks)} have different widths {sorted(d_models)}; fit them separately"
             )
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        affine = self._validate_affine_map() if cfg.affine_map else {}
         self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
             unknown = [c for c in cfg.classes if c not in TOKEN_CLASSES]
@@ -215,17 +232,65 @@ class Fit:
                 if cfg.exclude_norm_above is not None
                 else {}
             ),
+            **affine,
         }
+
+    def _validate_affine_map(self) -> dict[str, Any]:
+        """Checks and facts of the affine-map baseline: A's activations at the SAE's hook are
+        stored, complete, on this corpus, as wide as the SAE's input, and the SAE loads."""
+        from pipeline.inputs.sae import load_sae_of
+
+        store, feats = self.store, self.store.info(self.feats)
+        if self.a_acts is None:
+            raise XprobeError(
+                f"affine_map needs A's activations, but {self.feats} records no model and hook"
+            )
+        if not store.has(self.a_acts) or not store.info(self.a_acts).get("complete"):
+            raise XprobeError(
+                f"affine_map needs A's activations {self.a_acts}, which are not (completely) in "
+                "the store: run the activations stage of A at the SAE's hook"
+            )
+        a_info = store.info(self.a_acts)
+        if a_info.get("corpus_fingerprint") != store.info(self.tokens)["corpus_fingerprint"]:
+            raise XprobeError(f"{self.a_acts} was computed on another version of the corpus")
+        sae = load_sae_of(store, self.feats)  # XprobeError when it does not load: no map
+        if int(sae.cfg.d_in) != int(a_info["d_model"]):
+            raise XprobeError(
+                f"the SAE reads d_in = {sae.cfg.d_in} but {self.a_acts} has d_model = "
+                f"{a_info['d_model']}"
+            )
+        return {
+            "affine_map": {
+                "a_activations": self.a_acts,
+                "d_a": int(a_info["d_model"]),
+                "sae_input": feats.get("sae_input", "raw"),
+            }
+        }
+
+    def a_residual(self, index: int) -> torch.Tensor:
+        """A's residual of chunk ``index`` ``[rows, d_A]`` as the SAE reads it (centred over
+        d_model where the features stage centred it: ``sae_input``)."""
+        a = load_acts(self.store, self.a_acts, index)
+        if self.store.info(self.feats).get("sae_input", "raw") == "centered":
+            a = a.float()
+            a = a - a.mean(dim=1, keepdim=True)
+        return a
 
     # ---- accumulation with checkpoints --------------------------------------------------------
     def fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
         """Empty statistics per hook: train, held-out, and with ``classes`` the held-out tokens
-        of each class (``held_out/<class>``: another cxx [d, d] and cyx [F, d] each)."""
+        of each class (``held_out/<class>``: another cxx [d, d] and cyx [F, d] each); with
+        ``affine_map``, ``map``: train statistics of B's x against A's residual (dense [d_A])."""
         splits = ("train", "held_out", *(f"held_out/{c}" for c in self.cfg.classes))
-        return {
+        out = {
             hook: {split: SufficientStats(d, n_feat, self.device, self.dtype) for split in splits}
             for hook in self.cfg.hooks
         }
+        if self.cfg.affine_map:
+            d_a = int(self.store.info(self.a_acts)["d_model"])
+            for hook in self.cfg.hooks:
+                out[hook]["map"] = SufficientStats(d, d_a, self.device, self.dtype)
+        return out
 
     def _load_checkpoint(self, d: int, n_feat: int) -> tuple[list[int], dict]:
         state = load_checkpoint(self.store, self.unit)
@@ -270,7 +335,12 @@ class Fit:
             )
             for c in self.cfg.classes:
                 splits[f"held_out/{c}"] = splits["held_out"] & (cls == TOKEN_CLASSES.index(c))
+        if self.cfg.affine_map:  # the map's targets: A's residual on the training tokens
+            train = splits["train"]
+            a = self.a_residual(index)[train].to(self.device) if bool(train.any()) else None
         for hook, x in xs.items():
+            if self.cfg.affine_map and a is not None:
+                stats[hook]["map"].update_dense(x[splits["train"]].to(self.device), a)
             for split, keep in splits.items():
                 if bool(keep.any()):
                     r, c, v = select_rows(rows, cols, vals, keep)
@@ -339,6 +409,7 @@ class Fit:
         gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
         summary = {}
         decoder = self.sae_decoder(stats[cfg.hooks[0]]["train"].d)
+        through = self.sae_through_map() if cfg.affine_map else None
         for hook in cfg.hooks:
             train, held = stats[hook]["train"], stats[hook]["held_out"]
             if train.n == 0:
@@ -357,8 +428,12 @@ class Fit:
             # B's write direction (decoder row) per feature, beside the probe (encoder row)
             ok = np.asarray(result["status"]) == STATUS_OK
             result.update(write_directions(train, ok, cfg.feature_block))
+            mapped = None
+            if through is not None:
+                mapped = solve_map(stats[hook]["map"], cfg.lambdas, cfg.feature_block)
+                result.update(self.map_arrays(mapped, train, through))
             if held.n > 0:
-                result.update(self.held_out_scores(hook, result, train))
+                result.update(self.held_out_scores(hook, result, train, mapped, through))
             if decoder is not None:
                 result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
             for key, value in result.items():
@@ -393,6 +468,12 @@ class Fit:
                 "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
                 "n_ok": int(ok.sum()),
             }
+            if mapped is not None:
+                summary[hook]["map_r2_train_total"] = float(mapped["r2_train_total"])
+                if "map_r2_held_out" in result and ok.any():
+                    summary[hook]["median_map_r2_held_out"] = float(
+                        np.nanmedian(result["map_r2_held_out"][ok])
+                    )
             for c in cfg.classes:
                 by_class = stats[hook][f"held_out/{c}"]
                 r2_c = np.where(
@@ -416,11 +497,18 @@ class Fit:
         return summary
 
     def held_out_scores(
-        self, hook: str, result: dict[str, np.ndarray], train: SufficientStats
+        self,
+        hook: str,
+        result: dict[str, np.ndarray],
+        train: SufficientStats,
+        mapped: dict[str, np.ndarray] | None = None,
+        through: SaeThroughMap | None = None,
     ) -> dict[str, np.ndarray]:
         """One pass over the held-out tokens of ``hook`` with its solved probes: R² of the prediction
         clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and clipped) over held-out
-        sequences (pipeline/maths/evaluate.py). NaN where the probe's status is not ok."""
+        sequences (pipeline/maths/evaluate.py). NaN where the probe's status is not ok. With the
+        affine map (``mapped``: :func:`solve_map`'s result, ``through``: A's SAE), the same
+        scores of ``sae.encode(x·Mᵀ + c)`` on the same tokens: ``map_*``."""
         store, cfg = self.store, self.cfg
         tokens = store.info(self.tokens)
         ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
@@ -435,6 +523,18 @@ class Fit:
             n_boot=cfg.n_bootstrap,
             feature_block=cfg.feature_block,
         )
+        map_scores = None
+        if mapped is not None and through is not None:
+            map_scores = PredictionScores(
+                through.predictor(mapped["weight"], mapped["bias"], self.device, self.dtype),
+                train.n_feat,
+                train.d,
+                train.mean_y.cpu(),
+                torch.sqrt(train.syy.cpu() / train.n),
+                self.device,
+                self.dtype,
+                n_boot=cfg.n_bootstrap,
+            )
         for index in range(tokens["n_chunks"]):
             first = index * chunk_seqs
             n_seqs = min(chunk_seqs, n_seq - first)
@@ -449,6 +549,8 @@ class Fit:
             )
             x = load_acts(store, self.acts[hook], index)[keep]
             scores.update(x, rows, cols, vals, weights, groups=local_seq[keep])
+            if map_scores is not None:
+                map_scores.update(x, rows, cols, vals, weights, groups=local_seq[keep])
         out = scores.result()
         bad = result["status"] != STATUS_OK
         boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}
@@ -459,7 +561,55 @@ class Fit:
                 value = out[key].astype(np.float32 if key in boot else np.float64)
                 value[bad] = np.nan
                 written[name] = value
+        if map_scores is not None:  # encode is >= 0 (ReLU, TopK, JumpReLU): clipped R² is R²
+            scored = map_scores.result()
+            for key, name in {
+                "r2": "map_r2_held_out",
+                "auroc": "map_auroc_held_out",
+                "r2_boot": "map_r2_held_out_boot",
+            }.items():
+                if key in scored:
+                    value = scored[key].astype(np.float32 if key == "r2_boot" else np.float64)
+                    value[bad] = np.nan
+                    written[name] = value
         return written
+
+    def sae_through_map(self) -> SaeThroughMap:
+        """A's SAE (the features' own, in their encode dtype, on this fit's device) for the map."""
+        from pipeline.inputs.sae import load_sae_of
+
+        info = self.store.info(self.feats)
+        sae = load_sae_of(self.store, self.feats, device=str(self.device))
+        dtype = getattr(torch, str(info.get("encode_dtype", "float32")))
+        centered = info.get("sae_input", "raw") == "centered"
+        return SaeThroughMap(sae.to(dtype=dtype), centered)
+
+    def map_arrays(
+        self, mapped: dict[str, np.ndarray], train: SufficientStats, through: SaeThroughMap
+    ) -> dict[str, np.ndarray]:
+        """The map as stored (``map_weight [d_A, d_B]`` float32, ``map_bias``, ``map_lam``,
+        ``map_r2_train`` [d_A]) and, where the SAE's pre-activation is affine, the training R² of
+        that pre-activation read through the map (``map_r2_linear_train [F]``, NaN where the
+        probe's status is not ok)."""
+        out = {
+            "map_weight": mapped["weight"].astype(np.float32),
+            "map_bias": mapped["bias"],
+            "map_lam": mapped["lam"],
+            "map_r2_train": mapped["r2_train"],
+        }
+        affine = through.affine_preactivation()
+        if affine is not None:
+            enc_weight, enc_bias = affine
+            r2 = linear_r2_through_map(
+                train,
+                mapped["weight"],
+                mapped["bias"],
+                enc_weight,
+                enc_bias,
+                self.cfg.feature_block,
+            )
+            out["map_r2_linear_train"] = r2
+        return out
 
     def sae_decoder(self, d: int) -> torch.Tensor | None:
         """A's decoder rows ``W_dec [F, d]`` (float64, on this fit's device) when the SAE the
@@ -474,6 +624,70 @@ class Fit:
         if w_dec.shape[1] != d:
             return None
         return w_dec.to(self.device, torch.float64)
+
+
+class SaeThroughMap:
+    """A's SAE read on B's activations through an affine map: ``encode(x·Mᵀ + c)``, the mapped
+    activations centred over d_A first where the features stage centred A's (``centered``)."""
+
+    def __init__(self, sae: Any, centered: bool):
+        self.sae, self.centered = sae, centered
+
+    def prepare(self, y: torch.Tensor) -> torch.Tensor:
+        """The SAE's input from A-space activations ``y [rows, d_A]``."""
+        y = y.to(self.sae.W_enc.device, self.sae.dtype)
+        return y - y.mean(dim=1, keepdim=True) if self.centered else y
+
+    def predictor(
+        self, weight: np.ndarray, bias: np.ndarray, device: torch.device, dtype: torch.dtype
+    ) -> Any:
+        """``predict(x [rows, d_B]) -> [rows, F]`` float64 on ``device``: the map's GEMM in
+        ``dtype`` (the fit's compute dtype), its bias added in float64, then the SAE."""
+        m = torch.from_numpy(np.ascontiguousarray(weight)).to(device, dtype)
+        c = torch.from_numpy(np.asarray(bias)).to(device, torch.float64)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                y = (x.to(device, dtype) @ m.T).to(torch.float64) + c
+                feats = self.sae.encode(self.prepare(y))
+                feats = feats.to_dense() if feats.is_sparse else feats
+                return feats.to(device, torch.float64)
+
+        return predict
+
+    def affine_preactivation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(E [d_A, F], e [F])`` float64 with the SAE's pre-activation (its ``hook_sae_acts_pre``,
+        after ``prepare``) equal to ``y·E + e``, read off at y = 0 and the unit vectors and checked
+        at a random y; None where the SAE has no such hook or its pre-activation is not affine."""
+        sae = self.sae
+        hook = getattr(sae, "hook_sae_acts_pre", None)
+        if hook is None:
+            return None
+        d_a = int(sae.cfg.d_in)
+        device = sae.W_enc.device
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, d_a, generator=generator, dtype=torch.float64)
+        inputs = torch.cat([torch.zeros(1, d_a, dtype=torch.float64), probe]).to(device)
+        captured: list[torch.Tensor] = []
+        handle = hook.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        try:
+            with torch.no_grad():
+                sae.encode(self.prepare(inputs))
+                pre = captured[-1].to(torch.float64)
+                e, at_probe = pre[0], pre[1]
+                enc = torch.empty(d_a, pre.shape[1], dtype=torch.float64, device=device)
+                step = max(1, (1 << 22) // max(pre.shape[1], 1))
+                eye = torch.eye(d_a, dtype=torch.float64, device=device)
+                for start in range(0, d_a, step):
+                    sae.encode(self.prepare(eye[start : start + step]))
+                    enc[start : start + step] = captured[-1].to(torch.float64) - e
+        finally:
+            handle.remove()
+        expected = probe.to(device)[0] @ enc + e
+        tolerance = 1e-3 * float(expected.abs().max().clamp(min=1.0))
+        if float((expected - at_probe).abs().max()) > tolerance:
+            return None
+        return enc, e
 
 
 def latent_scale(train: SufficientStats, decoder: torch.Tensor, feature_block: int) -> np.ndarray:
@@ -509,6 +723,8 @@ class FitStage(WholeStage):
             del out["classes"]
         if self.cfg.exclude_norm_above is None:
             del out["exclude_norm_above"]
+        if not self.cfg.affine_map:
+            del out["affine_map"]
         return out
 
     def validate(self, store: Store) -> None:
@@ -526,6 +742,11 @@ class FitStage(WholeStage):
             **{
                 f"activations at {hook}": unit_input(store, unit) for hook, unit in fit.acts.items()
             },
+            **(
+                {"activations of A (affine map)": unit_input(store, fit.a_acts)}
+                if fit.a_acts is not None
+                else {}
+            ),
         }
 
     def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
