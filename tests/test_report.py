@@ -778,3 +778,21 @@ def test_affine_map_baseline(pipeline_store):
     by_hook = np.stack([store.array(f"probes/Bmap/{h}/map_r2_held_out")[:] for h in HOOKS_B])
     expect = by_hook[best, np.arange(len(best))]
     np.testing.assert_array_equal(df["Bmap_map_r2"].to_numpy(), expect)
+    page = Path(out["html"]).read_text()
+    assert "through the affine map" in page or "affine_map" in page
+    # the per-layer plot's bars: percentile interval of the per-replicate median over features
+    from types import SimpleNamespace
+
+    from pipeline.report.plots import _median_interval
+
+    scored = (df["status"] == "scored").to_numpy()
+    fake = SimpleNamespace(n_boot=200, store=store, cfg=SimpleNamespace(confidence=0.9))
+    for hook in HOOKS_B:
+        values = df[f"Bmap_r2@{hook}"].to_numpy()[scored]
+        boot = store.array(f"probes/Bmap/{hook}/r2_held_out_boot")[:][scored].astype(np.float64)
+        ok = store.array(f"probes/Bmap/{hook}/status")[:][scored] == STATUS_OK
+        boot[~ok] = 0.0
+        medians = np.nanmedian(boot, axis=0)
+        low, high = _median_interval(fake, "Bmap", hook, scored, values)
+        assert (low, high) == tuple(np.percentile(medians, [5, 95]))
+        assert low < np.median(values) < high
