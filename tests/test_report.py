@@ -772,6 +772,29 @@ def test_affine_map_baseline(pipeline_store):
         probe = store.array(f"probes/Bmap/{hook}/r2_train")[:]
         assert (probe[ok] >= linear[ok] - 1e-9).all()
         assert (probe[ok] - linear[ok]).mean() > 0.01
+    # the map's statistics are in the checkpoint: a fit stopped partway resumes to the same bits
+    calls = {"n": 0}
+    add_chunk = Fit.add_chunk
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("stopped")
+        return add_chunk(self, *args, **kwargs)
+
+    resumed = _fit("Bmap2", "B", (HOOK,), lambdas=(0.0,), affine_map=True, checkpoint_every=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Fit, "add_chunk", failing)
+        with pytest.raises(RuntimeError, match="stopped"):
+            fit(resumed, store)
+    assert len(torch.load(pipeline_store / "probes/Bmap2/_checkpoint.pt")["consumed"]) == 5
+    fit(resumed, store)
+    for key in ("map_weight", "map_bias", "map_r2_held_out", "map_r2_linear_train", "direction"):
+        assert np.array_equal(
+            store.array(f"probes/Bmap2/{HOOK}/{key}")[:],
+            store.array(f"probes/Bmap/{HOOK}/{key}")[:],
+            equal_nan=True,
+        ), key
     out = report(_report_cfg(name="map", fits=("Bmap",), n_shown=0), store)
     df = pd.read_parquet(out["table"])
     best = store.array("probes/Bmap/best_hook")[:]

@@ -243,8 +243,8 @@ def plot_cosine(df: Any) -> str:
 def plot_baselines(report: Any, df: Any) -> str | None:
     """Per model B, its verdict against the standard baselines, one point per scored feature
     coloured by class: presence against the Latent Scaling β relative to the ceiling's and
-    against the decoder cosine (B in A's basis); and B's probe's held-out R² against the
-    affine-map baseline's (A's SAE read through a ridge map B → A; fits with ``affine_map``),
+    against the decoder cosine (B in A's basis); and B's probe's held-out R² (of its prediction
+    clipped at 0, as the SAE's output is ≥ 0) against the affine-map baseline's (A's SAE read through a ridge map B → A; fits with ``affine_map``),
     with y = x dotted: points below it are features the map predicts better than the dedicated
     probe on test. None when no fit has any of them."""
     panels: dict[str, list[tuple[np.ndarray, str, np.ndarray, str]]] = {}
@@ -270,8 +270,8 @@ def plot_baselines(report: Any, df: Any) -> str | None:
                 (
                     df[f"{p}_map_r2"].to_numpy(),
                     "held-out R² through the affine map",
-                    df[f"{p}_r2"].to_numpy(),
-                    "held-out R² of the probe",
+                    df[f"{p}_r2_clipped"].to_numpy(),
+                    "held-out R² of the probe, clipped at 0",
                 )
             )
         if own:
