@@ -17,6 +17,10 @@ Writes ``probes/<name>/<hook>/``:
     r2_clipped_held_out, auroc_held_out [F] float64    from one pass over the held-out tokens
     r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
     latent_scale [F]   Latent Scaling baseline, where B's width is the SAE's and the SAE loads
+With ``affine_map`` (the affine-map baseline, pipeline/maths/stitch.py), also per hook:
+    map_weight [d_A, d_B] float32, map_bias, map_lam, map_r2_train [d_A]   ridge map B -> A
+    map_r2_held_out, map_auroc_held_out [F]   A's SAE on mapped held-out activations
+    map_r2_held_out_boot [F, n_bootstrap] float32, map_r2_linear_train [F]
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 With ``classes``
 (chat corpora), also ``<hook>/r2_held_out_<class> [F]``: the same probes scored on the held-out
@@ -431,7 +435,7 @@ class Fit:
             mapped = None
             if through is not None:
                 mapped = solve_map(stats[hook]["map"], cfg.lambdas, cfg.feature_block)
-                result.update(self.map_arrays(mapped, train, through))
+                result.update(self.map_arrays(mapped, train, through, ok))
             if held.n > 0:
                 result.update(self.held_out_scores(hook, result, train, mapped, through))
             if decoder is not None:
@@ -585,7 +589,11 @@ class Fit:
         return SaeThroughMap(sae.to(dtype=dtype), centered)
 
     def map_arrays(
-        self, mapped: dict[str, np.ndarray], train: SufficientStats, through: SaeThroughMap
+        self,
+        mapped: dict[str, np.ndarray],
+        train: SufficientStats,
+        through: SaeThroughMap,
+        ok: np.ndarray,
     ) -> dict[str, np.ndarray]:
         """The map as stored (``map_weight [d_A, d_B]`` float32, ``map_bias``, ``map_lam``,
         ``map_r2_train`` [d_A]) and, where the SAE's pre-activation is affine, the training R² of
@@ -608,7 +616,7 @@ class Fit:
                 enc_bias,
                 self.cfg.feature_block,
             )
-            out["map_r2_linear_train"] = r2
+            out["map_r2_linear_train"] = np.where(ok, r2, np.nan)
         return out
 
     def sae_decoder(self, d: int) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ def test_map_is_gcv_ridge_of_dense_targets():
     units = (0.0, 1e-2, 1.0, 30.0)
     got = solve_map(stats, units)
     grid = np.asarray(units) * np.trace(xc.T @ xc) / d_b
-    weight, bias, lam = _ridge_gcv(np.delete(x, [], 1), np.delete(y, 3, 1), grid)
+    weight, bias, lam = _ridge_gcv(x, np.delete(y, 3, 1), grid)
     keep = np.arange(d_a) != 3
     assert len(set(lam)) > 1  # the grid's choice differs between coordinates
     np.testing.assert_allclose(got["lam"][keep], lam, rtol=1e-12)

@@ -12,6 +12,8 @@ themselves, so :class:`ProbeScores` takes one pass over the test tokens with the
   Binning counts pairs within a bin as ties (tested within 0.01 of exact AUROC);
 
 and, to check the statistics, R² of the raw prediction and its Pearson r.
+:class:`PredictionScores` gives the same scores to any predictor of all F features at once (the
+affine-map baseline: A's SAE read on B's mapped activations, pipeline/maths/stitch.py).
 
 Per row block and feature block, predictions ``P = x·Wᵀ + b [rows, F_block]`` are one GEMM in
 ``compute_dtype``; Y is scattered dense for that block only; every sum is float64, shifted by
