@@ -101,6 +101,7 @@ def test_scores_through_a_predictor_and_linear_bound():
         torch.sqrt(probe.syy / probe.n),
         CPU,
         torch.float64,
+        block_rows=7,  # several predictor calls per update
     )
     rows, cols = np.nonzero(feats[test])
     for part in (slice(0, 37), slice(37, 100)):

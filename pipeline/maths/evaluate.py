@@ -103,6 +103,7 @@ class ProbeScores:
         self.n_feat, self.d, self.n_boot, self.n_bins = n_feat, d, n_boot, n_bins
         self.device, self.compute_dtype = torch.device(device), compute_dtype
         self.feature_block = feature_block
+        self.block_elems = _BLOCK_ELEMS
         f64 = {"dtype": torch.float64, "device": self.device}
         self.center = center.to(**f64)
         self.scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(**f64)
@@ -161,7 +162,7 @@ class ProbeScores:
         self.n += n
         self.n_weighted += replicate.T @ torch.bincount(groups, minlength=n_groups).double()
         step_f = min(self.feature_block, self.n_feat)
-        step_r = max(1, _BLOCK_ELEMS // step_f)
+        step_r = max(1, self.block_elems // step_f)
         for start in range(0, n, step_r):
             stop = min(start + step_r, n)
             keep = (rows >= start) & (rows < stop)
@@ -257,8 +258,10 @@ class ProbeScores:
 class PredictionScores(ProbeScores):
     """:class:`ProbeScores` of any predictor ``predict(x [rows, d]) -> [rows, F]`` (e.g. A's SAE
     encoder applied to B's activations mapped into A's residual stream): the same scores, the
-    same bootstrap. ``predict`` is called once per row block, with all F features at once
-    (rows ≈ 2²²/F, so the scratch stays O(2²²) elements); ``x`` is given in ``compute_dtype``."""
+    same bootstrap. ``predict`` is called once per row block, with all F features at once:
+    ``block_rows`` rows (default: 2²²/F, at least 1), so the scratch is O(block_rows·F) elements;
+    a wide SAE on a GPU wants more rows per call than 2²²/F (each call reads all of W_enc).
+    ``x`` is given in ``compute_dtype``."""
 
     def __init__(
         self,
@@ -271,9 +274,14 @@ class PredictionScores(ProbeScores):
         compute_dtype: torch.dtype | None = None,
         n_boot: int = 0,
         n_bins: int = 128,
+        block_rows: int | None = None,
     ) -> None:
         compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
         self._setup(n_feat, d, center, scale, device, compute_dtype, n_boot, n_bins, n_feat)
+        if block_rows is not None:
+            if block_rows < 1:
+                raise XprobeError(f"block_rows must be >= 1, got {block_rows}")
+            self.block_elems = block_rows * n_feat
         self.predict = predict
 
     def _predict(self, x: torch.Tensor, block: slice) -> torch.Tensor:
