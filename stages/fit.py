@@ -664,9 +664,11 @@ class SaeThroughMap:
         return predict
 
     def affine_preactivation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(E [d_A, F], e [F])`` float64 with the SAE's pre-activation (its ``hook_sae_acts_pre``,
+        """``(E [d_A, F] float32, e [F] float64)`` with the SAE's pre-activation (its ``hook_sae_acts_pre``,
         after ``prepare``) equal to ``y·E + e``, read off at y = 0 and the unit vectors and checked
-        at a random y; None where the SAE has no such hook or its pre-activation is not affine."""
+        at a random y; None where the SAE has no such hook or its pre-activation is not affine.
+        E is as large as W_enc; it holds differences of the SAE's own (float32 or narrower)
+        outputs, so float64 would add memory, not precision."""
         sae = self.sae
         hook = getattr(sae, "hook_sae_acts_pre", None)
         if hook is None:
@@ -683,7 +685,7 @@ class SaeThroughMap:
                 sae.encode(self.prepare(inputs))
                 pre = captured[-1].to(torch.float64)
                 e, at_probe = pre[0], pre[1]
-                enc = torch.empty(d_a, pre.shape[1], dtype=torch.float64, device=device)
+                enc = torch.empty(d_a, pre.shape[1], dtype=torch.float32, device=device)
                 step = max(1, (1 << 22) // max(pre.shape[1], 1))
                 eye = torch.eye(d_a, dtype=torch.float64, device=device)
                 for start in range(0, d_a, step):
@@ -691,7 +693,7 @@ class SaeThroughMap:
                     enc[start : start + step] = captured[-1].to(torch.float64) - e
         finally:
             handle.remove()
-        expected = probe.to(device)[0] @ enc + e
+        expected = (probe.to(device, torch.float32)[0] @ enc).to(torch.float64) + e
         tolerance = 1e-3 * float(expected.abs().max().clamp(min=1.0))
         if float((expected - at_probe).abs().max()) > tolerance:
             return None

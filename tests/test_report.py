@@ -771,6 +771,14 @@ def test_affine_map_baseline(pipeline_store):
         linear = store.array(f"probes/Bmap/{hook}/map_r2_linear_train")[:]
         probe = store.array(f"probes/Bmap/{hook}/r2_train")[:]
         assert (probe[ok] >= linear[ok] - 1e-9).all()
+        # ... against numpy: the StandardSAE's pre-activation (ŷ − b_dec)·W_enc + b_enc
+        w_enc, b_enc = sae.W_enc.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+        mapped = x[train] @ expect[:, :-1].T + expect[:, -1]
+        pre = (mapped - sae.b_dec.detach().double().numpy()) @ w_enc + b_enc
+        y_train = y[train]
+        sst_train = ((y_train - y_train.mean(0)) ** 2).sum(0)
+        r2_pre = 1 - ((y_train - pre) ** 2).sum(0) / np.where(sst_train > 0, sst_train, 1)
+        np.testing.assert_allclose(linear[ok], r2_pre[ok], rtol=1e-3)
         assert (probe[ok] - linear[ok]).mean() > 0.01
     # the map's statistics are in the checkpoint: a fit stopped partway resumes to the same bits
     calls = {"n": 0}
