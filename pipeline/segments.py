@@ -255,8 +255,8 @@ class Segmented:
     def _build_fit(self, stage: Any, n_chunks: int) -> None:
         """Solve and score a fit whose every chunk is consumed; held-out chunks that were
         evicted are computed again a segment at a time (``Rematerialize``)."""
-        fit = _fit_of(stage, self.store)
-        provider = Rematerialize(self, fit.dense_units(), n_chunks)
+        fit = _fit_of(stage, self.store)  # scoring reads B's hooks only (the map: from B too)
+        provider = Rematerialize(self, list(fit.acts.values()), n_chunks)
         stage.provider = provider
         try:
             self._run(stage)

@@ -17,6 +17,10 @@ Writes ``probes/<name>/<hook>/``:
     r2_clipped_held_out, auroc_held_out [F] float64    from one pass over the held-out tokens
     r2_held_out_boot, r2_clipped_held_out_boot [F, n_bootstrap] float32   bootstrap replicates
     latent_scale [F]   Latent Scaling baseline, where B's width is the SAE's and the SAE loads
+With ``affine_map`` (the affine-map baseline, pipeline/maths/stitch.py), also per hook:
+    map_weight [d_A, d_B] float32, map_bias, map_lam, map_r2_train [d_A]   ridge map B -> A
+    map_r2_held_out, map_auroc_held_out [F]   A's SAE on mapped held-out activations
+    map_r2_held_out_boot [F, n_bootstrap] float32, map_r2_linear_train [F]
 and ``probes/<name>/best_hook [F]`` (index into ``hooks``, by GCV R² on training tokens).
 With ``classes``
 (chat corpora), also ``<hook>/r2_held_out_<class> [F]``: the same probes scored on the held-out
@@ -41,7 +45,7 @@ from pipeline.errors import XprobeError
 from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lazy import torch
 from pipeline.lineage import Input, unit_input
-from pipeline.maths.evaluate import ProbeScores, bootstrap_weights
+from pipeline.maths.evaluate import PredictionScores, ProbeScores, bootstrap_weights
 from pipeline.maths.lstsq import (
     STATUS_OK,
     SufficientStats,
@@ -50,6 +54,7 @@ from pipeline.maths.lstsq import (
     write_directions,
 )
 from pipeline.maths.split import held_out_sequences
+from pipeline.maths.stitch import linear_r2_through_map, solve_map
 from pipeline.stage import WholeStage
 from pipeline.store import Store
 from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
@@ -92,6 +97,11 @@ class FitConfig:
     """Skip positions where B's residual L2 norm at any fitted hook exceeds this many times that
     hook's median norm (recorded by the activations stage): attention-sink / BOS-like tokens
     that dominate least squares. Positions A's features stage excluded are always skipped."""
+    affine_map: bool = False
+    """Affine-map baseline (model stitching, Chen et al. 2025): also fit one ridge map from B's
+    residual at each hook to A's residual at the SAE's hook (as the SAE reads it), and score A's
+    SAE encoder applied to mapped held-out activations against A's features: ``<hook>/map_*``.
+    Reads A's activations too; extra statistics d_B·(d_A + d_B) float64 per hook."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(
@@ -149,6 +159,16 @@ class Fit:
         self.provider: Callable[[int], None] | None = None
         """A segmented run: called with a chunk index before the evaluation pass reads it, to
         compute again (and later evict) dense chunks that were evicted after accumulation."""
+        # the affine-map baseline's target: A's residual at the SAE's hook (None: not asked for)
+        self.a_acts: str | None = None
+        if cfg.affine_map and store.has(self.feats):
+            info = store.info(self.feats)
+            if info.get("model") and info.get("hook"):
+                self.a_acts = acts_unit(cfg.corpus, safe_name(info["model"]), info["hook"])
+
+    def dense_units(self) -> list[str]:
+        """Every activations unit this fit reads: B's hooks, and A's with ``affine_map``."""
+        return [*self.acts.values(), *([self.a_acts] if self.a_acts is not None else [])]
 
     def norm_thresholds(self) -> dict[str, float]:
         """``exclude_norm_above`` × each hook's recorded median norm ({} when unset)."""
@@ -202,6 +222,7 @@ class Fit:
         if self.segment is None and self.provider is None:
             self.refuse_evicted()
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        affine = self._validate_affine_map() if cfg.affine_map else {}
         self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
             unknown = [c for c in cfg.classes if c not in TOKEN_CLASSES]
@@ -230,17 +251,68 @@ class Fit:
                 if cfg.exclude_norm_above is not None
                 else {}
             ),
+            **affine,
         }
+
+    def _validate_affine_map(self) -> dict[str, Any]:
+        """Checks and facts of the affine-map baseline: A's activations at the SAE's hook are
+        stored, complete, on this corpus, as wide as the SAE's input, and the SAE loads."""
+        from pipeline.inputs.sae import load_sae_of
+
+        store, feats = self.store, self.store.info(self.feats)
+        if self.a_acts is None:
+            raise XprobeError(
+                f"affine_map needs A's activations, but {self.feats} records no model and hook"
+            )
+        if not store.has(self.a_acts) or (
+            not store.info(self.a_acts).get("complete") and self.segment is None
+        ):
+            raise XprobeError(
+                f"affine_map needs A's activations {self.a_acts}, which are not (completely) in "
+                "the store: run the activations stage of A at the SAE's hook"
+            )
+        a_info = store.info(self.a_acts)
+        if a_info.get("corpus_fingerprint") != store.info(self.tokens)["corpus_fingerprint"]:
+            raise XprobeError(f"{self.a_acts} was computed on another version of the corpus")
+        sae = load_sae_of(store, self.feats)  # XprobeError when it does not load: no map
+        if int(sae.cfg.d_in) != int(a_info["d_model"]):
+            raise XprobeError(
+                f"the SAE reads d_in = {sae.cfg.d_in} but {self.a_acts} has d_model = "
+                f"{a_info['d_model']}"
+            )
+        return {
+            "affine_map": {
+                "a_activations": self.a_acts,
+                "d_a": int(a_info["d_model"]),
+                "sae_input": feats.get("sae_input", "raw"),
+            }
+        }
+
+    def a_residual(self, index: int, shared: dict | None = None) -> torch.Tensor:
+        """A's residual of chunk ``index`` ``[rows, d_A]`` as the SAE reads it (centred over
+        d_model where the features stage centred it: ``sae_input``)."""
+        assert self.a_acts is not None
+        a = self.read(self.a_acts, index, shared)
+        if self.store.info(self.feats).get("sae_input", "raw") == "centered":
+            a = a.float()
+            a = a - a.mean(dim=1, keepdim=True)
+        return a
 
     # ---- accumulation with checkpoints --------------------------------------------------------
     def fresh_stats(self, d: int, n_feat: int) -> dict[str, dict[str, SufficientStats]]:
         """Empty statistics per hook: train, held-out, and with ``classes`` the held-out tokens
-        of each class (``held_out/<class>``: another cxx [d, d] and cyx [F, d] each)."""
+        of each class (``held_out/<class>``: another cxx [d, d] and cyx [F, d] each); with
+        ``affine_map``, ``map``: train statistics of B's x against A's residual (dense [d_A])."""
         splits = ("train", "held_out", *(f"held_out/{c}" for c in self.cfg.classes))
-        return {
+        out = {
             hook: {split: SufficientStats(d, n_feat, self.device, self.dtype) for split in splits}
             for hook in self.cfg.hooks
         }
+        if self.cfg.affine_map:
+            d_a = int(self.store.info(self.a_acts)["d_model"])
+            for hook in self.cfg.hooks:
+                out[hook]["map"] = SufficientStats(d, d_a, self.device, self.dtype)
+        return out
 
     def _load_checkpoint(self, d: int, n_feat: int) -> tuple[list[int], dict]:
         state = load_checkpoint(self.store, self.unit)
@@ -289,10 +361,6 @@ class Fit:
                     "computes them again (with --max-disk, a segment at a time)"
                 )
 
-    def dense_units(self) -> list[str]:
-        """Every dense activation unit this fit reads."""
-        return list(self.acts.values())
-
     def held_out_mask(self) -> torch.Tensor:
         """[n_seq] bool: the held-out sequences of this fit's corpus."""
         tokens = self.store.info(self.tokens)
@@ -332,7 +400,12 @@ class Fit:
             )
             for c in self.cfg.classes:
                 splits[f"held_out/{c}"] = splits["held_out"] & (cls == TOKEN_CLASSES.index(c))
+        if self.cfg.affine_map:  # the map's targets: A's residual on the training tokens
+            train = splits["train"]
+            a = self.a_residual(index, shared)[train].to(self.device) if bool(train.any()) else None
         for hook, x in xs.items():
+            if self.cfg.affine_map and a is not None:
+                stats[hook]["map"].update_dense(x[splits["train"]].to(self.device), a)
             for split, keep in splits.items():
                 if bool(keep.any()):
                     r, c, v = select_rows(rows, cols, vals, keep)
@@ -399,33 +472,31 @@ class Fit:
 
     # ---- solve and write ----------------------------------------------------------------------
     def solve_and_write(self, stats: dict, n_feat: int) -> dict[str, Any]:
-        """Solve every hook's probes, score them in one pass over the held-out tokens and write
-        them. Hook by hook; in a segmented run (``provider`` set) all hooks are scored in one
-        pass, so evicted chunks are computed again once, not once per hook (same numbers: each
-        hook's sums run over the chunks in the same order)."""
+        """Solve every hook's probes (and, with ``affine_map``, its map), score them in one pass
+        over the held-out tokens and write them. Hook by hook; in a segmented run (``provider``
+        set) all hooks are scored in one pass, so evicted chunks are computed again once, not
+        once per hook (same numbers: each hook's sums run over the chunks in the same order)."""
         store, cfg = self.store, self.cfg
         prov = store.info(self.unit)
         gcv_r2 = []  # [hooks][F]: what picks the best hook (training tokens only)
         summary: dict[str, Any] = {}
         decoder = self.sae_decoder(stats[cfg.hooks[0]]["train"].d)
-        together = self.provider is not None
-        solved = {}
-        for hook in cfg.hooks:
-            result = self.solve_hook(stats[hook], decoder)
-            if not together:
-                self.write_hook(
-                    hook, result, stats[hook], self.held_out_scores({hook: result}, stats)
-                )
-                gcv_r2.append(np.asarray(result["r2_gcv"]))
-                summary[hook] = self.hook_summary(hook, result, stats[hook], prov)
-            else:
-                solved[hook] = result
-        if together:
-            scores = self.held_out_scores(solved, stats)
-            for hook, result in solved.items():
+        through = self.sae_through_map() if cfg.affine_map else None
+        solved: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+
+        def write(scores: dict[str, dict]) -> None:
+            for hook, (result, mapped) in solved.items():
                 self.write_hook(hook, result, stats[hook], scores)
                 gcv_r2.append(np.asarray(result["r2_gcv"]))
-                summary[hook] = self.hook_summary(hook, result, stats[hook], prov)
+                summary[hook] = self.hook_summary(hook, result, mapped, stats[hook], prov)
+            solved.clear()
+
+        for hook in cfg.hooks:
+            solved[hook] = self.solve_hook(stats[hook], decoder, through)
+            if self.provider is None:
+                write(self.held_out_scores(solved, stats, through))
+        if solved:
+            write(self.held_out_scores(solved, stats, through))
         best = np.argmax(np.stack(gcv_r2), axis=0).astype(np.int32)
         if store.has(f"{self.unit}/best_hook"):
             store.delete(f"{self.unit}/best_hook")
@@ -434,9 +505,12 @@ class Fit:
         ] = best
         return summary
 
-    def solve_hook(self, stats: dict, decoder: torch.Tensor | None) -> dict[str, Any]:
-        """One hook's probes from its training statistics (λ by GCV), write directions and the
-        Latent Scaling baseline; no held-out token is read."""
+    def solve_hook(
+        self, stats: dict, decoder: torch.Tensor | None, through: SaeThroughMap | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One hook's probes from its training statistics (λ by GCV), write directions, the
+        Latent Scaling baseline and the affine map (``through``: A's SAE; its solve is returned
+        beside the arrays); no held-out token is read."""
         cfg = self.cfg
         train, held = stats["train"], stats["held_out"]
         if train.n == 0:
@@ -455,9 +529,13 @@ class Fit:
         # B's write direction (decoder row) per feature, beside the probe (encoder row)
         ok = np.asarray(result["status"]) == STATUS_OK
         result.update(write_directions(train, ok, cfg.feature_block))
+        mapped = None
+        if through is not None:
+            mapped = solve_map(stats["map"], cfg.lambdas, cfg.feature_block)
+            result.update(self.map_arrays(mapped, train, through, ok))
         if decoder is not None:
             result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
-        return result
+        return result, mapped
 
     def write_hook(
         self, hook: str, result: dict[str, Any], stats: dict, scores: dict[str, dict]
@@ -465,8 +543,7 @@ class Fit:
         """Write one hook's arrays (``probes/<name>/<hook>/...``), its held-out scores included."""
         store = self.store
         prov = store.info(self.unit)
-        if stats["held_out"].n > 0:
-            result.update(scores[hook])
+        result.update(scores.get(hook, {}))
         for key, value in result.items():
             value = value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if key == "direction":
@@ -479,7 +556,12 @@ class Fit:
             arr[...] = value
 
     def hook_summary(
-        self, hook: str, result: dict[str, Any], stats: dict, prov: dict[str, Any]
+        self,
+        hook: str,
+        result: dict[str, Any],
+        mapped: dict[str, Any] | None,
+        stats: dict,
+        prov: dict[str, Any],
     ) -> dict[str, Any]:
         """Medians for the run's summary; with ``classes``, each class's held-out R² (written)."""
         store, cfg = self.store, self.cfg
@@ -500,6 +582,10 @@ class Fit:
             "median_r2_held_out": float(np.median(r2[ok])) if ok.any() else None,
             "n_ok": int(ok.sum()),
         }
+        if mapped is not None:
+            out["map_r2_train_total"] = float(mapped["r2_train_total"])
+            if "map_r2_held_out" in result and ok.any():
+                out["median_map_r2_held_out"] = float(np.nanmedian(result["map_r2_held_out"][ok]))
         for c in cfg.classes:
             by_class = stats[f"held_out/{c}"]
             r2_c = np.where(
@@ -517,25 +603,32 @@ class Fit:
         return out
 
     def held_out_scores(
-        self, results: dict[str, dict[str, np.ndarray]], stats: dict
+        self,
+        solved: dict[str, tuple[dict[str, Any], dict[str, Any] | None]],
+        stats: dict,
+        through: SaeThroughMap | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """One pass over the held-out tokens with the solved probes of the hooks in ``results``:
-        R² of the prediction clipped at 0, firing AUROC, and bootstrap replicates of R² (raw and
-        clipped) over held-out sequences (pipeline/maths/evaluate.py), per hook. NaN where the
-        probe's status is not ok. Hooks without held-out tokens are left out."""
+        """One pass over the held-out tokens with the solved probes of the hooks in ``solved``
+        (hook -> (arrays, map solve)): R² of the prediction clipped at 0, firing AUROC, and
+        bootstrap replicates of R² (raw and clipped) over held-out sequences
+        (pipeline/maths/evaluate.py), per hook. NaN where the probe's status is not ok. With the
+        affine map (its solve, and ``through``: A's SAE), the same scores of
+        ``sae.encode(x·Mᵀ + c)`` on the same tokens: ``map_*``. Hooks without held-out tokens
+        are left out."""
         store, cfg = self.store, self.cfg
         tokens = store.info(self.tokens)
         ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
         held = self.held_out_mask()
-        hooks = [h for h in results if stats[h]["held_out"].n > 0]
+        hooks = [h for h in solved if stats[h]["held_out"].n > 0]
         if not hooks:
             return {}
-        scorers = {}
+        scorers, map_scorers = {}, {}
         for hook in hooks:
             train = stats[hook]["train"]
+            result, mapped = solved[hook]
             scorers[hook] = ProbeScores(
-                torch.from_numpy(np.ascontiguousarray(results[hook]["direction"])),
-                torch.from_numpy(results[hook]["intercept"]),
+                torch.from_numpy(np.ascontiguousarray(result["direction"])),
+                torch.from_numpy(result["intercept"]),
                 train.mean_y.cpu(),
                 torch.sqrt(train.syy.cpu() / train.n),
                 self.device,
@@ -543,6 +636,17 @@ class Fit:
                 n_boot=cfg.n_bootstrap,
                 feature_block=cfg.feature_block,
             )
+            if mapped is not None and through is not None:
+                map_scorers[hook] = PredictionScores(
+                    through.predictor(mapped["weight"], mapped["bias"], self.device, self.dtype),
+                    train.n_feat,
+                    train.d,
+                    train.mean_y.cpu(),
+                    torch.sqrt(train.syy.cpu() / train.n),
+                    self.device,
+                    self.dtype,
+                    n_boot=cfg.n_bootstrap,
+                )
         for index in range(tokens["n_chunks"]):
             first = index * chunk_seqs
             n_seqs = min(chunk_seqs, n_seq - first)
@@ -560,19 +664,74 @@ class Fit:
             for hook in hooks:
                 x = load_acts(store, self.acts[hook], index)[keep]
                 scorers[hook].update(x, rows, cols, vals, weights, groups=local_seq[keep])
+                if hook in map_scorers:
+                    map_scorers[hook].update(x, rows, cols, vals, weights, groups=local_seq[keep])
         boot = {"r2_boot": "r2_held_out_boot", "r2_clipped_boot": "r2_clipped_held_out_boot"}
         named = {"r2_clipped": "r2_clipped_held_out", "auroc": "auroc_held_out", **boot}
+        map_named = {
+            "r2": "map_r2_held_out",
+            "auroc": "map_auroc_held_out",
+            "r2_boot": "map_r2_held_out_boot",
+        }
         written: dict[str, dict[str, np.ndarray]] = {}
         for hook in hooks:
             out = scorers[hook].result()
-            bad = results[hook]["status"] != STATUS_OK
+            bad = solved[hook][0]["status"] != STATUS_OK
             written[hook] = {}
             for key, name in named.items():
                 if key in out:
                     value = out[key].astype(np.float32 if key in boot else np.float64)
                     value[bad] = np.nan
                     written[hook][name] = value
+            if hook in map_scorers:  # encode is >= 0 (ReLU, TopK, JumpReLU): clipped R² is R²
+                scored = map_scorers[hook].result()
+                for key, name in map_named.items():
+                    if key in scored:
+                        value = scored[key].astype(np.float32 if key == "r2_boot" else np.float64)
+                        value[bad] = np.nan
+                        written[hook][name] = value
         return written
+
+    def sae_through_map(self) -> SaeThroughMap:
+        """A's SAE (the features' own, in their encode dtype, on this fit's device) for the map."""
+        from pipeline.inputs.sae import load_sae_of
+
+        info = self.store.info(self.feats)
+        sae = load_sae_of(self.store, self.feats, device=str(self.device))
+        dtype = getattr(torch, str(info.get("encode_dtype", "float32")))
+        centered = info.get("sae_input", "raw") == "centered"
+        return SaeThroughMap(sae.to(dtype=dtype), centered)
+
+    def map_arrays(
+        self,
+        mapped: dict[str, np.ndarray],
+        train: SufficientStats,
+        through: SaeThroughMap,
+        ok: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """The map as stored (``map_weight [d_A, d_B]`` float32, ``map_bias``, ``map_lam``,
+        ``map_r2_train`` [d_A]) and, where the SAE's pre-activation is affine, the training R² of
+        that pre-activation read through the map (``map_r2_linear_train [F]``, NaN where the
+        probe's status is not ok)."""
+        out = {
+            "map_weight": mapped["weight"].astype(np.float32),
+            "map_bias": mapped["bias"],
+            "map_lam": mapped["lam"],
+            "map_r2_train": mapped["r2_train"],
+        }
+        affine = through.affine_preactivation()
+        if affine is not None:
+            enc_weight, enc_bias = affine
+            r2 = linear_r2_through_map(
+                train,
+                mapped["weight"],
+                mapped["bias"],
+                enc_weight,
+                enc_bias,
+                self.cfg.feature_block,
+            )
+            out["map_r2_linear_train"] = np.where(ok, r2, np.nan)
+        return out
 
     def sae_decoder(self, d: int) -> torch.Tensor | None:
         """A's decoder rows ``W_dec [F, d]`` (float64, on this fit's device) when the SAE the
@@ -587,6 +746,72 @@ class Fit:
         if w_dec.shape[1] != d:
             return None
         return w_dec.to(self.device, torch.float64)
+
+
+class SaeThroughMap:
+    """A's SAE read on B's activations through an affine map: ``encode(x·Mᵀ + c)``, the mapped
+    activations centred over d_A first where the features stage centred A's (``centered``)."""
+
+    def __init__(self, sae: Any, centered: bool):
+        self.sae, self.centered = sae, centered
+
+    def prepare(self, y: torch.Tensor) -> torch.Tensor:
+        """The SAE's input from A-space activations ``y [rows, d_A]``."""
+        y = y.to(self.sae.W_enc.device, self.sae.dtype)
+        return y - y.mean(dim=1, keepdim=True) if self.centered else y
+
+    def predictor(
+        self, weight: np.ndarray, bias: np.ndarray, device: torch.device, dtype: torch.dtype
+    ) -> Any:
+        """``predict(x [rows, d_B]) -> [rows, F]`` float64 on ``device``: the map's GEMM in
+        ``dtype`` (the fit's compute dtype), its bias added in float64, then the SAE."""
+        m = torch.from_numpy(np.ascontiguousarray(weight)).to(device, dtype)
+        c = torch.from_numpy(np.asarray(bias)).to(device, torch.float64)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                y = (x.to(device, dtype) @ m.T).to(torch.float64) + c
+                feats = self.sae.encode(self.prepare(y))
+                feats = feats.to_dense() if feats.is_sparse else feats
+                return feats.to(device, torch.float64)
+
+        return predict
+
+    def affine_preactivation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(E [d_A, F] float32, e [F] float64)`` with the SAE's pre-activation (its ``hook_sae_acts_pre``,
+        after ``prepare``) equal to ``y·E + e``, read off at y = 0 and the unit vectors and checked
+        at a random y; None where the SAE has no such hook or its pre-activation is not affine.
+        E is as large as W_enc; it holds differences of the SAE's own (float32 or narrower)
+        outputs, so float64 would add memory, not precision."""
+        sae = self.sae
+        hook = getattr(sae, "hook_sae_acts_pre", None)
+        if hook is None:
+            return None
+        d_a = int(sae.cfg.d_in)
+        device = sae.W_enc.device
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, d_a, generator=generator, dtype=torch.float64)
+        inputs = torch.cat([torch.zeros(1, d_a, dtype=torch.float64), probe]).to(device)
+        captured: list[torch.Tensor] = []
+        handle = hook.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        try:
+            with torch.no_grad():
+                sae.encode(self.prepare(inputs))
+                pre = captured[-1].to(torch.float64)
+                e, at_probe = pre[0], pre[1]
+                enc = torch.empty(d_a, pre.shape[1], dtype=torch.float32, device=device)
+                step = max(1, (1 << 22) // max(pre.shape[1], 1))
+                eye = torch.eye(d_a, dtype=torch.float64, device=device)
+                for start in range(0, d_a, step):
+                    sae.encode(self.prepare(eye[start : start + step]))
+                    enc[start : start + step] = captured[-1].to(torch.float64) - e
+        finally:
+            handle.remove()
+        expected = (probe.to(device, torch.float32)[0] @ enc).to(torch.float64) + e
+        tolerance = 1e-3 * float(expected.abs().max().clamp(min=1.0))
+        if float((expected - at_probe).abs().max()) > tolerance:
+            return None
+        return enc, e
 
 
 def latent_scale(train: SufficientStats, decoder: torch.Tensor, feature_block: int) -> np.ndarray:
@@ -622,6 +847,8 @@ class FitStage(WholeStage):
             del out["classes"]
         if self.cfg.exclude_norm_above is None:
             del out["exclude_norm_above"]
+        if not self.cfg.affine_map:
+            del out["affine_map"]
         return out
 
     provider: Callable[[int], None] | None = None
@@ -679,6 +906,11 @@ class FitStage(WholeStage):
             **{
                 f"activations at {hook}": unit_input(store, unit) for hook, unit in fit.acts.items()
             },
+            **(
+                {"activations of A (affine map)": unit_input(store, fit.a_acts)}
+                if fit.a_acts is not None
+                else {}
+            ),
         }
 
     def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:

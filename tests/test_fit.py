@@ -290,6 +290,8 @@ def test_rerun_is_noop_and_config_change_refused(fitted_store):
         XprobeError, match="acts/c/nope/blocks.0.hook_resid_post is not in the store"
     ):
         fit(_cfg(name="r", model="nope"), store)
+    with pytest.raises(XprobeError, match="affine_map needs A's activations"):
+        fit(_cfg(name="m", affine_map=True), store)  # these features record no model of A
 
 
 KILL_SCRIPT = """

@@ -721,3 +721,117 @@ def test_token_only_model_has_no_presence():
         )
     assert best[True] < 0.03  # measured 0.004 (at most 0.017 over 6 seeds)
     assert best[False] > 0.05  # measured 0.096
+
+
+def test_affine_map_baseline(pipeline_store):
+    """fit with ``affine_map``: the ridge map B → A at each hook against numpy lstsq on the stored
+    training rows, A's SAE read through it on held-out rows against ``sae.encode`` of the mapped
+    rows, the linear pre-activation below the least-squares probe on train, A's activations in
+    the lineage, and the report's map column at the fit's best hook."""
+    from stages.fit import Fit, FitStage
+
+    store = Store(pipeline_store)
+    cfg = _fit("Bmap", "B", HOOKS_B, lambdas=(0.0,), affine_map=True)
+    assert "affine_map" not in FitStage(_fit("x", "B", HOOKS_B)).identity()  # old fingerprints
+    fit(cfg, store)
+    lineage = store.info("probes/Bmap")["lineage"]
+    assert any(f"acts/c/A/{HOOK}" in str(v) for v in lineage.values())
+    assert Fit(cfg, store).dense_units() == [
+        *(f"acts/c/B/{h}" for h in HOOKS_B),
+        f"acts/c/A/{HOOK}",
+    ]
+    info = store.info("tokens/c")
+    mask = store.array("tokens/c/mask")[:].reshape(-1)
+    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    train, test = mask & ~held, mask & held
+    a = store.array(f"acts/c/A/{HOOK}/x")[:].astype(np.float64)
+    y = _dense_features(store)
+    sae = SAE.load_from_disk(store.info("feats/c/sae")["config"]["sae_path"], device="cpu")
+    for hook in HOOKS_B:
+        x = store.array(f"acts/c/B/{hook}/x")[:].astype(np.float64)
+        design = np.c_[x[train], np.ones(train.sum())]
+        expect = np.linalg.lstsq(design, a[train], rcond=None)[0].T  # [d_A, d_B + 1]
+        m = store.array(f"probes/Bmap/{hook}/map_weight")[:]
+        c = store.array(f"probes/Bmap/{hook}/map_bias")[:]
+        np.testing.assert_allclose(m, expect[:, :-1], rtol=1e-4, atol=1e-4 * np.abs(m).max())
+        np.testing.assert_allclose(c, expect[:, -1], rtol=1e-6, atol=1e-6 * np.abs(c).max())
+        # held-out: sae.encode of the mapped rows against A's stored features on the same tokens
+        with torch.no_grad():
+            pred = sae.encode(torch.from_numpy(x[test] @ expect[:, :-1].T + expect[:, -1]).float())
+        pred = pred.double().numpy()
+        truth = y[test]
+        sst = ((truth - truth.mean(0)) ** 2).sum(0)
+        got = store.array(f"probes/Bmap/{hook}/map_r2_held_out")[:]
+        status = store.array(f"probes/Bmap/{hook}/status")[:]
+        ok = (status == STATUS_OK) & (sst > 0)
+        assert ok.sum() >= 20 and np.isnan(got[status != STATUS_OK]).all()
+        r2 = 1 - ((truth - pred) ** 2).sum(0) / np.where(sst > 0, sst, 1)
+        np.testing.assert_allclose(got[ok], r2[ok], rtol=1e-4, atol=1e-4)
+        # the least-squares probe is the best linear predictor on train: ≥ the map's linear one
+        linear = store.array(f"probes/Bmap/{hook}/map_r2_linear_train")[:]
+        probe = store.array(f"probes/Bmap/{hook}/r2_train")[:]
+        assert (probe[ok] >= linear[ok] - 1e-9).all()
+        # ... against numpy: the StandardSAE's pre-activation (ŷ − b_dec)·W_enc + b_enc
+        w_enc, b_enc = sae.W_enc.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+        mapped = x[train] @ expect[:, :-1].T + expect[:, -1]
+        pre = (mapped - sae.b_dec.detach().double().numpy()) @ w_enc + b_enc
+        y_train = y[train]
+        sst_train = ((y_train - y_train.mean(0)) ** 2).sum(0)
+        r2_pre = 1 - ((y_train - pre) ** 2).sum(0) / np.where(sst_train > 0, sst_train, 1)
+        np.testing.assert_allclose(linear[ok], r2_pre[ok], rtol=1e-3)
+        assert (probe[ok] - linear[ok]).mean() > 0.01
+    # the map's statistics are in the checkpoint: a fit stopped partway resumes to the same bits
+    calls = {"n": 0}
+    add_chunk = Fit.add_chunk
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("stopped")
+        return add_chunk(self, *args, **kwargs)
+
+    resumed = _fit(
+        "Bmap2", "B", (HOOK,), lambdas=(0.0,), affine_map=True, checkpoint_every=1, n_bootstrap=0
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Fit, "add_chunk", failing)
+        with pytest.raises(RuntimeError, match="stopped"):
+            fit(resumed, store)
+    assert len(torch.load(pipeline_store / "probes/Bmap2/_checkpoint.pt")["consumed"]) == 5
+    fit(resumed, store)
+    for key in ("map_weight", "map_bias", "map_r2_linear_train", "direction"):  # statistics
+        assert np.array_equal(
+            store.array(f"probes/Bmap2/{HOOK}/{key}")[:],
+            store.array(f"probes/Bmap/{HOOK}/{key}")[:],
+            equal_nan=True,
+        ), key
+    np.testing.assert_allclose(  # scored without replicates here: the same up to summation order
+        store.array(f"probes/Bmap2/{HOOK}/map_r2_held_out")[:],
+        store.array(f"probes/Bmap/{HOOK}/map_r2_held_out")[:],
+        rtol=1e-12,
+    )
+    shown = _report_cfg(name="map", fits=("Bmap",), n_shown=1, floor=None, encoder_cosine=False)
+    out = report(shown, store)
+    df = pd.read_parquet(out["table"])
+    best = store.array("probes/Bmap/best_hook")[:]
+    by_hook = np.stack([store.array(f"probes/Bmap/{h}/map_r2_held_out")[:] for h in HOOKS_B])
+    expect = by_hook[best, np.arange(len(best))]
+    np.testing.assert_array_equal(df["Bmap_map_r2"].to_numpy(), expect)
+    page = Path(out["html"]).read_text()
+    assert "R² through the affine map" in page  # on the feature cards
+    # the per-layer plot's bars: percentile interval of the per-replicate median over features
+    from types import SimpleNamespace
+
+    from pipeline.report.plots import _median_interval
+
+    scored = (df["status"] == "scored").to_numpy()
+    fake = SimpleNamespace(n_boot=200, store=store, cfg=SimpleNamespace(confidence=0.9))
+    for hook in HOOKS_B:
+        values = df[f"Bmap_r2@{hook}"].to_numpy()[scored]
+        boot = store.array(f"probes/Bmap/{hook}/r2_held_out_boot")[:][scored].astype(np.float64)
+        ok = store.array(f"probes/Bmap/{hook}/status")[:][scored] == STATUS_OK
+        boot[~ok] = 0.0
+        medians = np.nanmedian(boot, axis=0)
+        low, high = _median_interval(fake, "Bmap", hook, scored, values)
+        assert (low, high) == tuple(np.percentile(medians, [5, 95]))
+        assert low < np.median(values) < high

@@ -12,6 +12,8 @@ themselves, so :class:`ProbeScores` takes one pass over the test tokens with the
   Binning counts pairs within a bin as ties (tested within 0.01 of exact AUROC);
 
 and, to check the statistics, R² of the raw prediction and its Pearson r.
+:class:`PredictionScores` gives the same scores to any predictor of all F features at once (the
+affine-map baseline: A's SAE read on B's mapped activations, pipeline/maths/stitch.py).
 
 Per row block and feature block, predictions ``P = x·Wᵀ + b [rows, F_block]`` are one GEMM in
 ``compute_dtype``; Y is scattered dense for that block only; every sum is float64, shifted by
@@ -29,6 +31,8 @@ bytes per feature (2 GB at F = 10⁶, n_bins = 128).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -67,7 +71,29 @@ class ProbeScores:
     ) -> None:
         compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
         n_feat, d = direction.shape
-        if not intercept.shape == center.shape == scale.shape == (n_feat,):
+        if intercept.shape != (n_feat,):
+            raise XprobeError("intercept, center and scale must be [F] like direction's rows")
+        self._setup(n_feat, d, center, scale, device, compute_dtype, n_boot, n_bins, feature_block)
+        self.weight = direction.to(self.device, compute_dtype)  # [F, d]
+        self.bias = intercept.to(self.device, torch.float64)
+
+    def _predict(self, x: torch.Tensor, block: slice) -> torch.Tensor:
+        """Predictions ``[rows, F_block]`` float64 of the features in ``block`` for ``x``."""
+        return (x @ self.weight[block].T).to(torch.float64) + self.bias[block]
+
+    def _setup(
+        self,
+        n_feat: int,
+        d: int,
+        center: torch.Tensor,
+        scale: torch.Tensor,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        n_boot: int,
+        n_bins: int,
+        feature_block: int,
+    ) -> None:
+        if not center.shape == scale.shape == (n_feat,):
             raise XprobeError("intercept, center and scale must be [F] like direction's rows")
         if n_boot < 0 or n_bins < 2 or feature_block < 1:
             raise XprobeError(
@@ -77,9 +103,8 @@ class ProbeScores:
         self.n_feat, self.d, self.n_boot, self.n_bins = n_feat, d, n_boot, n_bins
         self.device, self.compute_dtype = torch.device(device), compute_dtype
         self.feature_block = feature_block
+        self.block_elems = _BLOCK_ELEMS
         f64 = {"dtype": torch.float64, "device": self.device}
-        self.weight = direction.to(self.device, compute_dtype)  # [F, d]
-        self.bias = intercept.to(**f64)
         self.center = center.to(**f64)
         self.scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(**f64)
         self.n = 0
@@ -137,7 +162,7 @@ class ProbeScores:
         self.n += n
         self.n_weighted += replicate.T @ torch.bincount(groups, minlength=n_groups).double()
         step_f = min(self.feature_block, self.n_feat)
-        step_r = max(1, _BLOCK_ELEMS // step_f)
+        step_r = max(1, self.block_elems // step_f)
         for start in range(0, n, step_r):
             stop = min(start + step_r, n)
             keep = (rows >= start) & (rows < stop)
@@ -164,7 +189,7 @@ class ProbeScores:
         """Sums of one [rows, F_block] block: ``x [rows, d]``, dense ``y``, each row's group
         ``groups [rows]`` and the groups' weights ``replicate [n_groups, R+1]``."""
         block = slice(first, last)
-        pred = (x @ self.weight[block].T).to(torch.float64) + self.bias[block]
+        pred = self._predict(x, block)
         firing = y != 0
         yc, pc = y - self.center[block], pred - self.center[block]
         w = replicate.T  # [R+1, n_groups]
@@ -228,3 +253,41 @@ class ProbeScores:
             out["r2_boot"] = r2[1:].T.cpu().numpy()
             out["r2_clipped_boot"] = r2_clipped[1:].T.cpu().numpy()
         return out
+
+
+class PredictionScores(ProbeScores):
+    """:class:`ProbeScores` of any predictor ``predict(x [rows, d]) -> [rows, F]`` (e.g. A's SAE
+    encoder applied to B's activations mapped into A's residual stream): the same scores, the
+    same bootstrap. ``predict`` is called once per row block, with all F features at once:
+    ``block_rows`` rows (default: 2²²/F, at least 1), so the scratch is O(block_rows·F) elements;
+    a wide SAE on a GPU wants more rows per call than 2²²/F (each call reads all of W_enc).
+    ``x`` is given in ``compute_dtype``."""
+
+    def __init__(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        n_feat: int,
+        d: int,
+        center: torch.Tensor,
+        scale: torch.Tensor,
+        device: torch.device,
+        compute_dtype: torch.dtype | None = None,
+        n_boot: int = 0,
+        n_bins: int = 128,
+        block_rows: int | None = None,
+    ) -> None:
+        compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
+        self._setup(n_feat, d, center, scale, device, compute_dtype, n_boot, n_bins, n_feat)
+        if block_rows is not None:
+            if block_rows < 1:
+                raise XprobeError(f"block_rows must be >= 1, got {block_rows}")
+            self.block_elems = block_rows * n_feat
+        self.predict = predict
+
+    def _predict(self, x: torch.Tensor, block: slice) -> torch.Tensor:
+        pred = self.predict(x)
+        if pred.shape != (x.shape[0], self.n_feat):
+            raise XprobeError(
+                f"predict returned shape {tuple(pred.shape)}; expected [{x.shape[0]}, {self.n_feat}]"
+            )
+        return pred[:, block].to(self.device, torch.float64)

@@ -127,6 +127,38 @@ class SufficientStats:
         n_active = torch.bincount(cols[vals != 0], minlength=self.n_feat)
         self._absorb(n_b, mean_x, mean_y, cxx, None, syy, n_active)
 
+    def update_dense(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one chunk with dense targets: ``x [n, d]`` and ``y [n, n_feat]`` (e.g. another
+        model's residual stream, for an affine map between two models). Both are centred on the
+        chunk's means in float64; ``xcᵀxc`` and ``ycᵀxc`` run in compute_dtype per row block,
+        summed in float64, like :meth:`update`'s x product. Cost O(n·d·(d + n_feat))."""
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise XprobeError(f"x has shape {tuple(x.shape)}; expected [n_tok, {self.d}]")
+        if y.shape != (x.shape[0], self.n_feat):
+            raise XprobeError(
+                f"y has shape {tuple(y.shape)}; expected [{x.shape[0]}, {self.n_feat}]"
+            )
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        x, y = x.to(self.device), y.to(self.device)
+        mean_x = self._chunk_mean_x(x)
+        mean_y = y.sum(0, dtype=torch.float64) / n_b
+        f64 = {"dtype": torch.float64, "device": self.device}
+        cxx = torch.zeros(self.d, self.d, **f64)
+        cyx = torch.zeros(self.n_feat, self.d, **f64)
+        syy = torch.zeros(self.n_feat, **f64)
+        step = max(1, _BLOCK_ELEMS // max(self.d, self.n_feat))
+        for start in range(0, n_b, step):
+            xc = x[start : start + step].to(torch.float64) - mean_x
+            yc = y[start : start + step].to(torch.float64) - mean_y
+            low_x, low_y = xc.to(self.compute_dtype), yc.to(self.compute_dtype)
+            cxx += (low_x.T @ low_x).to(torch.float64)
+            cyx += (low_y.T @ low_x).to(torch.float64)
+            syy += (yc * yc).sum(0)
+        n_active = (y != 0).sum(0).to(torch.int64)
+        self._absorb(n_b, mean_x, mean_y, cxx, cyx, syy, n_active)
+
     def merge(self, other: SufficientStats) -> None:
         """Add another accumulator's statistics into this one (Chan's formula, float64)."""
         if (other.d, other.n_feat) != (self.d, self.n_feat):

@@ -127,6 +127,8 @@ def feature_card(
         parts.append(f"latent scale {_fmt(row[f'{p}_latent_scale'])}")
     if f"{p}_decoder_cosine" in row:
         parts.append(f"decoder cosine {_fmt(row[f'{p}_decoder_cosine'])}")
+    if f"{p}_map_r2" in row:
+        parts.append(f"R² through the affine map {_fmt(row[f'{p}_map_r2'])}")
     if f"{role.label}_transfer_corr" in row:
         parts.append(f"direct-transfer corr {_fmt(row[f'{role.label}_transfer_corr'])}")
     if "encoder_cosine" in row:

@@ -280,7 +280,9 @@ def render_html(
         "does.</p>",
         "<h2>By layer</h2>",
         layers,
-        f'<p class="caption">Median held-out R² over {which}, per probed hook.</p>',
+        f'<p class="caption">Median held-out R² over {which}, per probed hook; bars: '
+        f"{cfg.confidence:.0%} bootstrap interval of that median over held-out sequences (when "
+        "the fits have replicates).</p>",
     ]
     if "encoder_cosine" in df:
         body += [
@@ -304,7 +306,13 @@ def render_html(
             "probe's verdict) against Latent Scaling (least-squares scale of A's decoder row "
             "fitted to B's activations where the feature fires, relative to the ceiling's) and "
             "the cosine of B's probe with A's decoder row. A feature the probe finds where the "
-            "decoder direction is gone sits top left.</p>",
+            "decoder direction is gone sits top left. For fits with <code>affine_map</code>: "
+            "the probe's held-out R² (prediction clipped at 0) against A's SAE applied to B's "
+            "activations mapped into A's "
+            "residual stream by one ridge map (model stitching); the probe is the best linear "
+            "predictor on training tokens, so points below the dotted y = x (circled) are "
+            "features the map predicts better on test: the SAE's threshold, or an overfitted "
+            "probe.</p>",
         ]
     body.append(causal_section(report))
     contexts = Contexts(report)
@@ -320,6 +328,7 @@ def render_html(
         "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
         "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
         "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
+        "_latent_scale, _map_r2 (with _lo, _hi; fits with affine_map), "
         "_r2@&lt;hook&gt;, _transfer_corr"
         + (
             ", and per SAE match &lt;match&gt;_best_match, _best_corr, _mutual"

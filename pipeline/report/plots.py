@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -165,17 +166,31 @@ def plot_layers(report: Any, df: Any) -> tuple[str, str]:
             x, label = _hook_position(hook, order)
             ticks[x] = label
             values = df[col].to_numpy()[basis] if col in df else np.array([])
-            points.append((x, float(np.median(values)) if len(values) else np.nan))
+            median = float(np.median(values)) if len(values) else np.nan
+            low, high = _median_interval(report, role.fit, hook, basis, values)
+            points.append((x, median, low, high))
         points.sort()
-        xs, ys = zip(*points, strict=True) if points else ((), ())
+        xs, ys, lows, highs = zip(*points, strict=True) if points else ((), (), (), ())
+        color = "#111" if role.label == "ceiling" else LINE_COLORS[(i - 1) % len(LINE_COLORS)]
+        if np.isfinite(lows).any():  # bootstrap interval of the median, per hook
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=_spans(np.asarray(ys), np.asarray(lows), np.asarray(highs)),
+                fmt="none",
+                ecolor=color,
+                elinewidth=1.2,
+                capsize=3,
+                alpha=0.6,
+            )
         if role.label == "ceiling":
-            ax.plot(xs, ys, "*", markersize=15, color="#111", zorder=5, label="ceiling (A → A)")
+            ax.plot(xs, ys, "*", markersize=15, color=color, zorder=5, label="ceiling (A → A)")
         else:
             ax.plot(
                 xs,
                 ys,
                 "o--" if role.label == "floor" else "o-",
-                color=LINE_COLORS[(i - 1) % len(LINE_COLORS)],
+                color=color,
                 label=report._display(role),
             )
     if report.cfg.token_baseline and basis.any():
@@ -191,6 +206,29 @@ def plot_layers(report: Any, df: Any) -> tuple[str, str]:
     return png(fig), which
 
 
+def _median_interval(
+    report: Any, fit: str, hook: str, basis: np.ndarray, values: np.ndarray
+) -> tuple[float, float]:
+    """``confidence`` percentile interval of the median held-out R² over the ``basis`` features
+    at one hook of a fit, from its bootstrap replicates over held-out sequences (the median of
+    each replicate); features whose probe is not ok keep their point value (``values``, 0) in
+    every replicate, like in the median. (NaN, NaN) without replicates."""
+    from pipeline.maths.presence import percentile_interval
+    from pipeline.store.layout import probes_unit
+
+    path = f"{probes_unit(fit)}/{hook}/r2_held_out_boot"
+    if not report.n_boot or not basis.any() or not report.store.has(path):
+        return np.nan, np.nan
+    boot = report.store.array(path)[:][basis].astype(np.float64)  # [n, R]
+    status = report.store.array(f"{probes_unit(fit)}/{hook}/status")[:][basis]
+    boot[status != 0] = values[status != 0, None]
+    with warnings.catch_warnings():  # a replicate where every feature is undefined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = np.nanmedian(boot, axis=0)
+    low, high = percentile_interval(medians[None, :], report.cfg.confidence)
+    return float(low[0]), float(high[0])
+
+
 def plot_cosine(df: Any) -> str:
     plt = _pyplot()
     cos = df["encoder_cosine"].to_numpy()
@@ -203,20 +241,41 @@ def plot_cosine(df: Any) -> str:
 
 
 def plot_baselines(report: Any, df: Any) -> str | None:
-    """Per model B in A's basis, its presence against the standard weight-space baselines: the
-    Latent Scaling β relative to the ceiling's, and the decoder cosine, one point per scored
-    feature coloured by class. None when no fit has them."""
-    panels: dict[str, list[tuple[np.ndarray, str]]] = {}
+    """Per model B, its verdict against the standard baselines, one point per scored feature
+    coloured by class: presence against the Latent Scaling β relative to the ceiling's and
+    against the decoder cosine (B in A's basis); and B's probe's held-out R² (of its prediction
+    clipped at 0, as the SAE's output is ≥ 0) against the affine-map baseline's (A's SAE read through a ridge map B → A; fits with ``affine_map``),
+    with y = x dotted: points below it are features the map predicts better than the dedicated
+    probe on test. None when no fit has any of them."""
+    panels: dict[str, list[tuple[np.ndarray, str, np.ndarray, str]]] = {}
     for role in report.roles[1:]:
+        p = role.label
+        presence = df[f"{p}_presence"].to_numpy()
         own = []
-        if f"{role.label}_latent_scale" in df and "ceiling_latent_scale" in df:
+        if f"{p}_latent_scale" in df and "ceiling_latent_scale" in df:
             with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = df[f"{role.label}_latent_scale"] / df["ceiling_latent_scale"]
-            own.append((ratio.to_numpy(), "latent scale β / ceiling's β"))
-        if f"{role.label}_decoder_cosine" in df:
-            own.append((df[f"{role.label}_decoder_cosine"].to_numpy(), "cosine(probe, W_dec[f])"))
+                ratio = df[f"{p}_latent_scale"] / df["ceiling_latent_scale"]
+            own.append((ratio.to_numpy(), "latent scale β / ceiling's β", presence, "presence"))
+        if f"{p}_decoder_cosine" in df:
+            own.append(
+                (
+                    df[f"{p}_decoder_cosine"].to_numpy(),
+                    "cosine(probe, W_dec[f])",
+                    presence,
+                    "presence",
+                )
+            )
+        if f"{p}_map_r2" in df:
+            own.append(
+                (
+                    df[f"{p}_map_r2"].to_numpy(),
+                    "held-out R² through the affine map",
+                    df[f"{p}_r2_clipped"].to_numpy(),
+                    "held-out R² of the probe, clipped at 0",
+                )
+            )
         if own:
-            panels[role.label] = own
+            panels[p] = own
     if not panels:
         return None
     roles = [r for r in report.roles[1:] if r.label in panels]
@@ -228,19 +287,37 @@ def plot_baselines(report: Any, df: Any) -> str | None:
     scored = (df["status"] == SCORED).to_numpy()
     for column, role in enumerate(roles):
         cls = df[f"{role.label}_class"].to_numpy()
-        presence = df[f"{role.label}_presence"].to_numpy()
         for row in range(n_rows):
             ax = axes[row][column]
             if row >= len(panels[role.label]):
                 ax.axis("off")
                 continue
-            values, label = panels[role.label][row]
+            values, label, ys, y_label = panels[role.label][row]
+            finite = scored & np.isfinite(values) & np.isfinite(ys)
             for name in ("absent", "partial", "undetermined", "present"):
-                sel = scored & (cls == name) & np.isfinite(values)
-                ax.scatter(values[sel], presence[sel], s=10, color=COLORS[name], label=name)
+                sel = finite & (cls == name)
+                ax.scatter(values[sel], ys[sel], s=10, color=COLORS[name], label=name)
+            title = report._display(role)
+            if y_label != "presence" and finite.any():  # the map panel: y = x, and who wins
+                low = min(0.0, float(values[finite].min()), float(ys[finite].min()))
+                high = max(float(values[finite].max()), float(ys[finite].max()))
+                ax.plot([low, high], [low, high], color="#59636e", linewidth=1, linestyle=":")
+                beaten = finite & (values > ys)
+                ax.scatter(
+                    values[beaten],
+                    ys[beaten],
+                    s=40,
+                    facecolors="none",
+                    edgecolors="#111",
+                    linewidths=0.8,
+                    label="map > probe",
+                )
+                title += f"\nmap beats the probe on {int(beaten.sum())} of {int(finite.sum())}"
             ax.set_xlabel(label)
-            ax.set_ylabel("presence")
-            ax.set_title(report._display(role), fontsize=10)
+            ax.set_ylabel(y_label)
+            ax.set_title(title, fontsize=10)
+            if row and y_label != "presence":
+                ax.legend(frameon=False, fontsize=8, loc="best")
     axes[0][0].legend(frameon=False, fontsize=8, loc="best")
     fig.tight_layout()
     return png(fig)

@@ -232,6 +232,15 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
         if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
             cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
+        if all(store.has(f"{probes_unit(role.fit)}/{h}/map_r2_held_out") for h in role.hooks):
+            # the affine-map baseline (fit with affine_map): A's SAE read through a ridge map
+            # from B's residual at the same (best) hook to A's, scored on the same test tokens
+            cols[f"{p}_map_r2"] = _at_best(store, role, "map_r2_held_out", best)
+            if ceiling_boot is not None:
+                map_boot = _at_best(store, role, "map_r2_held_out_boot", best)
+                cols[f"{p}_map_r2_lo"], cols[f"{p}_map_r2_hi"] = percentile_interval(
+                    map_boot, level
+                )
         for name in ("encoder_cosine", "decoder_cosine"):
             if f"{p}_{name}" in cosines:
                 cols[f"{p}_{name}"] = np.where(own == STATUS_OK, cosines[f"{p}_{name}"], np.nan)
