@@ -31,7 +31,7 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 def _config(root: Path, corpus: Path, tokenizer: Path, model: Path, sae: Path, fits: list) -> Path:
     """Tokens (chunks of 4 × 32 tokens), A = B = ``model`` at two hooks, features of ``sae``
-    at the first, and the fits ``fits`` (name, hooks)."""
+    at the first, and the fits ``fits`` (name, hooks; B2 with the affine-map baseline)."""
     text = (
         f'store = "{root / "store"}"\n\n'
         f'[tokenize]\ncorpus = "c"\nsource = ["{corpus}"]\ntokenizer = "{tokenizer}"\n'
@@ -45,7 +45,7 @@ def _config(root: Path, corpus: Path, tokenizer: Path, model: Path, sae: Path, f
         text += (
             f'[[fit]]\nname = "{name}"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\n'
             f'hooks = {hooks}\ndevice = "cpu"\nmin_active = 1\nn_bootstrap = 20\n'
-            "progress = false\n\n"
+            f"affine_map = {'true' if name == 'B2' else 'false'}\nprogress = false\n\n"
         )
     (root / "x.toml").write_text(text.replace("'", '"'))
     return root / "x.toml"
