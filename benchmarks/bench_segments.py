@@ -149,9 +149,11 @@ def bench_segments(work: Path, p: dict) -> dict:
     store = Store(whole, mode="r")
     n_tok = int(store.info("tokens/c")["n_tok"])
     dense = store.nbytes_stored(f"acts/c/b/{hook}/x")
-    # the budget: what the unsegmented run needed at its peak (checkpoints included) less two
-    # thirds of the dense activations: they get a third of the room they took
-    budget = int(peak_whole - 2 * dense / 3)
+    # the budget: the finished store with a third of its dense activations, plus room for the
+    # fits' statistics, which a segmented run holds for every fit at once (float64 XᵀX [d, d],
+    # XᵀY [F, d]... per split, train and held-out) and one temporary copy of the largest
+    checkpoints = [2 * 8 * (d * d + width * d + 4 * width + 2 * d) for width in p["widths"]]
+    budget = int(store.nbytes_stored("") - 2 * dense / 3 + sum(checkpoints) + max(checkpoints))
     segmented = work / "segmented"
     config_seg = _config(work, segmented, p, corpus, model, saes)
     t_seg, peak_seg = _timed_run(config_seg, segmented, budget)

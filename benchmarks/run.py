@@ -75,8 +75,8 @@ SIZES: dict[str, dict[str, dict]] = {
             "ctx": 128,
             "chunk_seqs": 16,
             "batch_seqs": 16,
-            "n_tok": 65_536,  # 32 chunks
-            "widths": [1024, 2048, 4096],  # three fits of one B (as Gemma Scope's 16k/65k/1M)
+            "n_tok": 131_072,  # 64 chunks: the dense activations outweigh the fits' statistics
+            "widths": [512, 1024, 2048],  # three fits of one B (as Gemma Scope's 16k/65k/1M)
             "dtype": "float32",
             "corpus_bytes": 1_000_000,
         },

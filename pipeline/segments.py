@@ -140,15 +140,18 @@ class Segmented:
         return used
 
     def reserve(self) -> int:
-        """Room kept for what a segment writes besides dense chunks: each fit's checkpoint is
-        rewritten through a temporary copy (so twice its size), whose first save is still to come."""
-        out = 0
+        """Room kept for what a segment writes besides dense chunks: the fits' checkpoints still
+        to grow to their size, and one temporary copy of the largest (each is rewritten through
+        one, one fit after the other)."""
+        grow, largest = 0, 0
         for stage in self.fits:
             fit = _fit_of(stage, self.store)
             path = checkpoint_path(self.store, fit.unit)
             now = path.stat().st_size if path.exists() else 0
-            out += max(2 * _stats_bytes(stage, self.store) - now, 0)
-        return out
+            size = max(_stats_bytes(stage, self.store), now)
+            grow += size - now
+            largest = max(largest, size)
+        return grow + largest
 
     def segment_length(self, units: Sequence[str], kept_per_chunk: float, left: int) -> int:
         """Chunks per segment within the budget (all of ``left`` without one)."""

@@ -106,6 +106,10 @@ def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     if "report" in stages:
         assert first.report_html and (root / "store").exists()
         assert n["presence"] is not None
+        from pipeline.api import load_table
+
+        table = load_table(root / "store", "demo")  # the affine-map baseline beside every probe
+        assert {f"{fit}_map_r2" for fit in ("finetune", "erased")} <= set(table.columns)
 
     result = CliRunner().invoke(
         cli, ["demo", "--path", str(root), "--data", str(demo_data), "--max-tokens", "20000"]

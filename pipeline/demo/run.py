@@ -49,7 +49,12 @@ def demo_config(root: Path, data: Path, corpus: Path, max_tokens: int) -> dict[s
     size = build["size"]
     hook = f"blocks.{size['sae_layer']}.hook_resid_post"
     every_layer = [f"blocks.{i}.hook_resid_post" for i in range(size["n_layer"])]
-    fit_common = {"corpus": CORPUS, "features": SAE, "held_out_fraction": 0.2}
+    fit_common = {
+        "corpus": CORPUS,
+        "features": SAE,
+        "held_out_fraction": 0.2,
+        "affine_map": True,  # the model-stitching baseline beside every probe
+    }
     model_a = str(data / "model_a")
     return {
         "store": str(root / "store"),
