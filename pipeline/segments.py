@@ -31,9 +31,12 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from pipeline import lifecycle
 from pipeline.errors import XprobeError
@@ -178,11 +181,12 @@ class Segmented:
         self._consume_all(n_chunks)
         for stage in self.activations + self.features:  # complete by now, or finalised here
             self._run(stage)
-        for stage in self.fits:
-            self._build_fit(stage, n_chunks)
+        self._build_fits(n_chunks)
         return self.summaries
 
-    def _run(self, stage: Stage, chunks: list[int] | None = None) -> dict[str, Any]:
+    def _run(
+        self, stage: Stage, chunks: list[int] | None = None, collect: bool = True
+    ) -> dict[str, Any]:
         from pipeline.cluster import client_for
 
         summary = lifecycle.run(
@@ -200,7 +204,8 @@ class Segmented:
             if self.written.get(id(stage)) and summary.get("already_complete"):
                 summary = {**summary, "already_complete": False}
             summary["chunks_written"] += self.written.pop(id(stage), 0)
-            self.summaries.append(summary)
+            if collect:
+                self.summaries.append(summary)
         return summary
 
     def _consume_all(self, n_chunks: int) -> None:
@@ -216,8 +221,12 @@ class Segmented:
         consumers = self.consumers()
         dense = [u for u in producers if u in consumers]  # evicted once all have consumed them
 
-        def finished(index: int) -> bool:
-            return all(index in done() for unit in dense for done in consumers[unit])
+        recorded = {u: store.done_chunks(u) if store.has(u) else set() for u in producers}
+
+        def finished(index: int) -> bool:  # stored, and consumed by every configured reader
+            return all(index in done for done in recorded.values()) and all(
+                index in done() for unit in dense for done in consumers[unit]
+            )
 
         self._evict([i for i in range(n_chunks) if finished(i)], dense)  # a killed run's last
         todo = [i for i in range(n_chunks) if not finished(i)]
@@ -255,17 +264,50 @@ class Segmented:
                     store.evict_chunk(unit, index, ("x",))
         self.used()
 
-    def _build_fit(self, stage: Any, n_chunks: int) -> None:
-        """Solve and score a fit whose every chunk is consumed; held-out chunks that were
-        evicted are computed again a segment at a time (``Rematerialize``)."""
-        fit = _fit_of(stage, self.store)  # scoring reads B's hooks only (the map: from B too)
-        provider = Rematerialize(self, list(fit.acts.values()), n_chunks)
-        stage.provider = provider
+    def _build_fits(self, n_chunks: int) -> None:
+        """Solve and score every fit whose chunks are all consumed. Their held-out passes need
+        B's evicted chunks again: the fits score in lockstep, one thread each, so each segment
+        is computed again once for all of them (``Rematerialize``)."""
+        scoring = Rematerialize(self, n_chunks)
+        for stage in self.fits:  # scoring reads B's hooks only (the affine map reads B too)
+            fit = _fit_of(stage, self.store)
+            stage.provider = scoring.join(id(stage), list(fit.acts.values()), _held_chunks(fit))
+        summaries: dict[int, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+
+        def build(stage: Any) -> None:
+            try:
+                summaries[id(stage)] = self._run(stage, collect=False)
+            except BaseException as e:  # re-raised by the main thread
+                errors.append(e)
+                scoring.fail(e)
+            finally:
+                scoring.leave(id(stage))
+
+        threads = [
+            threading.Thread(target=build, args=(s,), name=f"xprobe-fit-{s.cfg.name}")
+            for s in self.fits
+        ]
         try:
-            self._run(stage)
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # the main thread stays free for Ctrl-C and signals
+        except BaseException as e:
+            scoring.fail(e)  # the fits stop at their next chunk; locks are released
+            for thread in threads:
+                thread.join()
+            raise
         finally:
-            stage.provider = None
-            provider.close()
+            scoring.close()
+            for stage in self.fits:
+                stage.provider = None
+        if errors:
+            raise errors[0]
+        for stage in self.fits:
+            summary = summaries[id(stage)]
+            self.summaries.append(summary)
 
     def _refuse_global_norms(self) -> None:
         """``exclude_norm_above`` scales by the median norm over the whole corpus, known only
@@ -291,22 +333,71 @@ class Segmented:
 
 
 class Rematerialize:
-    """The evaluation pass's chunk provider in a segmented run: before chunk ``index`` is read,
-    if it was evicted, compute it again with the chunks after it (a segment within the budget),
-    having evicted the previous segment first."""
+    """The held-out passes' chunk provider in a segmented run. Each fit (a thread) asks for
+    chunk ``index`` before reading it; if the chunk is there, it goes on. If it was evicted, the
+    fit waits until every fit still scoring waits too; then the evicted chunks of the segment
+    from the smallest index asked for (as many chunks as the budget holds) are computed again,
+    once for all fits, after the previous segment is evicted. Each fit reads its chunks in
+    ascending order, so every fit moves forward at each step."""
 
-    def __init__(self, run: Segmented, units: list[str], n_chunks: int):
-        self.run, self.units, self.n_chunks = run, units, n_chunks
+    def __init__(self, run: Segmented, n_chunks: int):
+        self.run, self.n_chunks = run, n_chunks
+        self.units: dict[int, list[str]] = {}
+        self.reads: set[int] = set()  # chunks some fit's held-out pass reads
+        self.waiting: dict[int, int] = {}
         self.current: list[int] = []
-        self.written: list[str] = []  # every unit the producers wrote (all their hooks)
+        self.written: list[str] = []  # units computed again for the current segment
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
 
-    def __call__(self, index: int) -> None:
+    def join(self, key: int, units: list[str], reads: set[int]) -> Callable[[int], None]:
+        self.units[key] = units
+        self.reads |= reads
+        return lambda index: self.request(key, index)
+
+    def leave(self, key: int) -> None:
+        with self.cond:
+            self.units.pop(key, None)
+            self.waiting.pop(key, None)
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            self.error = self.error or error
+            self.cond.notify_all()
+
+    def request(self, key: int, index: int) -> None:
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise XprobeError(f"stopped: another fit of the run failed ({self.error!r})")
+                if not self._evicted(self.units[key], index):
+                    self.waiting.pop(key, None)
+                    return
+                self.waiting[key] = index
+                if set(self.waiting) >= set(self.units):  # every fit still scoring waits
+                    try:
+                        self._advance(min(self.waiting.values()))
+                    except BaseException as e:
+                        self.error = e
+                        self.cond.notify_all()
+                        raise
+                    self.cond.notify_all()
+                    continue
+                self.cond.wait()
+
+    def _evicted(self, units: list[str], index: int) -> bool:
         store = self.run.store
-        missing = [u for u in self.units if index in store.evicted_chunks(u)]
-        if not missing:
-            return
+        return any(
+            "x" in ((store.chunk_record(u, index) or {}).get("evicted") or ()) for u in units
+        )
+
+    def _advance(self, index: int) -> None:
+        """Evict the current segment, compute again the one from ``index``."""
+        store = self.run.store
+        wanted = sorted({u for units in self.units.values() for u in units})
         producers = self.run.producers()
-        orphans = [u for u in missing if u not in producers]
+        orphans = [u for u in wanted if u not in producers and self._evicted([u], index)]
         if orphans:
             raise XprobeError(
                 f"chunk {index} of {orphans[0]} was evicted after a segmented run, and no "
@@ -314,12 +405,13 @@ class Rematerialize:
                 "`xprobe run` can compute the evicted chunks again"
             )
         self.close()
-        stages = list({id(producers[u]): producers[u] for u in missing}.values())
+        stages = list({id(producers[u]): producers[u] for u in wanted if u in producers}.values())
         written = [u for stage in stages for u in stage.units(store)]
-        n = self.run.segment_length(written, 0.0, self.n_chunks - index)
+        ahead = sorted(i for i in self.reads if i >= index)  # the chunks some fit will read
+        n = self.run.segment_length(written, 0.0, len(ahead))
         consumed = self.run.consumers()  # outputs no configured stage reads were never evicted
         self.written = [u for u in written if u in consumed]
-        segment = list(range(index, index + n))
+        segment = ahead[:n]
         for stage in stages:
             self.run._run(stage, segment)
         self.current = segment
@@ -328,6 +420,14 @@ class Rematerialize:
         if self.current:
             self.run._evict(self.current, self.written)
             self.current = []
+
+
+def _held_chunks(fit: Any) -> set[int]:
+    """Chunks holding some of ``fit``'s held-out sequences (what its scoring pass reads)."""
+    tokens = fit.store.info(fit.tokens)
+    held = fit.held_out_mask().numpy()
+    chunk_seqs = int(tokens["chunk_seqs"])
+    return {int(i) for i in np.flatnonzero(held) // chunk_seqs}
 
 
 def _itemsize(dtype: str) -> int:

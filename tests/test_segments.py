@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipeline import lifecycle
 from pipeline.cli import cli
 from pipeline.errors import XprobeError
+from pipeline.maths.split import held_out_sequences
 from pipeline.segments import parse_size
 from pipeline.store import Store
 from pipeline.store.verify import verify_store
@@ -111,12 +113,21 @@ def _du(path: Path) -> int:
 
 
 def test_segmented_run_equals_unsegmented_within_budget(
-    unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir
+    unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, monkeypatch
 ):
     reference, sae, dense = unsegmented
     config = _config(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
     budget = _budget(reference, dense)
     peak, stop = [0], threading.Event()
+    written: list[int] = []  # chunks of B's activations written, recomputations included
+    real_write = lifecycle.write_chunk
+
+    def counting_write(store, units, result):
+        if units[0].startswith("acts/"):
+            written.append(result.index)
+        real_write(store, units, result)
+
+    monkeypatch.setattr(lifecycle, "write_chunk", counting_write)
 
     def sample() -> None:
         while not stop.is_set():
@@ -136,6 +147,13 @@ def test_segmented_run_equals_unsegmented_within_budget(
     store = Store(tmp_path / "store", mode="r")
     n_chunks = int(store.info("tokens/c")["n_chunks"])
     assert peak[0] <= budget, (peak[0], budget)
+    # every chunk once, then again only the chunks holding held-out sequences, once for both
+    # fits (they score in lockstep)
+    info = store.info("tokens/c")
+    held = held_out_sequences(int(info["n_seq"]), 0.1, 0)
+    with_held = sorted({int(i) for i in np.flatnonzero(held) // int(info["chunk_seqs"])})
+    assert 0 < len(with_held) < n_chunks
+    assert sorted(written) == sorted(list(range(n_chunks)) + with_held)
     for hook in HOOKS:
         assert store.evicted_chunks(f"acts/c/a/{hook}") == set(range(n_chunks))
         assert store.info(f"acts/c/a/{hook}")["complete"]
