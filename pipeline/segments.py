@@ -142,11 +142,19 @@ class Segmented:
         self.samples.append(used)
         return used
 
+    def checkpoint_bytes(self) -> int:
+        total = 0
+        for stage in self.fits:
+            path = checkpoint_path(self.store, _fit_of(stage, self.store).unit)
+            total += path.stat().st_size if path.exists() else 0
+        return total
+
     def reserve(self) -> int:
-        """Room kept for what a segment writes besides dense chunks: the fits' checkpoints still
-        to grow to their size, and one temporary copy of the largest (each is rewritten through
-        one, one fit after the other)."""
-        grow, largest = 0, 0
+        """Room kept for what is written besides dense chunks and what a chunk leaves behind:
+        the fits' checkpoints still to grow to their size, one temporary copy of the largest
+        (each is rewritten through one, one fit after the other), and the fits' outputs, written
+        while the held-out pass's last segment is on disk."""
+        grow, largest, outputs = 0, 0, 0
         for stage in self.fits:
             fit = _fit_of(stage, self.store)
             path = checkpoint_path(self.store, fit.unit)
@@ -154,7 +162,8 @@ class Segmented:
             size = max(_stats_bytes(stage, self.store), now)
             grow += size - now
             largest = max(largest, size)
-        return grow + largest
+            outputs += _output_bytes(stage, self.store)
+        return grow + largest + outputs
 
     def segment_length(self, units: Sequence[str], kept_per_chunk: float, left: int) -> int:
         """Chunks per segment within the budget (all of ``left`` without one)."""
@@ -230,10 +239,12 @@ class Segmented:
 
         self._evict([i for i in range(n_chunks) if finished(i)], dense)  # a killed run's last
         todo = [i for i in range(n_chunks) if not finished(i)]
-        start, consumed = self.used() if self.max_disk is not None else 0, 0
-        kept_per_chunk = 0.1 * self.chunk_bytes(list(producers))  # a guess until measured
+        start = self.used() - self.checkpoint_bytes() if self.max_disk is not None else 0
+        consumed, kept_per_chunk = 0, None
         while todo:
-            n = self.segment_length(list(producers), kept_per_chunk, len(todo))
+            n = self.segment_length(list(producers), kept_per_chunk or 0.0, len(todo))
+            if kept_per_chunk is None:
+                n = 1  # the first segment measures what a chunk leaves behind (features...)
             segment, todo = todo[:n], todo[n:]
             self._say(f"segment: chunks {segment[0]}..{segment[-1]} ({len(todo)} left)")
             for stage in [*self.activations, *self.features]:
@@ -244,7 +255,8 @@ class Segmented:
             self._evict(segment, dense)
             consumed += len(segment)
             if self.max_disk is not None:  # what stays per chunk: features, kept activations...
-                kept_per_chunk = max((self.samples[-1] - start) / consumed, 0.0)
+                kept = self.samples[-1] - self.checkpoint_bytes() - start
+                kept_per_chunk = max(kept / consumed, 0.0)
 
     def _say(self, line: str) -> None:
         if self.progress and self.max_disk is not None:
@@ -461,6 +473,23 @@ def _stats_bytes(stage: Any, store: Store) -> int:
     n_feat = int(store.info(fit.feats)["n_feat"])
     splits = 2 + len(cfg.classes)
     return len(cfg.hooks) * splits * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+
+
+def _output_bytes(stage: Any, store: Store) -> int:
+    """Bytes a fit not yet complete will write (float32 directions and write directions
+    ``[F, d]``, bootstrap replicates ``[F, n_bootstrap]`` twice, ~20 per-feature arrays, and with
+    the affine map its weight ``[d_A, d]``), per hook; 0 once it is complete."""
+    fit = _fit_of(stage, store)
+    if store.has(fit.unit) and store.info(fit.unit).get("complete"):
+        return 0
+    units = [u for u in fit.acts.values() if store.has(u)]
+    if not units or not store.has(fit.feats):
+        return 0
+    d, n_feat = int(store.info(units[0])["d_model"]), int(store.info(fit.feats)["n_feat"])
+    per_hook = n_feat * (2 * 4 * d + 2 * 4 * stage.cfg.n_bootstrap + 20 * 8)
+    if stage.cfg.affine_map:
+        per_hook += 4 * d * d
+    return len(stage.cfg.hooks) * per_hook
 
 
 def run_config(
