@@ -289,7 +289,8 @@ class Segmented:
 
         def build(stage: Any) -> None:
             try:
-                summaries[id(stage)] = self._run(stage, collect=False)
+                with scoring.cond:  # one fit computes at a time: the others wait for chunks
+                    summaries[id(stage)] = self._run(stage, collect=False)
             except BaseException as e:  # re-raised by the main thread
                 errors.append(e)
                 scoring.fail(e)
@@ -350,7 +351,12 @@ class Rematerialize:
     fit waits until every fit still scoring waits too; then the evicted chunks of the segment
     from the smallest index asked for (as many chunks as the budget holds) are computed again,
     once for all fits, after the previous segment is evicted. Each fit reads its chunks in
-    ascending order, so every fit moves forward at each step."""
+    ascending order, so every fit moves forward at each step.
+
+    Only one fit computes at a time: each holds ``cond`` while it runs and releases it only to
+    wait. Fits computing concurrently would share the intra-op thread pool, and a reduction
+    split another way changes the last bits (seen: R² off by 1e-15 under load); one at a time,
+    every sum is the one an unsegmented run computes."""
 
     def __init__(self, run: Segmented, n_chunks: int):
         self.run, self.n_chunks = run, n_chunks
@@ -374,8 +380,8 @@ class Rematerialize:
             self.cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
+        self.error = self.error or error  # seen by the running fit at its next chunk
         with self.cond:
-            self.error = self.error or error
             self.cond.notify_all()
 
     def request(self, key: int, index: int) -> None:
