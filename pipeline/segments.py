@@ -175,7 +175,7 @@ class Segmented:
         if n < 1:
             raise XprobeError(
                 f"--max-disk {human(self.max_disk)} is too small: the store holds {human(used)}, the "
-                f"fits' checkpoints need {human(reserve)} more, and one chunk of dense activations "
+                f"fits' checkpoints and outputs need {human(reserve)} more, and one chunk of dense activations "
                 f"takes {human(per_chunk)}. Give at least {human(used + reserve + per_chunk)} (a "
                 "few chunks' worth more keeps the overhead low), or tokenize with fewer chunk_seqs."
             )
