@@ -287,7 +287,14 @@ class Segmented:
         summaries: dict[int, dict[str, Any]] = {}
         errors: list[BaseException] = []
 
+        import torch
+
+        n_threads = torch.get_num_threads()
+
         def build(stage: Any) -> None:
+            # a new thread's BLAS does not inherit the caller's torch.set_num_threads (seen:
+            # eigh differing by 1e-14 after set_num_threads(1)); the same count, the same sums
+            torch.set_num_threads(n_threads)
             try:
                 with scoring.cond:  # one fit computes at a time: the others wait for chunks
                     summaries[id(stage)] = self._run(stage, collect=False)

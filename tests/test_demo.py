@@ -22,8 +22,12 @@ MODELS = ("model_a", "b_finetune", "b_scratch", "b_random", "b_ablated", "b_eras
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo_data"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    build(out, SIZES["tiny"], seed=0)
+    try:
+        build(out, SIZES["tiny"], seed=0)
+    finally:  # the worker's later tests keep their threads
+        torch.set_num_threads(threads)
     return out
 
 

@@ -215,13 +215,13 @@ def test_sigkill_at_random_points_then_resume(
     assert verify_store(Store(tmp_path / "store", mode="r")) == []
 
 
-def test_budget_errors(unsegmented, tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
+def test_budget_errors(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
     assert parse_size("50GB") == 50 * 10**9
     assert parse_size("1.5 TiB") == int(1.5 * 2**40)
     assert parse_size(1000) == 1000
     with pytest.raises(XprobeError, match="not a size"):
         parse_size("fifty")
-    reference, sae, dense = unsegmented
+    sae = save_standard_sae(tmp_path / "sae_a", hook=HOOKS[0], seed=0)
     config = _config(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS)
     result = CliRunner().invoke(cli, ["run", str(config), "--max-disk", "lots"])
     assert result.exit_code != 0 and "not a size" in str(result.exception)
