@@ -361,9 +361,8 @@ class Rematerialize:
     ascending order, so every fit moves forward at each step.
 
     Only one fit computes at a time: each holds ``cond`` while it runs and releases it only to
-    wait. Fits computing concurrently would share the intra-op thread pool, and a reduction
-    split another way changes the last bits (seen: R² off by 1e-15 under load); one at a time,
-    every sum is the one an unsegmented run computes."""
+    wait, so the fits never compete for the cores or hold their scoring state at the same
+    instant, and each computes as it would alone."""
 
     def __init__(self, run: Segmented, n_chunks: int):
         self.run, self.n_chunks = run, n_chunks

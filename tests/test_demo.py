@@ -19,16 +19,21 @@ from pipeline.demo.run import run_demo
 MODELS = ("model_a", "b_finetune", "b_scratch", "b_random", "b_ablated", "b_erased")
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
+def _build_one_thread(out):
+    """The tiny demo build on one torch thread (its bytes depend on the thread count), leaving
+    the worker's thread count as it was for the tests after it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         build(out, SIZES["tiny"], seed=0)
-    finally:  # the worker's later tests keep their threads
+    finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return _build_one_thread(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
 def test_builder_writes_loadable_models_and_sae(demo_data):
@@ -84,8 +89,7 @@ def test_ablated_model_lacks_the_directions_and_nothing_else_changed(demo_data):
 
 
 def test_builder_is_reproducible(demo_data, tmp_path):
-    again = tmp_path / "again"
-    build(again, SIZES["tiny"], seed=0)
+    again = _build_one_thread(tmp_path / "again")
     for name in (*MODELS, "sae"):
         for file in sorted((demo_data / name).glob("*.safetensors")):
             assert file.read_bytes() == (again / name / file.name).read_bytes(), file
