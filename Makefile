@@ -31,14 +31,14 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
-# SIZE=cpu (default, minutes here) or SIZE=gpu (an H100-class GPU; see benchmarks/run.py)
+# SIZE=cpu (default, minutes here) or SIZE=gpu (an H100-class GPU; see pipeline/bench/__main__.py)
 SIZE ?= cpu
 bench: install
-	$(PY) -m benchmarks.run --size $(SIZE)
+	$(PY) -m pipeline.bench --size $(SIZE)
 
 lint: install
-	$(VENV)/bin/ruff check pipeline stages tests benchmarks
-	$(VENV)/bin/ruff format --check pipeline stages tests benchmarks
+	$(VENV)/bin/ruff check pipeline stages tests
+	$(VENV)/bin/ruff format --check pipeline stages tests
 
 clean:
 	rm -rf $(VENV) xprobe-demo .pytest_cache

@@ -15,7 +15,7 @@ def test_bench_smoke_runs_every_section(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         # every section but segments, whose machinery tests/test_segments.py runs (CI time)
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only"]
+        [sys.executable, "-m", "pipeline.bench", "--smoke", "--out", str(out), "--only"]
         + ["tokenize", "activations", "features", "fit"],
         cwd=Path(__file__).parents[1],
         capture_output=True,

@@ -60,5 +60,11 @@ def _loads_sae(path: Path) -> bool:
 def test_one_sae_loader():
     files = list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "stages").glob("*.py"))
     users = sorted(p.relative_to(ROOT).as_posix() for p in files if _loads_sae(p))
-    # the loader itself, and the demo builder that trains and reloads its own SAE
-    assert users == ["pipeline/demo/build.py", "pipeline/demo/sae.py", "pipeline/inputs/sae.py"]
+    # the loader itself, the demo builder that trains and reloads its own SAE, and the bench,
+    # whose reference is sae-lens's own loading and encoding
+    assert users == [
+        "pipeline/bench/bench_features.py",
+        "pipeline/demo/build.py",
+        "pipeline/demo/sae.py",
+        "pipeline/inputs/sae.py",
+    ]

@@ -1,6 +1,6 @@
 """`make bench`: every stage against its limit and against today's tools, in one run; one JSON.
 
-    python -m benchmarks.run [--size cpu|gpu] [--smoke] [--only SECTION ...] [--out FILE]
+    python -m pipeline.bench [--size cpu|gpu] [--smoke] [--only SECTION ...] [--out FILE]
 
 Each section (tokenize, activations, features, fit, segments) runs in its own subprocess, so its peak
 RAM (``ru_maxrss``) and peak GPU memory are its own. Every throughput figure comes with the
@@ -170,18 +170,18 @@ def smoke(params: dict[str, dict]) -> dict[str, dict]:
 
 def run_section(name: str, params: dict, work: Path) -> dict:
     """One section in this process; adds its peak memory."""
-    from benchmarks.common import peak_gpu_mib, peak_rss_mib
+    from pipeline.bench.common import peak_gpu_mib, peak_rss_mib
 
     if name == "tokenize":
-        from benchmarks.bench_tokenize import bench_tokenize as bench
+        from pipeline.bench.bench_tokenize import bench_tokenize as bench
     elif name == "activations":
-        from benchmarks.bench_activations import bench_activations as bench
+        from pipeline.bench.bench_activations import bench_activations as bench
     elif name == "features":
-        from benchmarks.bench_features import bench_features as bench
+        from pipeline.bench.bench_features import bench_features as bench
     elif name == "segments":
-        from benchmarks.bench_segments import bench_segments as bench
+        from pipeline.bench.bench_segments import bench_segments as bench
     else:
-        from benchmarks.bench_fit import bench_fit as bench
+        from pipeline.bench.bench_fit import bench_fit as bench
     result = bench(work, params)
     result.setdefault("peak_rss_MiB", peak_rss_mib())
     result.setdefault("peak_gpu_MiB", peak_gpu_mib())
@@ -220,7 +220,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     for name in args.only or SECTIONS:
-        cmd = [sys.executable, "-m", "benchmarks.run", "--size", args.size, "--section", name]
+        cmd = [sys.executable, "-m", "pipeline.bench", "--size", args.size, "--section", name]
         if args.smoke:
             cmd.append("--smoke")
         start = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Timer, corpus_and_tokenizer, device
+from pipeline.bench.common import Timer, corpus_and_tokenizer, device
 
 HOOK = "blocks.0.hook_resid_post"
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}

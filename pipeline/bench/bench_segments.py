@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import build_model, corpus_and_tokenizer, dir_bytes
+from pipeline.bench.common import build_model, corpus_and_tokenizer, dir_bytes
 
 HOOK_OF = "blocks.{}.hook_resid_post"
 

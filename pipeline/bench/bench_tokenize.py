@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import corpus_and_tokenizer
+from pipeline.bench.common import corpus_and_tokenizer
 
 
 def bench_tokenize(work: Path, p: dict) -> dict:

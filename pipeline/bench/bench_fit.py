@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import Timer, device, peak_gpu_mib, peak_rss_mib
+from pipeline.bench.common import Timer, device, peak_gpu_mib, peak_rss_mib
 
 
 def sparse_targets(x: torch.Tensor, n_feat: int, per_tok: int, seed: int = 0):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import Timer, build_model, corpus_and_tokenizer, device, dir_bytes
+from pipeline.bench.common import Timer, build_model, corpus_and_tokenizer, device, dir_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
