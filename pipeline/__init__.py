@@ -35,7 +35,7 @@ _EXPORTS = {
     "TokenizeConfig": "stages.tokenize",
     "ActivationsConfig": "stages.activations",
     "FeaturesConfig": "stages.features",
-    "FitConfig": "stages.fit",
+    "FitConfig": "pipeline.probes.config",
     "MatchConfig": "stages.match",
     "ReportConfig": "stages.report",
 }

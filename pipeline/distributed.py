@@ -240,13 +240,14 @@ def partitions(todo: Sequence[int], n_parts: int) -> list[list[int]]:
 
 
 def _fit_partition(fit_cls: type, cfg: Any, spec: tuple, chunks: list[int], d: int, n_feat: int):
-    """On a worker: the fit's statistics over ``chunks``, as CPU state dicts."""
+    """On a worker: the fit's statistics over ``chunks``, as CPU state dicts (the same loop
+    as a local run, without checkpoints: the coordinator merges and checkpoints)."""
+    from pipeline.probes import accumulate as acc
+
     fit = fit_cls(cfg, open_store(spec, mode="r"))
-    stats = fit.fresh_stats(d, n_feat)
-    held = fit.held_out_mask()
-    for index in chunks:
-        fit.add_chunk(stats, index, held)
-    return {h: {s: st.state_dict() for s, st in sp.items()} for h, sp in stats.items()}
+    state = acc.Accumulation(fit, acc.fresh_stats(fit, d, n_feat), [], fit.held_out_mask())
+    acc.consume([state], chunks, save=False)
+    return acc.state_dicts(state.stats)
 
 
 def _merge_states(a: dict, b: dict) -> dict:
@@ -275,7 +276,7 @@ def accumulate_fit(
     on_partition: Callable[[list[int]], None] = lambda part: None,
 ) -> dict[str, dict[str, SufficientStats]]:
     """The fit's statistics over chunks ``todo``: one task per partition (default two per
-    worker), reduced by a tree of pairwise merges. ``fit`` is a ``stages.fit.Fit``;
+    worker), reduced by a tree of pairwise merges. ``fit`` is a ``pipeline.probes.Fit``;
     ``on_partition(chunks)`` is called here as each partition's task succeeds, for a progress
     bar."""
     from pipeline.maths.lstsq import SufficientStats

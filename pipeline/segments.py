@@ -36,13 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from pipeline import lifecycle
 from pipeline.errors import XprobeError
 from pipeline.stage import Stage
 from pipeline.store import Store
-from pipeline.store.checkpoint import checkpoint_path
 from pipeline.store.layout import tokens_unit
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -92,6 +89,8 @@ class Segmented:
     """Chunks each stage (by id) wrote in segments, for its summary."""
     samples: list[int] = field(default_factory=list)
     """The store's size, sampled before and after every segment (what the tests check)."""
+    computed: dict[str, set[int]] = field(default_factory=dict)
+    """Dense chunks this run computed, by unit: the only ones it evicts."""
 
     # ---- what is where --------------------------------------------------------------------
     def producers(self) -> dict[str, Any]:
@@ -102,17 +101,9 @@ class Segmented:
         """Dense unit -> for each configured stage reading it, what it has consumed."""
         store = self.store
         out: dict[str, list[Callable[[], set[int]]]] = {}
-        for stage in self.features:
-            reads = [stage.acts_of(stage.cfg.model)]
-            reads += [stage.acts_of(b) for b in stage._transfer_names()]
-            for unit in reads:
-                out.setdefault(unit, []).append(
-                    lambda s=stage: store.done_chunks(s.unit) if store.has(s.unit) else set()
-                )
-        for stage in self.fits:
-            fit = _fit_of(stage, store)
-            for unit in fit.dense_units():
-                out.setdefault(unit, []).append(fit.consumed_chunks)
+        for stage in [*self.features, *self.fits]:
+            for unit in stage.dense_reads(store):
+                out.setdefault(unit, []).append(lambda s=stage: s.consumed_chunks(store))
         return out
 
     def n_chunks(self) -> int:
@@ -143,11 +134,7 @@ class Segmented:
         return used
 
     def checkpoint_bytes(self) -> int:
-        total = 0
-        for stage in self.fits:
-            path = checkpoint_path(self.store, _fit_of(stage, self.store).unit)
-            total += path.stat().st_size if path.exists() else 0
-        return total
+        return sum(stage.disk_reserve(self.store).checkpoint_now for stage in self.fits)
 
     def reserve(self) -> int:
         """Room kept for what is written besides dense chunks and what a chunk leaves behind:
@@ -156,13 +143,10 @@ class Segmented:
         while the held-out pass's last segment is on disk."""
         grow, largest, outputs = 0, 0, 0
         for stage in self.fits:
-            fit = _fit_of(stage, self.store)
-            path = checkpoint_path(self.store, fit.unit)
-            now = path.stat().st_size if path.exists() else 0
-            size = max(_stats_bytes(stage, self.store), now)
-            grow += size - now
-            largest = max(largest, size)
-            outputs += _output_bytes(stage, self.store)
+            need = stage.disk_reserve(self.store)
+            grow += need.checkpoint - need.checkpoint_now
+            largest = max(largest, need.checkpoint)
+            outputs += need.outputs
         return grow + largest + outputs
 
     def segment_length(self, units: Sequence[str], kept_per_chunk: float, left: int) -> int:
@@ -187,6 +171,13 @@ class Segmented:
             stage.validate(self.store)  # tokens are complete: its units and widths are known
         self._refuse_global_norms()
         n_chunks = self.n_chunks()
+        per_chunk = self.chunk_bytes(list(self.producers()))
+        if self.max_disk is not None and self.max_disk < per_chunk:  # before anything is touched
+            raise XprobeError(
+                f"--max-disk {human(self.max_disk)} is too small: one chunk of dense activations "
+                f"takes {human(per_chunk)}. Give at least that plus the store's size (a few "
+                "chunks' worth more keeps the overhead low), or tokenize with fewer chunk_seqs."
+            )
         self._consume_all(n_chunks)
         for stage in self.activations + self.features:  # complete by now, or finalised here
             self._run(stage)
@@ -221,8 +212,7 @@ class Segmented:
         store = self.store
         producers = self.producers()
         if self.force:  # --force: every configured unit starts over, before the first segment
-            units = [*producers, *(s.unit for s in self.features)]
-            units += [_fit_of(s, store).unit for s in self.fits]
+            units = [*producers, *(s.unit for s in self.features + self.fits)]
             for unit in units:
                 if store.has_local(unit):
                     store.delete(unit)
@@ -237,7 +227,13 @@ class Segmented:
                 index in done() for unit in dense for done in consumers[unit]
             )
 
-        self._evict([i for i in range(n_chunks) if finished(i)], dense)  # a killed run's last
+        # a killed segmented run's last segment: stored, consumed, not yet evicted. Only units
+        # a segmented run is working on (incomplete, some chunks evicted); never a finished store
+        resumed = [u for u in dense if store.has(u) and not store.info(u).get("complete")]
+        resumed = [u for u in resumed if store.evicted_chunks(u)]
+        for unit in resumed:
+            self.computed.setdefault(unit, set()).update(recorded[unit])
+        self._evict([i for i in range(n_chunks) if finished(i)], resumed)
         todo = [i for i in range(n_chunks) if not finished(i)]
         start = self.used() - self.checkpoint_bytes() if self.max_disk is not None else 0
         consumed, kept_per_chunk = 0, None
@@ -247,7 +243,9 @@ class Segmented:
                 n = 1  # the first segment measures what a chunk leaves behind (features...)
             segment, todo = todo[:n], todo[n:]
             self._say(f"segment: chunks {segment[0]}..{segment[-1]} ({len(todo)} left)")
-            for stage in [*self.activations, *self.features]:
+            for stage in self.activations:
+                self.produce(stage, segment)
+            for stage in self.features:
                 self._run(stage, segment)
             if self.fits:  # every fit in one pass over the segment: each chunk read once
                 lifecycle.consume_together(self.fits, store, segment, self.rebuild_stale)
@@ -258,21 +256,36 @@ class Segmented:
                 kept = self.samples[-1] - self.checkpoint_bytes() - start
                 kept_per_chunk = max(kept / consumed, 0.0)
 
+    def produce(self, stage: Any, segment: list[int]) -> None:
+        """Compute ``segment`` of an activations stage, noting which chunks this run wrote (or
+        wrote again): only those may be evicted."""
+        store = self.store
+        units = list(stage.units(store))
+        present = {
+            u: (store.done_chunks(u) - store.evicted_chunks(u)) if store.has(u) else set()
+            for u in units
+        }
+        self._run(stage, segment)
+        for unit in units:
+            self.computed.setdefault(unit, set()).update(set(segment) - present[unit])
+
     def _say(self, line: str) -> None:
-        if self.progress and self.max_disk is not None:
+        """A segment's line, with or without progress bars: a long run is never silent."""
+        if self.max_disk is not None:
             used = self.samples[-1] if self.samples else 0
             print(f"{line}; store {human(used)} of {human(self.max_disk)}", file=sys.stderr)
 
     def _evict(self, chunks: list[int], dense: list[str]) -> None:
+        """Evict ``chunks`` of ``dense`` that this run computed (never a chunk it found)."""
         if self.max_disk is None:
             return
         store = self.store
         for unit in dense:
             if not store.has(unit):
                 continue
-            recorded = store.done_chunks(unit)
+            recorded, mine = store.done_chunks(unit), self.computed.get(unit, set())
             for index in chunks:
-                if index in recorded:  # again for one flagged but not deleted (a kill between)
+                if index in recorded and index in mine:  # again for one flagged, not deleted
                     store.evict_chunk(unit, index, ("x",))
         self.used()
 
@@ -281,9 +294,9 @@ class Segmented:
         B's evicted chunks again: the fits score in lockstep, one thread each, so each segment
         is computed again once for all of them (``Rematerialize``)."""
         scoring = Rematerialize(self, n_chunks)
-        for stage in self.fits:  # scoring reads B's hooks only (the affine map reads B too)
-            fit = _fit_of(stage, self.store)
-            stage.provider = scoring.join(id(stage), list(fit.acts.values()), _held_chunks(fit))
+        for stage in self.fits:
+            again = stage.rereads(self.store)
+            stage.provider = scoring.join(id(stage), list(again), set().union(*again.values()))
         summaries: dict[int, dict[str, Any]] = {}
         errors: list[BaseException] = []
 
@@ -334,14 +347,7 @@ class Segmented:
         once a model's activations are complete: a segment's features cannot wait for it."""
         store = self.store
         for stage in self.features + self.fits:
-            if stage.cfg.exclude_norm_above is None:
-                continue
-            units = (
-                [stage.acts_of(stage.cfg.model)]
-                if stage in self.features
-                else _fit_of(stage, store).dense_units()
-            )
-            for unit in units:
+            for unit in stage.needs_complete(store):
                 if not (store.has(unit) and store.info(unit).get("complete")):
                     raise XprobeError(
                         f"exclude_norm_above needs the median residual norm of {unit} over the whole "
@@ -399,9 +405,12 @@ class Rematerialize:
                     self.waiting.pop(key, None)
                     return
                 self.waiting[key] = index
-                if set(self.waiting) >= set(self.units):  # every fit still scoring waits
+                # advance only when every fit still scoring waits on a chunk that is evicted
+                # now: a fit woken by the last advance (its chunk is back) has yet to read it
+                blocked = {k: i for k, i in self.waiting.items() if self._evicted(self.units[k], i)}
+                if set(blocked) >= set(self.units):
                     try:
-                        self._advance(min(self.waiting.values()))
+                        self._advance(min(blocked.values()))
                     except BaseException as e:
                         self.error = e
                         self.cond.notify_all()
@@ -437,7 +446,7 @@ class Rematerialize:
         self.written = [u for u in written if u in consumed]
         segment = ahead[:n]
         for stage in stages:
-            self.run._run(stage, segment)
+            self.run.produce(stage, segment)
         self.current = segment
 
     def close(self) -> None:
@@ -446,62 +455,8 @@ class Rematerialize:
             self.current = []
 
 
-def _held_chunks(fit: Any) -> set[int]:
-    """Chunks holding some of ``fit``'s held-out sequences (what its scoring pass reads)."""
-    tokens = fit.store.info(fit.tokens)
-    held = fit.held_out_mask().numpy()
-    chunk_seqs = int(tokens["chunk_seqs"])
-    return {int(i) for i in np.flatnonzero(held) // chunk_seqs}
-
-
 def _itemsize(dtype: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
-
-
-def _fit_of(stage: Any, store: Store) -> Any:
-    from stages.fit import Fit
-
-    return Fit(stage.cfg, store)
-
-
-def _units(stage: Any, store: Store) -> list[str]:
-    from stages.fit import FitStage
-
-    if isinstance(stage, FitStage):
-        return [_fit_of(stage, store).unit]
-    return [stage.unit]
-
-
-def _stats_bytes(stage: Any, store: Store) -> int:
-    """Bytes of one fit's statistics (its checkpoint), from the widths."""
-    cfg = stage.cfg
-    fit = _fit_of(stage, store)
-    d = None
-    for unit in fit.dense_units():
-        if store.has(unit):
-            d = int(store.info(unit)["d_model"])
-    if d is None or not store.has(fit.feats):
-        return 0  # not known before the first segment; its first save is small next to a chunk
-    n_feat = int(store.info(fit.feats)["n_feat"])
-    splits = 2 + len(cfg.classes)
-    return len(cfg.hooks) * splits * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
-
-
-def _output_bytes(stage: Any, store: Store) -> int:
-    """Bytes a fit not yet complete will write (float32 directions and write directions
-    ``[F, d]``, bootstrap replicates ``[F, n_bootstrap]`` twice, ~20 per-feature arrays, and with
-    the affine map its weight ``[d_A, d]``), per hook; 0 once it is complete."""
-    fit = _fit_of(stage, store)
-    if store.has(fit.unit) and store.info(fit.unit).get("complete"):
-        return 0
-    units = [u for u in fit.acts.values() if store.has(u)]
-    if not units or not store.has(fit.feats):
-        return 0
-    d, n_feat = int(store.info(units[0])["d_model"]), int(store.info(fit.feats)["n_feat"])
-    per_hook = n_feat * (2 * 4 * d + 2 * 4 * stage.cfg.n_bootstrap + 20 * 8)
-    if stage.cfg.affine_map:
-        per_hook += 4 * d * d
-    return len(stage.cfg.hooks) * per_hook
 
 
 def run_config(

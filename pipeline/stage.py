@@ -21,11 +21,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pipeline.lineage import Input
 from pipeline.store import Store
 from pipeline.store.chunks import ChunkResult
+
+
+@dataclass(frozen=True)
+class DiskReserve:
+    """Bytes a stage's checkpoint takes now (``checkpoint_now``) and at most (``checkpoint``,
+    from the widths), and what its outputs will take (``outputs``; 0 once complete)."""
+
+    checkpoint_now: int = 0
+    checkpoint: int = 0
+    outputs: int = 0
 
 
 class Stage(ABC):
@@ -59,6 +70,21 @@ class Stage(ABC):
     def identity(self) -> Any:
         """What the units' config fingerprint covers: the config (runtime fields excluded)."""
         return self.cfg
+
+    # ---- what a segmented run (pipeline.segments) asks of a stage ----------------------------
+    def dense_reads(self, store: Store) -> list[str]:
+        """Dense units (activations) this stage reads, which a segmented run may evict once
+        every stage reading them has consumed a chunk; called after ``validate``."""
+        return []
+
+    def consumed_chunks(self, store: Store) -> set[int]:
+        """Chunks of ``dense_reads`` this stage has consumed for good (durably recorded)."""
+        return set()
+
+    def needs_complete(self, store: Store) -> list[str]:
+        """Units that must be complete before this stage can take a segment (e.g. a threshold
+        computed over the whole corpus), so a segmented run refuses before it starts."""
+        return []
 
 
 class ChunkedStage(Stage):
@@ -112,6 +138,19 @@ class WholeStage(Stage):
         """Several stages of this kind consume ``chunks`` (``lifecycle.consume_together``); by
         default one after the other. Returns the chunks each consumed, by stage name."""
         return {f"{s.name} {i}": s.consume(store, chunks) for i, s in enumerate(stages)}
+
+    provider: Callable[[int], None] | None = None
+    """Set by a segmented run: called with a chunk index before a pass after consumption
+    (``rereads``) reads it, to compute it again if it was evicted."""
+
+    def rereads(self, store: Store) -> dict[str, set[int]]:
+        """Dense units read again after every chunk is consumed (the fit's held-out pass reads
+        B's hooks), each with the chunks read, through ``provider``."""
+        return {}
+
+    def disk_reserve(self, store: Store) -> DiskReserve:
+        """What the stage still writes besides its inputs' chunks, for a segmented run's budget."""
+        return DiskReserve()
 
     def publish(self, store: Store, summary: dict[str, Any]) -> dict[str, Any]:
         """After the units are complete (now or before): anything rebuilt on every run."""

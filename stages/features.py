@@ -254,6 +254,16 @@ class FeaturesStage(ChunkedStage):
             out[f"activations of {b}"] = unit_input(store, self.acts_of(b))
         return out
 
+    def dense_reads(self, store: Store) -> list[str]:
+        return [self.acts_of(self.cfg.model), *(self.acts_of(b) for b in self._transfer_names())]
+
+    def consumed_chunks(self, store: Store) -> set[int]:
+        return store.done_chunks(self.unit) if store.has(self.unit) else set()
+
+    def needs_complete(self, store: Store) -> list[str]:
+        """``exclude_norm_above`` scales by A's median norm over the whole corpus."""
+        return [self.acts_of(self.cfg.model)] if self.cfg.exclude_norm_above is not None else []
+
     def _require_acts(self, store: Store, model: str) -> dict[str, Any]:
         if not RESID_HOOK.match(self.hook):
             raise XprobeError(

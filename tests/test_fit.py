@@ -296,14 +296,14 @@ def test_rerun_is_noop_and_config_change_refused(fitted_store):
 
 KILL_SCRIPT = """
 import sys, time
-import stages.fit
+import pipeline.probes.inputs
 from pipeline.store import Store
 from stages.fit import FitConfig, run
-_load = stages.fit.load_acts
+_load = pipeline.probes.inputs.load_acts
 def slow_load(*args):  # a slow disk: the kill lands between checkpoints, never after the end
     time.sleep(0.2)
     return _load(*args)
-stages.fit.load_acts = slow_load
+pipeline.probes.inputs.load_acts = slow_load
 run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
               held_out_fraction=0.25, lambdas=(0.0, 1e-3, 1e-1), compute_dtype="float64", device="cpu", progress=False,
               checkpoint_every=1), Store(sys.argv[1]))
