@@ -64,6 +64,8 @@ class FitStage(WholeStage):
             del out["exclude_norm_above"]
         if not self.cfg.affine_map:
             del out["affine_map"]
+        if self.cfg.predictor == "linear":  # fits made before the single-layer model
+            del out["predictor"]
         return out
 
     def __init__(self, cfg: FitConfig):

@@ -117,7 +117,7 @@ def fitted_store(
     return path, feats
 
 
-def _cfg(**kw) -> FitConfig:
+def _cfg(**kw) -> FitConfig:  # the linear probe: the tests check it against lstsq and sklearn
     base = dict(
         name="p",
         corpus="c",
@@ -129,6 +129,7 @@ def _cfg(**kw) -> FitConfig:
         compute_dtype="float64",
         device="cpu",
         progress=False,
+        predictor="linear",
     )
     base.update(kw)
     return FitConfig(**base)
@@ -306,7 +307,7 @@ def slow_load(*args):  # a slow disk: the kill lands between checkpoints, never 
 pipeline.probes.inputs.load_acts = slow_load
 run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
               held_out_fraction=0.25, lambdas=(0.0, 1e-3, 1e-1), compute_dtype="float64", device="cpu", progress=False,
-              checkpoint_every=1), Store(sys.argv[1]))
+              checkpoint_every=1, predictor="linear"), Store(sys.argv[1]))
 """
 
 

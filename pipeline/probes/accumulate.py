@@ -1,8 +1,9 @@
 """How a fit's statistics are accumulated: one loop, one checkpoint cadence, for every path.
 
 Per hook of B and per split (``train``, ``held_out``, ``held_out/<class>`` for chat corpora) one
-:class:`~pipeline.maths.lstsq.SufficientStats` of B's activations against A's sparse features,
-and with the affine map (``map``) B's training activations against A's residual (dense).
+:class:`~pipeline.maths.lstsq.SufficientStats` of B's activations against A's sparse features;
+for the single-layer model and the affine map (``map``) B's training activations against A's
+residual (dense), and for the single-layer model A's residual alone (``A_STATS``, per fit).
 :func:`add_chunk` is the one place a chunk enters the statistics. :func:`consume` is the one
 loop over chunks: a whole local run (one fit), a segment of a segmented run (several fits, each
 chunk read once for all) and a dask partition task (no checkpoint: the coordinator merges and
@@ -21,6 +22,7 @@ from typing import Any
 from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lazy import torch
 from pipeline.maths.lstsq import SufficientStats
+from pipeline.probes.encoder import A_STATS
 from pipeline.probes.inputs import CONSUMED_FILE, FitInputs
 from pipeline.store.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.store.sparse import select_rows
@@ -39,10 +41,13 @@ def fresh_stats(fit: FitInputs, d: int, n_feat: int) -> Stats:
         hook: {split: SufficientStats(d, n_feat, fit.device, fit.dtype) for split in splits}
         for hook in cfg.hooks
     }
-    if cfg.affine_map:
+    if fit.needs_a:
         d_a = int(fit.store.info(fit.a_acts)["d_model"])
         for hook in cfg.hooks:
             out[hook]["map"] = SufficientStats(d, d_a, fit.device, fit.dtype)
+    if cfg.predictor == "sae":  # Σ a aᵀ of A's residual, once per fit (the model's Σ z²)
+        d_a = int(fit.store.info(fit.a_acts)["d_model"])
+        out[A_STATS] = {"train": SufficientStats(d_a, 0, fit.device, fit.dtype)}
     return out
 
 
@@ -64,8 +69,11 @@ def add_chunk(
             splits[f"held_out/{c}"] = splits["held_out"] & (cls == TOKEN_CLASSES.index(c))
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (keep, dense targets)
     train = splits["train"]
-    if cfg.affine_map and bool(train.any()):  # the map's targets: A's residual, train tokens
-        dense["map"] = (train, fit.a_residual(index, shared)[train].to(fit.device))
+    if fit.needs_a and bool(train.any()):  # A's residual on the training tokens
+        a = fit.a_residual(index, shared)[train].to(fit.device)
+        dense["map"] = (train, a)
+        if A_STATS in stats:
+            stats[A_STATS]["train"].update_dense(a, a.new_zeros(a.shape[0], 0))
     for hook, x in xs.items():
         for split, (keep, targets) in dense.items():
             stats[hook][split].update_dense(x[keep].to(fit.device), targets)

@@ -50,6 +50,13 @@ class FitConfig:
     residual at each hook to A's residual at the SAE's hook (as the SAE reads it), and score A's
     SAE encoder applied to mapped held-out activations against A's features: ``<hook>/map_*``.
     Reads A's activations too; extra statistics d_B·(d_A + d_B) float64 per hook."""
+    predictor: Literal["sae", "linear"] = "sae"
+    """The per-feature model. ``sae`` (default): the seed's single-layer model
+    ``σ_A(w_fᵀ x_B + c_f)`` through A's SAE's own activation, fitted in closed form to A's SAE
+    pre-activation (pipeline/probes/encoder.py); A → A it is A's encoder. Its arrays take the
+    headline names (``direction``, ``r2_held_out``, ...) and the linear probe of the
+    post-activation is written beside it as ``linear_*``. Reads A's activations at the SAE's
+    hook. ``linear``: only the linear least-squares probe of the post-activation (as before)."""
     device: str = "auto"
     feature_block: int = runtime(16384, "features solved at once")
     checkpoint_every: int = runtime(

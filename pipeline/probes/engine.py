@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.probes import accumulate as acc
+from pipeline.probes.encoder import A_STATS, SaeActivation
 from pipeline.probes.inputs import FitInputs
 from pipeline.probes.sae_map import sae_decoder, sae_through_map
 from pipeline.probes.score import held_out_scores
@@ -72,7 +73,10 @@ class Fit(FitInputs):
         gcv_r2: list[np.ndarray] = []  # [hooks][F]: what picks the best hook (training tokens)
         summary: dict[str, Any] = {}
         decoder = sae_decoder(self, stats[cfg.hooks[0]]["train"].d)
-        through = sae_through_map(self) if cfg.affine_map else None
+        sae = sae_through_map(self) if self.needs_a else None
+        through = sae if cfg.affine_map else None
+        activation = SaeActivation(sae) if sae is not None and cfg.predictor == "sae" else None
+        a_stats = stats[A_STATS]["train"] if A_STATS in stats else None
         solved: dict[str, Solved] = {}
 
         def write(scores: dict[str, dict]) -> None:
@@ -85,10 +89,10 @@ class Fit(FitInputs):
             solved.clear()
 
         for hook in cfg.hooks:
-            solved[hook] = solve_hook(cfg, stats[hook], decoder, through)
+            solved[hook] = solve_hook(cfg, stats[hook], decoder, through, activation, a_stats)
             if self.provider is None:
-                write(held_out_scores(self, solved, stats, through))
+                write(held_out_scores(self, solved, stats, through, activation))
         if solved:
-            write(held_out_scores(self, solved, stats, through))
+            write(held_out_scores(self, solved, stats, through, activation))
         write_best_hook(self.store, self.unit, gcv_r2)
         return summary

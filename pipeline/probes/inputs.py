@@ -45,15 +45,18 @@ class FitInputs:
         self.provider: Any = None
         """A segmented run: called with a chunk index before the evaluation pass reads it, to
         compute again (and later evict) dense chunks that were evicted after accumulation."""
-        # the affine-map baseline's target: A's residual at the SAE's hook (None: not asked for)
+        # A's residual at the SAE's hook: the single-layer model's targets (its pre-activation)
+        # and the affine map's (None: neither is asked for)
+        self.needs_a = cfg.affine_map or cfg.predictor == "sae"
         self.a_acts: str | None = None
-        if cfg.affine_map and store.has(self.feats):
+        if self.needs_a and store.has(self.feats):
             info = store.info(self.feats)
             if info.get("model") and info.get("hook"):
                 self.a_acts = acts_unit(cfg.corpus, safe_name(info["model"]), info["hook"])
 
     def dense_units(self) -> list[str]:
-        """Every activations unit this fit reads: B's hooks, and A's with ``affine_map``."""
+        """Every activations unit this fit reads: B's hooks, and A's (the single-layer model,
+        the affine map)."""
         return [*self.acts.values(), *([self.a_acts] if self.a_acts is not None else [])]
 
     def norm_thresholds(self) -> dict[str, float]:
@@ -114,7 +117,7 @@ class FitInputs:
         if self.segment is None and self.provider is None:
             self.refuse_evicted()
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
-        affine = self.validate_affine_map() if cfg.affine_map else {}
+        affine = self.validate_a_residual() if self.needs_a else {}
         self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
             unknown = [c for c in cfg.classes if c not in TOKEN_CLASSES]
@@ -146,22 +149,26 @@ class FitInputs:
             **affine,
         }
 
-    def validate_affine_map(self) -> dict[str, Any]:
-        """Checks and facts of the affine-map baseline: A's activations at the SAE's hook are
-        stored, complete, on this corpus, as wide as the SAE's input, and the SAE loads."""
+    def validate_a_residual(self) -> dict[str, Any]:
+        """Checks and facts of A's residual at the SAE's hook (read by the single-layer model
+        and the affine map): stored, complete, on this corpus, as wide as the SAE's input, and
+        the SAE loads."""
         from pipeline.inputs.sae import load_sae_of
 
         store, feats = self.store, self.store.info(self.feats)
+        what = "affine_map" if self.cfg.affine_map else 'the single-layer model (predictor = "sae")'
+        fallback = "" if self.cfg.affine_map else ', or fit with predictor = "linear"'
         if self.a_acts is None:
             raise XprobeError(
-                f"affine_map needs A's activations, but {self.feats} records no model and hook"
+                f"{what} needs A's activations, but {self.feats} records no model and hook"
+                + fallback
             )
         if not store.has(self.a_acts) or (
             not store.info(self.a_acts).get("complete") and self.segment is None
         ):
             raise XprobeError(
-                f"affine_map needs A's activations {self.a_acts}, which are not (completely) in "
-                "the store: run the activations stage of A at the SAE's hook"
+                f"{what} needs A's activations {self.a_acts}, which are not (completely) in "
+                f"the store: run the activations stage of A at the SAE's hook{fallback}"
             )
         a_info = store.info(self.a_acts)
         if a_info.get("corpus_fingerprint") != store.info(self.tokens)["corpus_fingerprint"]:
@@ -172,8 +179,9 @@ class FitInputs:
                 f"the SAE reads d_in = {sae.cfg.d_in} but {self.a_acts} has d_model = "
                 f"{a_info['d_model']}"
             )
+        key = "affine_map" if self.cfg.affine_map else "a_residual"
         return {
-            "affine_map": {
+            key: {
                 "a_activations": self.a_acts,
                 "d_a": int(a_info["d_model"]),
                 "sae_input": feats.get("sae_input", "raw"),

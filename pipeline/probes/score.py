@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lazy import torch
 from pipeline.maths.evaluate import PredictionScores, ProbeScores, bootstrap_weights
 from pipeline.maths.lstsq import STATUS_OK
+from pipeline.probes.encoder import SaeActivation
 from pipeline.probes.inputs import FitInputs
 from pipeline.probes.sae_map import SaeThroughMap
 from pipeline.probes.solve import Solved
@@ -26,6 +28,8 @@ _MAP_NAMED = {
     "auroc": "map_auroc_held_out",
     "r2_boot": "map_r2_held_out_boot",
 }
+_LINEAR_NAMED = {key: f"linear_{name}" for key, name in _NAMED.items()}
+_SAE_NAMED = {"r2": "r2_held_out", "pearson": "pearson_held_out", **_NAMED}
 
 
 def held_out_scores(
@@ -33,12 +37,15 @@ def held_out_scores(
     solved: dict[str, Solved],
     stats: dict,
     through: SaeThroughMap | None = None,
+    activation: SaeActivation | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Scores of the hooks in ``solved`` (hook -> (arrays, map solve)) from one pass over the
     held-out tokens, per hook, named as written. NaN where the probe's status is not ok. With
     the affine map (its solve, and ``through``: A's SAE), the same scores of
     ``sae.encode(x·Mᵀ + c)`` on the same tokens: ``map_*``. Hooks without held-out tokens are
-    left out."""
+    left out. With ``activation`` (σ_A), the single-layer model ``σ_A(x·Wᵀ + c)`` is scored
+    under the headline names (and per token class, ``r2_held_out_<class>``) and the linear
+    probe as ``linear_*``."""
     cfg = fit.cfg
     tokens = fit.store.info(fit.tokens)
     ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
@@ -48,13 +55,32 @@ def held_out_scores(
         return {}
     scorers: dict[str, Any] = {}
     map_scorers: dict[str, Any] = {}
+    sae_scorers: dict[str, Any] = {}
+    class_scorers: dict[tuple[str, str], Any] = {}
+    linear = "linear_" if activation is not None else ""
     for hook in hooks:
         train = stats[hook]["train"]
         result, mapped = solved[hook]
         spread = torch.sqrt(train.syy.cpu() / train.n)
+        if activation is not None:
+            predict = activation.predictor(
+                result["direction"], result["intercept"], fit.device, fit.dtype
+            )
+            for key, n_boot in [(hook, cfg.n_bootstrap), *(((hook, c), 0) for c in cfg.classes)]:
+                scorer = PredictionScores(
+                    predict,
+                    train.n_feat,
+                    train.d,
+                    train.mean_y.cpu(),
+                    spread,
+                    fit.device,
+                    fit.dtype,
+                    n_boot=n_boot,
+                )
+                (sae_scorers if key == hook else class_scorers)[key] = scorer
         scorers[hook] = ProbeScores(
-            torch.from_numpy(np.ascontiguousarray(result["direction"])),
-            torch.from_numpy(result["intercept"]),
+            torch.from_numpy(np.ascontiguousarray(result[f"{linear}direction"])),
+            torch.from_numpy(result[f"{linear}intercept"]),
             train.mean_y.cpu(),
             spread,
             fit.device,
@@ -87,19 +113,46 @@ def held_out_scores(
         weights = torch.from_numpy(
             bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
         )
+        groups = local_seq[keep]
+        classes = fit.token_classes(index)[keep] if class_scorers else None
         for hook in hooks:
             x = fit.read(fit.acts[hook], index)[keep]
-            scorers[hook].update(x, rows, cols, vals, weights, groups=local_seq[keep])
-            if hook in map_scorers:
-                map_scorers[hook].update(x, rows, cols, vals, weights, groups=local_seq[keep])
+            for scores in (scorers, map_scorers, sae_scorers):
+                if hook in scores:
+                    scores[hook].update(x, rows, cols, vals, weights, groups=groups)
+            for c in cfg.classes if classes is not None else ():
+                in_class = classes == TOKEN_CLASSES.index(c)
+                _update_class(class_scorers[(hook, c)], x, rows, cols, vals, in_class)
     written: dict[str, dict[str, np.ndarray]] = {}
     for hook in hooks:
         bad = solved[hook][0]["status"] != STATUS_OK
-        written[hook] = _named(scorers[hook].result(), _NAMED, set(_BOOT), bad)
+        named = _LINEAR_NAMED if linear else _NAMED
+        written[hook] = _named(scorers[hook].result(), named, set(_BOOT), bad)
+        if hook in sae_scorers:
+            written[hook].update(_named(sae_scorers[hook].result(), _SAE_NAMED, set(_BOOT), bad))
+            for c in cfg.classes:
+                scored = class_scorers[(hook, c)].result()
+                written[hook][f"r2_held_out_{c}"] = np.where(bad, 0.0, scored["r2"])
         if hook in map_scorers:  # encode is >= 0 (ReLU, TopK, JumpReLU): clipped R² is R²
             scored = map_scorers[hook].result()
             written[hook].update(_named(scored, _MAP_NAMED, {"r2_boot"}, bad))
     return written
+
+
+def _update_class(
+    scorer: Any,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    vals: torch.Tensor,
+    in_class: torch.Tensor,
+) -> None:
+    """Add the rows of one token class to ``scorer`` (no bootstrap)."""
+    if not bool(in_class.any()):
+        return
+    renumber = torch.cumsum(in_class.to(torch.int64), 0) - 1
+    keep = in_class[rows]
+    scorer.update(x[in_class], renumber[rows[keep]], cols[keep], vals[keep])
 
 
 def _named(

@@ -14,10 +14,16 @@ from pipeline.lazy import torch
 from pipeline.maths.lstsq import STATUS_OK, SufficientStats, solve_ridge, write_directions
 from pipeline.maths.stitch import linear_r2_through_map, solve_map
 from pipeline.probes.config import FitConfig
+from pipeline.probes.encoder import SaeActivation, solve_encoder
 from pipeline.probes.sae_map import SaeThroughMap
 
 Solved = tuple[dict[str, Any], dict[str, Any] | None]
 """One hook's arrays (what is written) and the map's solve (None without the affine map)."""
+
+
+LINEAR_KEYS = ("direction", "intercept", "lam", "r2_train", "r2_gcv", "r2_held_out")
+LINEAR_KEYS += ("pearson_held_out", "mean_r2_held_out", "df")
+"""The linear probe's arrays that the single-layer model's take over (stored as ``linear_*``)."""
 
 
 def solve_hook(
@@ -25,10 +31,13 @@ def solve_hook(
     stats: dict[str, SufficientStats],
     decoder: torch.Tensor | None,
     through: SaeThroughMap | None,
+    activation: SaeActivation | None = None,
+    a_stats: SufficientStats | None = None,
 ) -> Solved:
     """One hook's probes from its training statistics (λ by GCV), write directions, the
     Latent Scaling baseline and the affine map (``through``: A's SAE; its solve is returned
-    beside the arrays)."""
+    beside the arrays). With ``activation`` (σ_A) and ``a_stats`` (A's residual), the
+    single-layer model takes the headline names and the linear probe's become ``linear_*``."""
     train, held = stats["train"], stats["held_out"]
     if train.n == 0:
         raise XprobeError("no training tokens: the corpus is too small for this held_out_fraction")
@@ -50,6 +59,22 @@ def solve_hook(
         result.update(map_arrays(cfg, mapped, train, through, ok))
     if decoder is not None:
         result["latent_scale"] = latent_scale(train, decoder, cfg.feature_block)
+    if activation is not None and a_stats is not None:
+        enc = solve_encoder(
+            stats["map"],
+            a_stats,
+            activation,
+            train.n_active,
+            lambdas,
+            cfg.feature_block,
+            cfg.min_active,
+        )
+        for key in LINEAR_KEYS:
+            result[f"linear_{key}"] = result.pop(key)
+        status = np.asarray(result["status"])
+        result["status"] = np.where(status != STATUS_OK, status, enc.pop("status"))
+        enc.pop("lambdas")
+        result.update(enc)
     return result, mapped
 
 

@@ -69,11 +69,12 @@ def hook_summary(
     prov = store.info(unit)
     for c in classes:
         by_class = stats[f"held_out/{c}"]
-        r2_c = np.where(ok, r2_from_stats(by_class, result["direction"], result["intercept"]), 0.0)
-        path = f"{unit}/{hook}/r2_held_out_{c}"
-        if store.has(path):
-            store.delete(path)
-        store.create_array(path, r2_c.shape, r2_c.shape, r2_c.dtype, prov)[...] = r2_c
+        if f"r2_held_out_{c}" in result:  # scored in the held-out pass (written with the hook)
+            r2_c = np.asarray(result[f"r2_held_out_{c}"])
+        else:  # the linear probe's, from the class's statistics
+            r2_c = r2_from_stats(by_class, result["direction"], result["intercept"])
+            r2_c = np.where(ok, r2_c, 0.0)
+            write_array(store, f"{unit}/{hook}/r2_held_out_{c}", r2_c, prov)
         defined = ok & np.isfinite(r2_c)
         out[f"n_tok_held_out_{c}"] = int(by_class.n)
         out[f"median_r2_held_out_{c}"] = float(np.median(r2_c[defined])) if defined.any() else None
