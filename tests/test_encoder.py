@@ -145,3 +145,34 @@ def test_gated_sae_is_refused_with_the_way_out(store_path):
         _fit(store, "ceil_gated", "gated", "A", HOOK)
     _fit(store, "ceil_gated_linear", "gated", "A", HOOK, predictor="linear")
     assert not store.has(f"probes/ceil_gated_linear/{HOOK}/linear_direction")
+
+
+@pytest.mark.parametrize("save", [save_topk_sae, save_jumprelu_sae])
+def test_rotated_b_gets_the_rotated_encoder_and_a_s_features(tmp_path, save):
+    """B's residual an exact rotation of A's (x_B = a·Q): the closed form is ``w_f = Qᵀ·W_enc[:, f]``
+    and σ_A(x_B·w + c) is A's own encoding (R² 1, so presence 1), from the statistics alone."""
+    from pipeline.maths.lstsq import SufficientStats
+    from pipeline.probes.encoder import SaeActivation, solve_encoder
+    from pipeline.probes.sae_map import SaeThroughMap
+
+    sae = load_sae(sae_path=str(save(tmp_path / "sae")))
+    activation = SaeActivation(SaeThroughMap(sae, centered=False))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 64, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    x_b = a @ q
+    cpu = torch.device("cpu")
+    cross = SufficientStats(64, 64, cpu, torch.float64)
+    own = SufficientStats(64, 0, cpu, torch.float64)
+    cross.update_dense(x_b, a)
+    own.update_dense(a, a.new_zeros(len(a), 0))
+    n_active = torch.full((sae.cfg.d_sae,), 1000)
+    out = solve_encoder(cross, own, activation, n_active, [0.0], 4096, 10)
+    expected = (q.T @ sae.W_enc.detach().double()).T.numpy()  # [F, d_B]
+    np.testing.assert_allclose(out["direction"], expected, atol=1e-5)
+    predict = activation.predictor(out["direction"], out["intercept"], cpu, torch.float64)
+    with torch.no_grad():
+        own_features = sae.encode(a.float()).double()
+    close = np.isclose(predict(x_b).numpy(), own_features.numpy(), atol=1e-4)
+    # a JumpReLU pre-activation within float32 rounding of its threshold may flip (seen: 1 of 10⁶)
+    assert close.mean() > 1 - 1e-5, (~close).sum()

@@ -835,3 +835,28 @@ def test_affine_map_baseline(pipeline_store):
         low, high = _median_interval(fake, "Bmap", hook, scored, values)
         assert (low, high) == tuple(np.percentile(medians, [5, 95]))
         assert low < np.median(values) < high
+
+
+def test_layout_declares_every_array_of_a_finished_store(pipeline_store):
+    """pipeline/store/layout.py's table against what the stages wrote (tokens, activations,
+    features, fits with and without the affine map, the report)."""
+    import zarr
+
+    from pipeline.store.layout import undeclared
+
+    store = Store(pipeline_store)
+    fit(_fit("Blayout", "B", HOOKS_B, lambdas=(0.0,), affine_map=True), store)
+    group = zarr.open_group(str(pipeline_store), mode="r")
+    paths: list[str] = []
+    stack = [("", group)]
+    while stack:
+        prefix, g = stack.pop()
+        for name, member in g.members():
+            path = f"{prefix}{name}"
+            if isinstance(member, zarr.Array):
+                paths.append(path)
+            else:
+                stack.append((f"{path}/", member))
+    assert any(p.startswith("probes/Blayout/") for p in paths)
+    assert any(p.endswith("/map_weight") for p in paths)
+    assert undeclared(paths) == []

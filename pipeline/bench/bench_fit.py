@@ -126,11 +126,53 @@ def bench_fit(work: Path, p: dict) -> dict:
         "target_gpu_tokens_per_s": ">= 1,000,000 (H100-class, d=2304, F=16384)",
         "sklearn": _versus_sklearn(x, rows, cols, vals, p),
     }
+    out["single_layer_model"] = _single_layer(x, p, n_tok / acc.s, solve.s)
     if p.get("wide_feat"):
         out["wide"] = _wide(x, rows, cols, vals, p)
     out["peak_rss_MiB"] = peak_rss_mib()
     out["peak_gpu_MiB"] = peak_gpu_mib()
     return out
+
+
+def _single_layer(x, p: dict, linear_tok_s: float, linear_solve_s: float) -> dict:
+    """The single-layer model's statistics (pipeline/probes/encoder.py) on the same chunks: B's x
+    against A's residual ``a = x·M`` (d_A = d), and ``Σ a aᵀ``: dense, independent of F. Then its
+    closed-form solve for ``n_feat`` features from a random encoder ``E [d, F]``. Ratios against
+    the linear probe's sparse ``XᵀY`` accumulation and solve measured above."""
+    from pipeline.maths.lstsq import SufficientStats, solve_ridge
+    from pipeline.probes.encoder import PreactivationTargets
+
+    dev, d, n_feat, chunk, n_tok = device(), x.shape[1], p["n_feat"], p["chunk"], p["n_tok"]
+    g = torch.Generator().manual_seed(1)
+    mix = (torch.randn(d, d, generator=g) / d**0.5).to(dev)
+    cross = SufficientStats(d, d, torch.device(dev), torch.float32)
+    own = SufficientStats(d, 0, torch.device(dev), torch.float32)
+    with Timer() as acc:
+        fed = 0
+        while fed < n_tok:
+            for r0 in range(0, len(x), chunk):
+                if fed >= n_tok:
+                    break
+                xb = x[r0 : r0 + chunk].to(dev, non_blocking=True).float()
+                a = xb @ mix
+                cross.update_dense(xb, a)
+                own.update_dense(a, a.new_zeros(len(a), 0))
+                fed += len(xb)
+    enc = torch.randn(d, n_feat, generator=g).to(dev)
+    with Timer() as solve:
+        targets = PreactivationTargets(
+            cross, own, enc, torch.zeros(n_feat), torch.full((n_feat,), 100), 16384
+        )
+        solve_ridge(targets, None, [p["alpha"]])  # type: ignore[arg-type]
+    tok_s = n_tok / acc.s
+    return {
+        "accumulate_tokens_per_s": round(tok_s),
+        "ratio_accumulate_vs_linear_probe": round(tok_s / linear_tok_s, 3),
+        "solve_s": round(solve.s, 3),
+        "ratio_solve_vs_linear_probe": round(solve.s / linear_solve_s, 3),
+        "note": "statistics d_B×d_B + d_A×d_B + d_A×d_A float64, whatever F; the linear "
+        "probe's XᵀY is F×d_B per split",
+    }
 
 
 def _versus_sklearn(x, rows, cols, vals, p: dict) -> dict:

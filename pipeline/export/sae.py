@@ -227,7 +227,8 @@ def build_sae(
     train_tokens: int = 100_000,
     device: str = "cpu",
 ) -> Any:
-    """The sae-lens SAE (StandardSAE, or TopKSAE with A's k) of the kept features, float32.
+    """The sae-lens SAE (StandardSAE, TopKSAE with A's k, or for the single-layer model of a
+    JumpReLU SAE a JumpReLUSAE with A's thresholds) of the kept features, float32.
 
     ``decoder="write"``: ``W_dec`` rows are B's write directions and ``b_dec`` is the mean of
     ``x − Σ_f encode(x)_f·W_dec[f]``. ``decoder="lstsq"``: ``W_dec`` and ``b_dec`` are the joint
@@ -261,11 +262,20 @@ def build_sae(
             context_size=int(source.store.info(source.tokens)["ctx"]),
         ),
     )
+    threshold = None
     if architecture in TOPK_ARCHITECTURES and k is not None:
         sae = TopKSAE(TopKSAEConfig(k=min(int(k), len(feature_ids)), **common))
+    elif architecture == "jumprelu" and source.config.get("predictor", "linear") == "sae":
+        from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+        # the single-layer model's σ_A: A's thresholds on B's fitted pre-activations
+        sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
+        threshold = source.sae_a().threshold.detach()[torch.from_numpy(feature_ids)]
     else:
         sae = StandardSAE(StandardSAEConfig(**common))
     with torch.no_grad():
+        if threshold is not None:
+            sae.threshold.copy_(threshold.to(torch.float32))
         sae.W_enc.copy_(torch.from_numpy(direction.oindex[feature_ids, :].T.astype(np.float32)))
         sae.b_enc.copy_(torch.from_numpy(source.probe("intercept")[feature_ids].astype(np.float32)))
         sae.W_dec.copy_(torch.from_numpy(write.oindex[feature_ids, :].astype(np.float32)))

@@ -329,6 +329,8 @@ def render_html(
         "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
         "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
         "_latent_scale, _map_r2 (with _lo, _hi; fits with affine_map), "
+        "_linear_r2 and _linear_r2_clipped (with _lo, _hi: the linear probe beside the "
+        "single-layer model), "
         "_r2@&lt;hook&gt;, _transfer_corr"
         + (
             ", and per SAE match &lt;match&gt;_best_match, _best_corr, _mutual"

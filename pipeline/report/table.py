@@ -153,6 +153,24 @@ def class_columns(
     return cols
 
 
+def linear_columns(report: Report, role: Role, label: str, best: np.ndarray) -> dict[str, Any]:
+    """The linear probe beside the single-layer model (a fit with ``predictor = "sae"``):
+    ``<label>_linear_r2`` (held-out R² of its raw prediction) and ``<label>_linear_r2_clipped``
+    (of the prediction clipped at 0, with ``_lo``/``_hi``), at the model's best hook."""
+    store = report.store
+    if not all(store.has(f"{probes_unit(role.fit)}/{h}/linear_r2_held_out") for h in role.hooks):
+        return {}
+    cols = {
+        f"{label}_linear_r2": _at_best(store, role, "linear_r2_held_out", best),
+        f"{label}_linear_r2_clipped": _at_best(store, role, "linear_r2_clipped_held_out", best),
+    }
+    if report.n_boot:
+        boot = _at_best(store, role, "linear_r2_clipped_held_out_boot", best)
+        low, high = percentile_interval(boot, report.cfg.confidence)
+        cols[f"{label}_linear_r2_clipped_lo"], cols[f"{label}_linear_r2_clipped_hi"] = low, high
+    return cols
+
+
 def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
     """The table (a pandas DataFrame, one row per feature) and notes for the page."""
     import pandas as pd
@@ -183,6 +201,7 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         "ceiling_r2_clipped": _at_best(store, ceiling, "r2_clipped_held_out", ceiling_best),
         "ceiling_auroc": _at_best(store, ceiling, "auroc_held_out", ceiling_best),
     }
+    cols.update(linear_columns(report, ceiling, "ceiling", ceiling_best))
     if store.has(f"{probes_unit(ceiling.fit)}/{ceiling.hooks[0]}/latent_scale"):
         cols["ceiling_latent_scale"] = _at_best(store, ceiling, "latent_scale", ceiling_best)
     if ceiling_boot is not None:
@@ -230,6 +249,7 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
         cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
+        cols.update(linear_columns(report, role, p, best))
         if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
             cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
         if all(store.has(f"{probes_unit(role.fit)}/{h}/map_r2_held_out") for h in role.hooks):

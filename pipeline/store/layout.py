@@ -108,10 +108,25 @@ UNIT_KINDS: dict[str, UnitKind] = {
         "fit",
         False,
         {
-            "<hook>/direction": "[F, d_B] float32 B's direction per feature",
-            "<hook>/{intercept,lam,r2_train,r2_held_out,pearson_held_out}": "[F]",
+            "<hook>/direction": "[F, d_B] float32 B's direction per feature (the headline model's)",
+            "<hook>/{intercept,lam,r2_train,r2_gcv,r2_held_out,pearson_held_out}": "[F] float64",
+            "<hook>/{r2_clipped_held_out,auroc_held_out}": "[F] float64 from the held-out pass",
+            "<hook>/{r2_held_out_boot,r2_clipped_held_out_boot}": "[F, n_bootstrap] float32",
             "<hook>/{n_active_train,n_active_held_out}": "[F] int64",
-            "<hook>/status": "[F] int8",
+            "<hook>/status": "[F] int8 (pipeline/maths/lstsq.py STATUS_*)",
+            "<hook>/{lambdas,df,mean_r2_held_out}": "[L] the ridge grid, its hat-matrix traces",
+            "<hook>/write_direction": "[F, d_B] float32 slope of B's residual on the feature",
+            "<hook>/{write_norm,write_r2}": "[F] float64",
+            "<hook>/latent_scale": "[F] float64 Latent Scaling (B in A's width)",
+            "<hook>/linear_direction": "[F, d_B] float32 the linear probe (predictor = sae)",
+            "<hook>/linear_{intercept,lam,r2_train,r2_gcv,r2_held_out,pearson_held_out}": "[F]",
+            "<hook>/linear_{r2_clipped_held_out,auroc_held_out}": "[F] float64",
+            "<hook>/linear_{r2_held_out_boot,r2_clipped_held_out_boot}": "[F, n_bootstrap]",
+            "<hook>/linear_{df,mean_r2_held_out}": "[L]",
+            "<hook>/map_weight": "[d_A, d_B] float32 the affine map B -> A",
+            "<hook>/{map_bias,map_lam,map_r2_train}": "[d_A] float64",
+            "<hook>/{map_r2_held_out,map_auroc_held_out,map_r2_linear_train}": "[F] float64",
+            "<hook>/map_r2_held_out_boot": "[F, n_bootstrap] float32",
             "<hook>/r2_held_out_<class>": "[F] float64 held-out R² on one token class",
             "best_hook": "[F] int32 index into hooks",
         },
@@ -121,9 +136,9 @@ UNIT_KINDS: dict[str, UnitKind] = {
         "match",
         False,
         {
-            "best_idx, best_corr, mutual": "[F_A]",
-            "top_idx, top_corr, top_n_coactive": "[F_A, k]",
-            "b_best_idx, b_best_corr": "[F_B]",
+            "{best_idx,best_corr,mutual}": "[F_A]",
+            "{top_idx,top_corr,top_n_coactive}": "[F_A, k]",
+            "{b_best_idx,b_best_corr}": "[F_B]",
         },
     ),
     "causal": UnitKind(
@@ -142,8 +157,9 @@ UNIT_KINDS: dict[str, UnitKind] = {
         "report",
         False,
         {
-            "token_r2": "[F] float64",
-            "top_value, top_token": "[F, n_contexts]",
+            "{token_r2,token_r2_boot}": "[F] float64, [F, n_bootstrap] the token baseline",
+            "{top_value,top_token,top_seq,top_pos}": "[F, n_contexts] top activations",
+            "cosines": "[n_columns, F] float64 cached direction cosines",
         },
     ),
 }
@@ -159,3 +175,31 @@ def unit_of(path: str) -> str:
 
 def report_unit(name: str) -> str:
     return f"report/{safe_name(name)}"
+
+
+def _pattern(key: str) -> re.Pattern[str]:
+    """A layout key (``<hook>/{a,b}``, ``transfer/<B>/corr``) as a regex over array paths."""
+    out, i = "", 0
+    for m in re.finditer(r"<[^>]+>|\{[^}]+\}", key):
+        out += re.escape(key[i : m.start()])
+        token = m.group(0)
+        out += (
+            "[^/]+"
+            if token[0] == "<"
+            else "(" + "|".join(map(re.escape, token[1:-1].split(","))) + ")"
+        )
+        i = m.end()
+    return re.compile(out + re.escape(key[i:]) + "$")
+
+
+def undeclared(paths: list[str]) -> list[str]:
+    """The array paths (``probes/p/blocks.0.hook_resid_post/direction``) that no unit kind's
+    layout declares: what a test checks against a finished store, so this table stays true."""
+    missing = []
+    for path in paths:
+        parts = path.strip("/").split("/")
+        kind = UNIT_KINDS.get(parts[0])
+        inner = "/".join(parts[kind.depth :]) if kind else path
+        if kind is None or not any(_pattern(key).match(inner) for key in kind.arrays):
+            missing.append(path)
+    return missing
