@@ -115,10 +115,13 @@ class FitStage(WholeStage):
         dense = [u for u in fit.dense_units() if store.has(u)]
         if not dense or not store.has(fit.feats):
             return DiskReserve(now, now, 0)  # not known before the first segment; small then
-        d = int(store.info(dense[-1])["d_model"])
+        d = int(store.info(dense[-1])["d_model"])  # A's with its residual read, else B's
         n_feat = int(store.info(fit.feats)["n_feat"])
         splits = 2 + len(cfg.classes)
-        full = len(cfg.hooks) * splits * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+        d_b = int(store.info(dense[0])["d_model"])
+        full = len(cfg.hooks) * splits * 8 * (d_b * d_b + n_feat * d_b + 4 * n_feat + 2 * d_b)
+        if fit.needs_a:  # B against A's residual per hook; A's own once (the single-layer model)
+            full += len(cfg.hooks) * 8 * (d_b * d_b + d * d_b + 2 * d + 2 * d_b) + 8 * d * d
         outputs = 0
         b_units = [u for u in fit.acts.values() if store.has(u)]
         if b_units and not (store.has(fit.unit) and store.info(fit.unit).get("complete")):

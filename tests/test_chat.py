@@ -176,6 +176,7 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
         compute_dtype="float64",  # reference-exact statistics (float32 products differ by ~1e-8)
         device="cpu",
         progress=False,
+        predictor="linear",  # the per-class R² of the linear probe, from the class statistics
     )
     fit(cfg, store)
 

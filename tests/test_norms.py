@@ -207,6 +207,7 @@ def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_wi
         device="cpu",
         n_bootstrap=0,
         progress=False,
+        predictor="linear",  # checked against lstsq of the post-activation
     )
     nb = np.linalg.norm(xb, axis=1)
     b_threshold = 1.2 * store.info(b_unit)["norms"]["median"]

@@ -769,7 +769,7 @@ def test_affine_map_baseline(pipeline_store):
         np.testing.assert_allclose(got[ok], r2[ok], rtol=1e-4, atol=1e-4)
         # the least-squares probe is the best linear predictor on train: ≥ the map's linear one
         linear = store.array(f"probes/Bmap/{hook}/map_r2_linear_train")[:]
-        probe = store.array(f"probes/Bmap/{hook}/r2_train")[:]
+        probe = store.array(f"probes/Bmap/{hook}/linear_r2_train")[:]
         assert (probe[ok] >= linear[ok] - 1e-9).all()
         # ... against numpy: the StandardSAE's pre-activation (ŷ − b_dec)·W_enc + b_enc
         w_enc, b_enc = sae.W_enc.detach().double().numpy(), sae.b_enc.detach().double().numpy()

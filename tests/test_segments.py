@@ -53,7 +53,9 @@ def _config(root: Path, corpus: Path, tokenizer: Path, model: Path, sae: Path, f
     return root / "x.toml"
 
 
-FITS = [("B", HOOKS[:1]), ("B2", HOOKS)]
+FITS = [("B", HOOKS[:1]), ("B2", HOOKS), ("C", HOOKS[1:])]
+"""Three fits: with three, the held-out rematerialisation once looped forever (a fit advanced the
+segment again while the others, woken, had yet to read theirs)."""
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def _arrays(store: Store, unit: str) -> dict[str, np.ndarray]:
 def _assert_same_results(root: Path, reference: Path) -> None:
     """Features and every fit equal to the unsegmented run's, bit for bit."""
     got, want = Store(root / "store", mode="r"), Store(reference / "store", mode="r")
-    for unit in ["feats/c/sae_a", "probes/B", "probes/B2"]:
+    for unit in ["feats/c/sae_a", *(f"probes/{name}" for name, _ in FITS)]:
         a, b = _arrays(got, unit), _arrays(want, unit)
         assert a.keys() == b.keys(), unit
         for name in a:
@@ -97,7 +99,9 @@ def _budget(reference: Path, dense: int) -> int:
     held-out tokens, twice (a checkpoint is rewritten through a temporary copy)."""
     store = Store(reference / "store", mode="r")
     d, n_feat = 64, int(store.info("feats/c/sae_a")["n_feat"])
-    stats = sum(len(hooks) for _, hooks in FITS) * 2 * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+    n_hooks = sum(len(hooks) for _, hooks in FITS)
+    stats = n_hooks * 2 * 8 * (d * d + n_feat * d + 4 * n_feat + 2 * d)
+    stats += n_hooks * 8 * 2 * d * d + len(FITS) * 8 * d * d  # the single-layer model's
     return store.nbytes_stored("") - (2 * dense) // 3 + 2 * stats
 
 
@@ -230,3 +234,29 @@ def test_budget_errors(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
     assert result.exit_code != 0
     assert "too small" in str(result.exception) and "Give at least" in str(result.exception)
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
+
+
+def test_max_disk_on_a_finished_store_evicts_nothing(unsegmented, tmp_path):
+    """A finished (unsegmented) store run again with --max-disk: "already complete", and every
+    dense chunk is still there (export reads them); a budget below one chunk is refused before
+    anything is touched."""
+    reference, _, _ = unsegmented
+    shutil.copytree(reference / "store", tmp_path / "store")
+    text = (
+        (reference / "x.toml")
+        .read_text()
+        .replace(str(reference / "store"), str(tmp_path / "store"))
+    )
+    (tmp_path / "x.toml").write_text(text)
+    store = Store(tmp_path / "store")
+    before = {h: len(store.done_chunks(f"acts/c/a/{h}")) for h in HOOKS}
+    for budget in ("50GB", "1KB"):
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / "x.toml"), "--max-disk", budget])
+        if budget == "1KB":
+            assert result.exit_code != 0 and "too small" in str(result.exception)
+        else:
+            assert result.exit_code == 0, result.output
+        for hook in HOOKS:
+            assert store.evicted_chunks(f"acts/c/a/{hook}") == set(), (budget, hook)
+            assert len(store.done_chunks(f"acts/c/a/{hook}")) == before[hook]
+    assert verify_store(Store(tmp_path / "store", mode="r")) == []
