@@ -187,7 +187,8 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         ),
         (
             "held-out split",
-            f"{report.split[0]:g} of sequences (seed {report.split[1]}), the fits' split",
+            f"{report.split[0]:g} of {report.split_unit()} (seed {report.split[1]}), the fits' "
+            "split",
         ),
         (
             "SAE",
