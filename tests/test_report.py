@@ -174,14 +174,16 @@ def test_report_end_to_end(pipeline_store):
         assert (cls == "unscored").eq(score.isna()).all()
         assert score.dropna().between(0, 1).all()
         low, high = df[f"{label}_presence_lo"], df[f"{label}_presence_hi"]
-        assert (low.notna() == score.notna()).all()
+        informative = df[f"{label}_presence_informative"]
+        assert (low.notna() == (score.notna() & informative)).all()  # never an interval [0, 1]
+        assert cls[~informative].isin(["no ceiling margin", "undetermined"]).all()
         assert ((low <= high) | low.isna()).all()
         # a class only where the whole interval lies in its band; straddling: undetermined
         assert (cls[low >= 0.7] == "present").all() and (cls[high < 0.3] == "absent").all()
         assert (cls[(low >= 0.3) & (high < 0.7)] == "partial").all()
         straddles = ((low < 0.7) & (high >= 0.7)) | ((low < 0.3) & (high >= 0.3))
         assert (cls[straddles] == "undetermined").all()
-        assert (cls[score >= 0.7].isin(["present", "undetermined"])).all()
+        assert (cls[score >= 0.7].isin(["present", "undetermined", "no ceiling margin"])).all()
     assert (df["status"] == "scored").sum() >= 20
     dead = store.array("feats/c/sae/stats/dead")[:]
     assert dead.sum() == 2 and (df["status"][dead] == "dead").all()
@@ -265,8 +267,9 @@ def test_report_end_to_end(pipeline_store):
     # the terminal summary shows the thresholds and the table's counts
     counts = df["B_class"].value_counts()
     line = next(s for s in out["message"].splitlines() if s.strip().startswith("B "))
-    classes = ("present", "partial", "absent", "undetermined", "unscored")
-    assert line.split()[1:6] == [str(int(counts.get(c, 0))) for c in classes]
+    classes = ("present", "partial", "absent", "undetermined", "no ceiling margin", "unscored")
+    assert line.split()[1:7] == [str(int(counts.get(c, 0))) for c in classes]
+    assert counts.get("no ceiling margin", 0) > 0  # counted apart from undetermined
     assert counts.get("undetermined", 0) > 0  # 25% of 16 sequences held out: wide intervals
     assert "undetermined = the interval straddles a threshold" in out["message"]
     assert "present: ≥ 0.7" in out["message"] and "partial: ≥ 0.3" in out["message"]
@@ -835,3 +838,32 @@ def test_affine_map_baseline(pipeline_store):
         low, high = _median_interval(fake, "Bmap", hook, scored, values)
         assert (low, high) == tuple(np.percentile(medians, [5, 95]))
         assert low < np.median(values) < high
+
+
+def test_no_ceiling_margin_is_its_own_class_not_an_interval():
+    """A B that is exactly A (R²_B = R²_ceiling in every resample: presence 1) where the ceiling
+    beats the token baseline in only 90% of the resamples: no interval (lo, hi NaN, informative
+    false) and the class "no ceiling margin", never [0, 1] and "undetermined"; where the margin
+    holds in every resample: "present" with the interval [1, 1]; B's R² undefined in too many
+    resamples (rare firing): no interval either, but "undetermined"."""
+    from pipeline.maths.presence import NO_MARGIN, presence_interval
+
+    rng = np.random.default_rng(0)
+    n_boot = 200
+    ceiling = 0.5 + 0.02 * rng.normal(size=(3, n_boot))
+    token = np.full((3, n_boot), 0.1)
+    token[0, : n_boot // 10] = 0.9  # 10% of resamples: the ceiling does not beat the token
+    r2 = ceiling.copy()
+    r2[2, :20] = np.nan  # undefined in 10% of resamples
+    scored = np.ones(3, bool)
+    low, high, informative, no_margin = presence_interval(r2, ceiling, token, scored, 0.95)
+    assert np.isnan(low[[0, 2]]).all() and np.isnan(high[[0, 2]]).all()
+    assert low[1] == high[1] == 1.0
+    assert informative.tolist() == [False, True, False]
+    assert no_margin.tolist() == [True, False, False]
+    score = np.ones(3)
+    got = classify_interval(score, low, high, 0.7, 0.3, informative, no_margin)
+    assert got.tolist() == [NO_MARGIN, "present", "undetermined"]
+    # not scored: neither flagged
+    _, _, _, none = presence_interval(r2, ceiling, token, np.zeros(3, bool), 0.95)
+    assert not none.any()

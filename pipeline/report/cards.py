@@ -110,6 +110,8 @@ def feature_card(
     if f"{role.label}_presence_lo" in row and np.isfinite(row[f"{role.label}_presence_lo"]):
         low, high = row[f"{role.label}_presence_lo"], row[f"{role.label}_presence_hi"]
         badge += f" [{low:.2f}, {high:.2f}]"
+    elif not bool(row.get(f"{role.label}_presence_informative", True)):
+        badge += " [no interval]"  # the ceiling's margin over the token baseline is not sure
     badge += f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else ""
     parts = [
         f"frequency {row['frequency']:.2e}",

@@ -328,7 +328,8 @@ def render_html(
         "token_r2, ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
         "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
         "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
-        "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
+        "_presence_hi, _presence_informative, _presence_raw, _class, _encoder_cosine, "
+        "_decoder_cosine, "
         "_latent_scale, _map_r2 (with _lo, _hi; fits with affine_map), "
         "_r2@&lt;hook&gt;, _transfer_corr"
         + (

@@ -17,6 +17,7 @@ from pipeline.errors import XprobeError
 from pipeline.maths.evaluate import bootstrap_weights
 from pipeline.maths.presence import (
     CLASSES,
+    NO_MARGIN,
     TokenBaseline,
     TokenBaselineReplicates,
     TokenPredictor,
@@ -248,7 +249,10 @@ class Report:
             f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
             (
                 f"classes from {cfg.confidence:.0%} bootstrap intervals ({self.n_boot} replicates "
-                f"over held-out {self.split_unit()}): undetermined = the interval straddles a threshold"
+                f"over held-out {self.split_unit()}): undetermined = the interval straddles a "
+                f"threshold; {NO_MARGIN} = the ceiling does not beat the token baseline in more "
+                f"than {(1 - cfg.confidence) / 2:.1%} of the resamples (no interval: "
+                "<fit>_presence_informative is false)"
                 if self.n_boot
                 else "classes from the point score (the fits have no bootstrap replicates)"
             ),

@@ -21,7 +21,7 @@ from pipeline.maths.presence import (
     feature_status,
     percentile_interval,
     presence,
-    presence_replicates,
+    presence_interval,
 )
 from pipeline.report.matches import match_table
 from pipeline.store import Store
@@ -223,13 +223,20 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
             low, high = percentile_interval(clipped_boot, level)
             cols[f"{p}_r2_clipped_lo"], cols[f"{p}_r2_clipped_hi"] = low, high
             scored = (status == SCORED) & (own == STATUS_OK)
-            replicates = presence_replicates(r2_boot, ceiling_boot, token_boot, scored)
-            low, high = percentile_interval(replicates, level)
-            low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+            low, high, informative, no_margin = presence_interval(
+                r2_boot, ceiling_boot, token_boot, scored, level
+            )
             cols[f"{p}_presence_lo"], cols[f"{p}_presence_hi"] = low, high
+            # false where the interval says nothing (lo, hi NaN): class "no ceiling margin"
+            # when the ceiling fails to beat the token baseline in too many resamples
+            cols[f"{p}_presence_informative"] = informative | ~np.isfinite(score)
+        else:
+            informative = no_margin = None
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
-        cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
+        cols[f"{p}_class"] = classify_interval(
+            score, low, high, cfg.present_at, cfg.partial_at, informative, no_margin
+        )
         if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
             cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
         if all(store.has(f"{probes_unit(role.fit)}/{h}/map_r2_held_out") for h in role.hooks):
