@@ -204,6 +204,9 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         rows.append((what, f"fit {role.fit!r}: {role.model} at {', '.join(role.hooks)}"))
         rows += _tokenizer_rows(store, report.cfg.corpus, role)
         rows += _norm_rows(store, report.cfg.corpus, role.model, role.hooks[0])
+    for label, (same, why) in (notes.get("basis") or {}).items():
+        verdict = "yes" if same else "no: Latent Scaling and cosines with A's SAE left NaN"
+        rows.append((f"{label} in A's basis", f"{verdict} ({why})"))
     for label, t in (notes.get("transfer") or {}).items():
         if t:
             rows.append(
@@ -313,7 +316,13 @@ def render_html(
             "residual stream by one ridge map (model stitching); the probe is the best linear "
             "predictor on training tokens, so points below the dotted y = x (circled) are "
             "features the map predicts better on test: the SAE's threshold, or an overfitted "
-            "probe.</p>",
+            "probe."
+            + "".join(
+                f" {html.escape(p)}: no weight-space baselines ({html.escape(why)})."
+                for p, (same, why) in notes.get("basis", {}).items()
+                if not same
+            )
+            + "</p>",
         ]
     body.append(causal_section(report))
     contexts = Contexts(report)

@@ -253,11 +253,12 @@ def plot_baselines(report: Any, df: Any) -> str | None:
         p = role.label
         presence = df[f"{p}_presence"].to_numpy()
         own = []
-        if f"{p}_latent_scale" in df and "ceiling_latent_scale" in df:
+        same = f"{p}_same_basis" not in df or bool(df[f"{p}_same_basis"].all())
+        if same and f"{p}_latent_scale" in df and "ceiling_latent_scale" in df:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = df[f"{p}_latent_scale"] / df["ceiling_latent_scale"]
             own.append((ratio.to_numpy(), "latent scale β / ceiling's β", presence, "presence"))
-        if f"{p}_decoder_cosine" in df:
+        if same and f"{p}_decoder_cosine" in df:
             own.append(
                 (
                     df[f"{p}_decoder_cosine"].to_numpy(),
