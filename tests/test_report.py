@@ -508,7 +508,10 @@ def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
         0.9,
         0.3,
     )
-    assert (again["B_class"] == new_cut).all()  # new cut, same intervals
+    informative = again["B_presence_informative"].to_numpy()
+    assert (again["B_class"] == new_cut)[informative].all()  # new cut, same intervals
+    # no interval (no ceiling margin, or undefined): the cut does not change the class
+    assert (again["B_class"] == table["B_class"])[~informative].all()
     # refusals name what to do
     with pytest.raises(XprobeError, match="ceiling"):
         report(_report_cfg(name="x", ceiling="B"), store)
