@@ -60,6 +60,13 @@ class ReportConfig:
     only when the presence interval lies in one band, otherwise the feature is "undetermined"."""
     min_headroom: float = 0.05
     """Score a feature only where R²_ceiling exceeds max(R²_token, 0) by at least this much."""
+    same_basis: bool | tuple[str, ...] | None = None
+    """Whether the models B are in A's basis (A itself, a finetune of A), which the weight-space
+    baselines (Latent Scaling, cosines with A's encoder and decoder rows) need: true (all fits),
+    false (none), a list of fit names (those; the others decided from the data), or unset: decided
+    per fit from the data (B's width is A's and its probe directions agree with the ceiling's:
+    pipeline/report/table.py, ``basis_of``). Out of A's basis those columns are NaN, with the
+    reason in ``<fit>_basis_reason``."""
     encoder_cosine: bool = True
     """Load the SAE and record the cosine of each ceiling direction with its encoder row."""
     n_shown: int = 8

@@ -259,3 +259,31 @@ def swap_vocab_ids(model_dir: Path, out: Path, a: int, b: int) -> Path:
     vocab[by_id[a]], vocab[by_id[b]] = b, a
     (out / "tokenizer.json").write_text(json.dumps(spec))
     return out
+
+
+def save_rotated_llama(model_dir: Path, out: Path, seed: int = 0) -> torch.Tensor:
+    """Save a copy of the Llama at ``model_dir`` whose residual stream is exactly R · A's at every
+    layer, for a seeded random orthogonal R [d, d] (returned, float32): every weight that reads
+    the stream is right-multiplied by Rᵀ, every one that writes it left-multiplied by R. Exact
+    because RMSNorm's scale is rotation invariant and its gains are all 1 (as initialised; other
+    gains are refused). The model has every feature of A, in another basis."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    d = model.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    r = rotation.float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                assert torch.equal(p, torch.ones_like(p)), f"{name}: gains must be 1 to rotate"
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.copy_(r @ p)  # writes the stream: [d, *]
+            elif p.ndim == 2:  # embed_tokens, q/k/v, gate/up, lm_head: read (or are) the stream
+                p.copy_(p @ r.T)
+            else:
+                raise AssertionError(f"{name}: unexpected parameter for a rotation")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return r

@@ -344,7 +344,7 @@ def test_causal_table_recorded_in_the_store_and_shown_by_the_report(store_path, 
     for label, n, med in group_medians(csv):
         expected.append(
             [label, str(n), f"{med['score']:.2f}", f"{med['cos_steer']:.3f}"]
-            + [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}"]
+            + [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}", f"{med['z_steer']:.2f}"]
             + [f"{med[k]:.4f}" for k in ("dloss_probe", "dloss_write", "dloss_random")]
         )
     assert [re.findall(r"<td>([^<]*)</td>", row) for row in shown] == expected

@@ -174,14 +174,16 @@ def test_report_end_to_end(pipeline_store):
         assert (cls == "unscored").eq(score.isna()).all()
         assert score.dropna().between(0, 1).all()
         low, high = df[f"{label}_presence_lo"], df[f"{label}_presence_hi"]
-        assert (low.notna() == score.notna()).all()
+        informative = df[f"{label}_presence_informative"]
+        assert (low.notna() == (score.notna() & informative)).all()  # never an interval [0, 1]
+        assert cls[~informative].isin(["no ceiling margin", "undetermined"]).all()
         assert ((low <= high) | low.isna()).all()
         # a class only where the whole interval lies in its band; straddling: undetermined
         assert (cls[low >= 0.7] == "present").all() and (cls[high < 0.3] == "absent").all()
         assert (cls[(low >= 0.3) & (high < 0.7)] == "partial").all()
         straddles = ((low < 0.7) & (high >= 0.7)) | ((low < 0.3) & (high >= 0.3))
         assert (cls[straddles] == "undetermined").all()
-        assert (cls[score >= 0.7].isin(["present", "undetermined"])).all()
+        assert (cls[score >= 0.7].isin(["present", "undetermined", "no ceiling margin"])).all()
     assert (df["status"] == "scored").sum() >= 20
     dead = store.array("feats/c/sae/stats/dead")[:]
     assert dead.sum() == 2 and (df["status"][dead] == "dead").all()
@@ -209,10 +211,11 @@ def test_report_end_to_end(pipeline_store):
     expect = b_dir @ w_dec / np.linalg.norm(b_dir) / np.linalg.norm(w_dec)
     assert hook in hooks and abs(df["B_decoder_cosine"][g] - expect) < 1e-9
     scored = df["status"] == "scored"
-    assert (
-        df["B_encoder_cosine"][scored].median() > df["floor_encoder_cosine"][scored].median() + 0.2
-    )
-    assert "decoder_cosine" in df and "floor_decoder_cosine" in df
+    assert df["B_encoder_cosine"][scored].median() > 0.2
+    # the random floor is not in A's basis (its probes do not match the ceiling's): its cosines
+    # with A's SAE would mean nothing and are NaN
+    assert "decoder_cosine" in df and df["floor_decoder_cosine"].isna().all()
+    assert df["floor_encoder_cosine"].isna().all()
     # Latent Scaling: least-squares scale of A's decoder row fitted to the model's training
     # activations where the feature fires, against numpy lstsq on the stored rows
     info = store.info("tokens/c")
@@ -233,8 +236,12 @@ def test_report_end_to_end(pipeline_store):
             design = (y[:, f, None] * w_dec[f]).reshape(-1, 1)
             beta = np.linalg.lstsq(design, acts[key].reshape(-1), rcond=None)[0][0]
             got = df[f"{label}_latent_scale"][f]
+            if label == "floor":  # not in A's basis: NaN in the table, computed in the fit
+                assert np.isnan(got)
+                got = store.array(f"probes/random/{HOOK}/latent_scale")[f]
             assert abs(got - beta) < 1e-6 * max(1, abs(beta)), (label, f, got, beta)
-    assert df["ceiling_latent_scale"][scored].median() > df["floor_latent_scale"][scored].median()
+    floor_scale = store.array(f"probes/random/{HOOK}/latent_scale")[:][scored.to_numpy()]
+    assert df["ceiling_latent_scale"][scored].median() > np.median(floor_scale)
     # top contexts: the first is the feature's largest stored activation
     y = _dense_features(store)
     top_value = store.array("report/main/top_value")[:]
@@ -262,11 +269,16 @@ def test_report_end_to_end(pipeline_store):
     # one image per model against the ceiling, wrapping on a narrow page
     assert page.count('class="panel"') == len(df.filter(like="_presence_raw").columns)
     assert "Standard baselines" in page and "firing AUROC" in page and "latent scale" in page
+    # B is A plus noise: in A's basis, its weight-space baselines kept; the random floor's not
+    assert df["B_same_basis"].all() and df["B_latent_scale"].notna().any()
+    assert "B is in A's basis" in df["B_basis_reason"].iloc[0]
+    assert not df["floor_same_basis"].any() and df["floor_decoder_cosine"].isna().all()
     # the terminal summary shows the thresholds and the table's counts
     counts = df["B_class"].value_counts()
     line = next(s for s in out["message"].splitlines() if s.strip().startswith("B "))
-    classes = ("present", "partial", "absent", "undetermined", "unscored")
-    assert line.split()[1:6] == [str(int(counts.get(c, 0))) for c in classes]
+    classes = ("present", "partial", "absent", "undetermined", "no ceiling margin", "unscored")
+    assert line.split()[1:7] == [str(int(counts.get(c, 0))) for c in classes]
+    assert counts.get("no ceiling margin", 0) > 0  # counted apart from undetermined
     assert counts.get("undetermined", 0) > 0  # 25% of 16 sequences held out: wide intervals
     assert "undetermined = the interval straddles a threshold" in out["message"]
     assert "present: ≥ 0.7" in out["message"] and "partial: ≥ 0.3" in out["message"]
@@ -496,7 +508,10 @@ def test_report_cached_pass_cli_and_refusals(pipeline_store, tmp_path):
         0.9,
         0.3,
     )
-    assert (again["B_class"] == new_cut).all()  # new cut, same intervals
+    informative = again["B_presence_informative"].to_numpy()
+    assert (again["B_class"] == new_cut)[informative].all()  # new cut, same intervals
+    # no interval (no ceiling margin, or undefined): the cut does not change the class
+    assert (again["B_class"] == table["B_class"])[~informative].all()
     # refusals name what to do
     with pytest.raises(XprobeError, match="ceiling"):
         report(_report_cfg(name="x", ceiling="B"), store)
@@ -860,3 +875,32 @@ def test_layout_declares_every_array_of_a_finished_store(pipeline_store):
     assert any(p.startswith("probes/Blayout/") for p in paths)
     assert any(p.endswith("/map_weight") for p in paths)
     assert undeclared(paths) == []
+
+
+def test_no_ceiling_margin_is_its_own_class_not_an_interval():
+    """A B that is exactly A (R²_B = R²_ceiling in every resample: presence 1) where the ceiling
+    beats the token baseline in only 90% of the resamples: no interval (lo, hi NaN, informative
+    false) and the class "no ceiling margin", never [0, 1] and "undetermined"; where the margin
+    holds in every resample: "present" with the interval [1, 1]; B's R² undefined in too many
+    resamples (rare firing): no interval either, but "undetermined"."""
+    from pipeline.maths.presence import NO_MARGIN, presence_interval
+
+    rng = np.random.default_rng(0)
+    n_boot = 200
+    ceiling = 0.5 + 0.02 * rng.normal(size=(3, n_boot))
+    token = np.full((3, n_boot), 0.1)
+    token[0, : n_boot // 10] = 0.9  # 10% of resamples: the ceiling does not beat the token
+    r2 = ceiling.copy()
+    r2[2, :20] = np.nan  # undefined in 10% of resamples
+    scored = np.ones(3, bool)
+    low, high, informative, no_margin = presence_interval(r2, ceiling, token, scored, 0.95)
+    assert np.isnan(low[[0, 2]]).all() and np.isnan(high[[0, 2]]).all()
+    assert low[1] == high[1] == 1.0
+    assert informative.tolist() == [False, True, False]
+    assert no_margin.tolist() == [True, False, False]
+    score = np.ones(3)
+    got = classify_interval(score, low, high, 0.7, 0.3, informative, no_margin)
+    assert got.tolist() == [NO_MARGIN, "present", "undetermined"]
+    # not scored: neither flagged
+    _, _, _, none = presence_interval(r2, ceiling, token, np.zeros(3, bool), 0.95)
+    assert not none.any()

@@ -8,10 +8,15 @@ in corpus order), with α_f the mean of those activations:
   SAE reconstruction per unit of f (``decode(e_f) − decode(0)``) added at A's SAE hook, at t only;
   ``Δ_B`` the same in B with B's write direction at B's hook; ``cos_steer`` the cosine of Δ_A and
   Δ_B over the vocabulary, ``cos_null`` the mean cosine of Δ_A with B steered along
-  ``n_null`` random directions of the same norm (drawn per context, seeded), and
-  ``abs_cos_null`` the mean of their magnitudes (a large push in any direction moves log-probs
-  in a shared way, so the null's cosine can be far from 0 either way for one feature even
-  where its median over features is near 0);
+  ``n_null`` random directions of the same norm drawn *within B's own activation covariance*
+  (v = Σ_B^{1/2}·g, g ~ N(0, I), rescaled to ‖α_f·d_B‖; drawn per context, seeded),
+  ``abs_cos_null`` the mean of their magnitudes, and ``z_steer`` = (cos_steer − cos_null) / s,
+  with s the spread of the null's cosines about their context's mean, pooled over the feature's
+  contexts. A large push in any direction B's stream actually varies along moves log-probs in a
+  shared way (the null's cosine was 0.68 beside a perfect B's 0.77 with isotropic directions),
+  so only the excess over that null, in its own units, says B's direction does A's feature's
+  work: z large for an exact rotation of A, ~0 for a randomly initialised B. An isotropic null
+  is blind to B's basis; this one is B's own;
 - ablation: B's next-token loss at t with the probe direction projected out of B's residual at
   every position up to t, minus the clean loss (``dloss_probe``), the same for the write
   direction (``dloss_write``) and for a random direction (``dloss_random``).
@@ -91,6 +96,38 @@ def _project_out(units: torch.Tensor):
     return replace
 
 
+def covariance_root(source: FitSource, max_tokens: int = 4096) -> torch.Tensor:
+    """[d, d] float64: Σ_B^{1/2}, the symmetric square root of the covariance of B's activations
+    on (at least ``max_tokens``) training tokens of the fit: random directions ``Σ^{1/2}·g`` have
+    the shape of B's own variation."""
+    parts = [x[mask] for _, mask, x in source.sequences(False, max_tokens)]
+    if not parts:
+        raise XprobeError("the fit has no training tokens to estimate B's activation covariance")
+    x = torch.cat(parts).double()
+    x = x - x.mean(0)
+    values, vectors = torch.linalg.eigh(x.T @ x / max(len(x) - 1, 1))
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def null_z(cos_steer: np.ndarray, null: np.ndarray, feature: np.ndarray) -> np.ndarray:
+    """[R] z of each context's steering cosine against its null: (cos_steer − mean of the
+    context's ``null [R, n_null]`` cosines) / s_f, s_f the within-context standard deviation of
+    the null pooled over the contexts of the context's ``feature [R]`` (NaN with fewer than 2
+    draws per context or a null that does not vary)."""
+    n_null = null.shape[1]
+    centre = null.mean(1)
+    out = np.full(len(cos_steer), np.nan)
+    if n_null < 2:
+        return out
+    deviation = ((null - centre[:, None]) ** 2).sum(1)
+    for f in np.unique(feature):
+        here = feature == f
+        spread = np.sqrt(deviation[here].sum() / (here.sum() * (n_null - 1)))
+        if spread > 0:
+            out[here] = (cos_steer[here] - centre[here]) / spread
+    return out
+
+
 def _log_probs_at(model: Any, hook: str, ids: torch.Tensor, pos: torch.Tensor, replace) -> Any:
     """log p(next token) at ``pos`` [R] for ``ids`` [R, L], the hook spliced: [R, vocab] float64."""
     with torch.no_grad(), splice(model, hook, replace):
@@ -106,10 +143,11 @@ def causal_agreement(
     batch: int = 64,
     seed: int = 0,
     steer_b: np.ndarray | None = None,
-    n_null: int = 4,
+    n_null: int = 8,
 ) -> Any:
     """One row per feature (pandas DataFrame): ``feature, n_contexts, alpha, cos_steer,
-    cos_null, abs_cos_null, dloss_probe, dloss_write, dloss_random`` (medians over its contexts; see the module).
+    cos_null, abs_cos_null, z_steer, dloss_probe, dloss_write, dloss_random`` (medians over its
+    contexts; see the module).
 
     ``features`` [n] ascending; ``steer_b [n, d_B]``: directions to steer B with, per unit of
     activation, instead of B's write directions (e.g. the probe directions)."""
@@ -137,9 +175,11 @@ def causal_agreement(
     read_b = dict(zip(features.tolist(), torch.from_numpy(probe.oindex[features, :]), strict=True))
     alpha = {int(f): float(contexts.value[contexts.feature == f].mean()) for f in features}
     generator = torch.Generator().manual_seed(seed)
+    root_b = covariance_root(source).to(device)  # [d, d]: B's own directions of variation
 
     ids_all = store.array(f"{source.tokens}/ids")
-    columns: dict[str, list[np.ndarray]] = {k: [] for k in MEASURES}
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in MEASURES if k != "z_steer"}
+    null_draws: list[np.ndarray] = []  # [R, n_null] per batch
     for start in range(0, len(contexts.feature), batch):
         sl = slice(start, start + batch)
         feats, seqs, pos = contexts.feature[sl], contexts.seq[sl], contexts.pos[sl]
@@ -160,7 +200,8 @@ def causal_agreement(
         delta_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_b, p)) - clean_b
         nulls = []
         for _ in range(n_null):
-            rand = torch.randn(v_b.shape, generator=generator).to(device)
+            rand = torch.randn(v_b.shape, generator=generator, dtype=torch.float64).to(device)
+            rand = (rand @ root_b).float()  # Σ^{1/2} is symmetric: rows are Σ^{1/2}·g
             v_rand = rand / rand.norm(dim=1, keepdim=True) * v_b.norm(dim=1, keepdim=True)
             null_b = _log_probs_at(model_b, source.hook, ids, p, _at_position(v_rand, p))
             nulls.append(torch.nn.functional.cosine_similarity(delta_a, null_b - clean_b, dim=1))
@@ -169,6 +210,7 @@ def causal_agreement(
         columns["cos_steer"].append(cos(delta_a, delta_b, dim=1).cpu().numpy())
         columns["cos_null"].append(null.mean(0).cpu().numpy())
         columns["abs_cos_null"].append(null.abs().mean(0).cpu().numpy())
+        null_draws.append(null.T.cpu().numpy())
         target = ids[torch.arange(len(ids), device=device), p + 1]
         loss_clean = -clean_b.gather(1, target[:, None])[:, 0]
         u_write = v_b / v_b.norm(dim=1, keepdim=True).clamp(min=1e-30)
@@ -178,9 +220,11 @@ def causal_agreement(
             loss = -ablated.gather(1, target[:, None])[:, 0]
             columns[key].append((loss - loss_clean).cpu().numpy())
 
-    per_context = pd.DataFrame(
-        {"feature": contexts.feature, **{k: np.concatenate(v) for k, v in columns.items()}}
+    measured = {k: np.concatenate(v) for k, v in columns.items()}
+    measured["z_steer"] = null_z(
+        measured["cos_steer"], np.concatenate(null_draws), contexts.feature
     )
+    per_context = pd.DataFrame({"feature": contexts.feature, **{k: measured[k] for k in MEASURES}})
     table = per_context.groupby("feature").median()
     table.insert(0, "n_contexts", per_context.groupby("feature").size())
     table.insert(1, "alpha", [alpha[int(f)] for f in table.index])

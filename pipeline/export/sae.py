@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.documents import split_documents
 from pipeline.errors import XprobeError
 from pipeline.inputs.sae import load_sae_of
 from pipeline.maths.lstsq import STATUS_OK
@@ -100,10 +101,12 @@ class FitSource:
         return self.store.array(f"{self.probes}/{key}")[:]
 
     def held_out(self) -> np.ndarray:
-        """[n_seq] bool: the fit's held-out sequences."""
+        """[n_seq] bool: the fit's held-out sequences (whole documents where it split by them)."""
         n_seq = int(self.store.info(self.tokens)["n_seq"])
+        split_by = self.config.get("split_by", "sequence")  # fits before split_by: by sequence
+        docs = split_documents(self.store, self.tokens, split_by)
         return held_out_sequences(
-            n_seq, self.config["held_out_fraction"], self.config["split_seed"]
+            n_seq, self.config["held_out_fraction"], self.config["split_seed"], doc_ids=docs
         )
 
     def sequences(

@@ -23,7 +23,9 @@ Extra device memory is O(``_BLOCK_ELEMS``) besides the probes and the accumulato
 Bootstrap (``n_boot`` = R > 0). Each test *sequence* gets R Poisson(1) weights (the same for
 every fit and for the token baseline: :func:`bootstrap_weights` depends only on the seed, the
 chunk and its sequences), so replicate r of every fit is the same resample of sequences and
-scores can be combined per replicate (presence). The weighted sums ``Σ w·(y−c)``, ``Σ w·(y−c)²``,
+scores can be combined per replicate (presence). Split by document, the weights are per
+*document* (every sequence of a document shares its draw, keyed by the document id): replicates
+resample documents, the units that are independent. The weighted sums ``Σ w·(y−c)``, ``Σ w·(y−c)²``,
 ``Σ w·(y−p)²``, ``Σ w·(y−p⁺)²`` are summed per sequence first, then one
 [R, n_seq] × [n_seq, F_block] float64 GEMM each (O(n_seq·F·R) per chunk, not O(n_tok·F·R)):
 memory 32·F·R bytes (0.64 GB at F = 10⁵, R = 200), besides the AUROC histograms' 16·n_bins
@@ -38,15 +40,33 @@ import numpy as np
 
 from pipeline.errors import XprobeError
 from pipeline.lazy import torch
+from pipeline.maths.split import document_uniform
 
 _BLOCK_ELEMS = 1 << 22  # elements of one [rows, F_block] float64 scratch block (32 MiB)
+_POISSON_CDF = np.cumsum(np.exp(-1.0) / np.cumprod(np.r_[1.0, np.arange(1.0, 30.0)]))
+"""P(X <= k), k = 0..29, of X ~ Poisson(1) (P(X > 29) < 1e-31)."""
 
 
-def bootstrap_weights(seed: int, chunk: int, n_seq: int, n_boot: int) -> np.ndarray:
+def bootstrap_weights(
+    seed: int, chunk: int, n_seq: int, n_boot: int, doc_ids: np.ndarray | None = None
+) -> np.ndarray:
     """[n_seq, n_boot] uint8 Poisson(1) weights of the sequences of one chunk, replicate-aligned:
-    the same (seed, chunk, n_seq, n_boot) always gives the same weights."""
-    rng = np.random.default_rng([seed, chunk])
-    return np.minimum(rng.poisson(1.0, size=(n_seq, n_boot)), 255).astype(np.uint8)
+    the same arguments always give the same weights.
+
+    ``doc_ids`` None: one weight per sequence, drawn per (seed, chunk). ``doc_ids [n_seq]`` (the
+    chunk's sequences' documents, pipeline/maths/split.py): one weight per *document*, keyed by
+    (seed, document id, replicate) alone, so every sequence of a document gets the same weight in
+    every chunk and every fit (``chunk`` is then unused): replicates resample whole documents."""
+    if doc_ids is None:
+        rng = np.random.default_rng([seed, chunk])
+        return np.minimum(rng.poisson(1.0, size=(n_seq, n_boot)), 255).astype(np.uint8)
+    doc_ids = np.asarray(doc_ids)
+    if doc_ids.shape != (n_seq,):
+        raise XprobeError(f"doc_ids has shape {doc_ids.shape}; expected one per sequence ({n_seq})")
+    docs, inverse = np.unique(doc_ids, return_inverse=True)
+    u = document_uniform(seed, docs, 1 + np.arange(n_boot))  # [n_docs, n_boot]
+    weights = np.searchsorted(_POISSON_CDF, u, side="right")  # inverse CDF of Poisson(1)
+    return np.minimum(weights, 255).astype(np.uint8)[inverse.reshape(-1)]
 
 
 class ProbeScores:

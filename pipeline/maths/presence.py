@@ -49,9 +49,13 @@ feature no better than the current token does, so "beyond the token" has nothing
 TOKEN_SHRINKAGE = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 1e4, np.inf)
 """Grid of the token baseline's shrinkage k (in training tokens: an id seen c times keeps
 c/(c + k) of its own mean), chosen per feature by GCV."""
-CLASSES = ("present", "partial", "absent", "undetermined", "unscored")
+NO_MARGIN = "no ceiling margin"
+CLASSES = ("present", "partial", "absent", "undetermined", NO_MARGIN, "unscored")
 """A class is given only when the whole bootstrap interval of the presence score lies in its band;
-an interval that straddles a threshold is "undetermined" (without replicates, the point decides)."""
+an interval that straddles a threshold is "undetermined" (without replicates, the point decides).
+"no ceiling margin": the ceiling does not beat the token baseline in more than (1 − confidence)/2
+of the resamples, so presence has no interval to give (not "undetermined": the data say nothing
+about B there, and more of B would not help; see :func:`presence_interval`)."""
 
 
 class TokenBaseline:
@@ -425,13 +429,58 @@ def presence_replicates(
     return np.clip(raw, 0.0, 1.0)
 
 
+def presence_interval(
+    r2: np.ndarray,
+    ceiling_r2: np.ndarray,
+    token_r2: np.ndarray | None,
+    scored: np.ndarray,
+    confidence: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(low, high, informative, no_margin)`` [F] of the presence score from replicate-aligned
+    ``r2``, ``ceiling_r2`` and ``token_r2`` [F, R] (see :func:`presence_replicates`).
+
+    ``low``/``high``: the percentile interval, clipped to [0, 1]; NaN where it is not
+    ``informative``: where more than (1 − confidence)/2 of the resamples leave presence undefined
+    (the interval would be (−∞, ∞), stored before as [0, 1], which reads as "anything from absent
+    to present"). ``no_margin``: the scored features for which that is because the ceiling fails
+    to beat the token baseline in those resamples (class :data:`NO_MARGIN`); the rest of the
+    uninformative ones are undefined for another reason (too few firing tokens in a resample) and
+    stay "undetermined"."""
+    tail = (1 - confidence) / 2
+    replicates = presence_replicates(r2, ceiling_r2, token_r2, scored)
+    low, high = percentile_interval(replicates, confidence)
+    reference = 0 * r2 if token_r2 is None else np.maximum(np.nan_to_num(token_r2, nan=0.0), 0.0)
+    with np.errstate(invalid="ignore"):
+        short = ~(ceiling_r2 - reference > 0)  # the ceiling does not beat the token (or NaN)
+    margin_fails = short.mean(1) > tail if r2.shape[1] else np.zeros(len(r2), bool)
+    informative = np.isfinite(low) & np.isfinite(high)
+    no_margin = scored & ~informative & margin_fails
+    low = np.where(informative, np.clip(low, 0, 1), np.nan)
+    high = np.where(informative, np.clip(high, 0, 1), np.nan)
+    return low, high, informative, no_margin
+
+
 def classify_interval(
-    score: np.ndarray, low: np.ndarray, high: np.ndarray, present_at: float, partial_at: float
+    score: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    present_at: float,
+    partial_at: float,
+    informative: np.ndarray | None = None,
+    no_margin: np.ndarray | None = None,
 ) -> np.ndarray:
     """[F] object: the class of :func:`classify` where the interval [low, high] lies in one band,
     "undetermined" where it straddles a threshold; the point ``score`` alone where the interval is
-    NaN (no replicates); "unscored" where the score is NaN."""
+    NaN (no replicates); "unscored" where the score is NaN. With ``informative`` and
+    ``no_margin`` [F] (from :func:`presence_interval`): :data:`NO_MARGIN` where ``no_margin``,
+    "undetermined" where the interval is not ``informative`` for another reason."""
     point = classify(score, present_at, partial_at)
+    if informative is not None:
+        lost = np.isfinite(score) & ~informative
+        out = classify_interval(score, low, high, present_at, partial_at)
+        out[lost] = "undetermined"
+        out[lost & no_margin] = NO_MARGIN
+        return out
     has_interval = np.isfinite(score) & ~np.isnan(low) & ~np.isnan(high)
     low_class = classify(np.where(has_interval, np.clip(low, 0, 1), np.nan), present_at, partial_at)
     high_class = classify(

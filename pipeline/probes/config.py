@@ -12,6 +12,7 @@ from typing import Literal
 from pipeline.cluster import scheduler_field, workers_field
 from pipeline.config import check_fields, runtime
 from pipeline.errors import XprobeError
+from pipeline.maths.split import SPLIT_BY
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class FitConfig:
     held_out_fraction: float = 0.1
     """Fraction of sequences held out (chosen by a seeded draw per sequence)."""
     split_seed: int = 0
+    split_by: str = "auto"
+    """Held-out split and bootstrap units: ``document`` (whole documents on one side, replicates
+    resample documents), ``sequence``, or ``auto`` (default: ``document`` where some document
+    spans several sequences, e.g. ``packing = "pack"``; pipeline/maths/split.py)."""
     lambdas: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
     """Ridge grid, in units of the mean eigenvalue of the centred XᵀX (scale-free); 0 = least squares."""
     min_active: int = 10
@@ -75,6 +80,8 @@ class FitConfig:
             raise XprobeError("fit needs at least one hook of model B (hooks = [...])")
         if not 0 <= self.held_out_fraction < 1:
             raise XprobeError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+        if self.split_by not in SPLIT_BY:
+            raise XprobeError(f"split_by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
         if not self.lambdas or any(lam < 0 for lam in self.lambdas):
             raise XprobeError(
                 f"lambdas must be a non-empty list of numbers >= 0, got {list(self.lambdas)}"

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from pipeline.device import resolve_device
+from pipeline.documents import split_documents
 from pipeline.errors import XprobeError
 from pipeline.inputs.chat import TOKEN_CLASSES
 from pipeline.lazy import torch
@@ -117,6 +120,7 @@ class FitInputs:
         if self.segment is None and self.provider is None:
             self.refuse_evicted()
         held_out_sequences(1, cfg.held_out_fraction, cfg.split_seed)
+        split = "document" if self.documents() is not None else "sequence"  # refuses a bad one
         affine = self.validate_a_residual() if self.needs_a else {}
         self.norm_thresholds()  # refuses activations stored without norms
         if cfg.classes:
@@ -141,6 +145,7 @@ class FitInputs:
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
             "dtype": "float32",
+            "split": split,
             **(
                 {"exclude_norm_above": cfg.exclude_norm_above, "norm_thresholds": self._thresholds}
                 if cfg.exclude_norm_above is not None
@@ -222,12 +227,21 @@ class FitInputs:
                     "computes them again (with --max-disk, a segment at a time)"
                 )
 
+    def documents(self) -> np.ndarray | None:
+        """[n_seq] int64: each sequence's document where the split is by document (``split_by``),
+        else None (by sequence); read once."""
+        if not hasattr(self, "_docs"):
+            self._docs = split_documents(self.store, self.tokens, self.cfg.split_by)
+        return self._docs
+
     def held_out_mask(self) -> torch.Tensor:
-        """[n_seq] bool: the held-out sequences of this fit's corpus."""
+        """[n_seq] bool: the held-out sequences of this fit's corpus (whole documents, split by
+        document)."""
         tokens = self.store.info(self.tokens)
-        return torch.from_numpy(
-            held_out_sequences(tokens["n_seq"], self.cfg.held_out_fraction, self.cfg.split_seed)
+        split = held_out_sequences(
+            tokens["n_seq"], self.cfg.held_out_fraction, self.cfg.split_seed, self.documents()
         )
+        return torch.from_numpy(split)
 
     def held_chunks(self) -> set[int]:
         """Chunks holding some held-out sequence: what the scoring pass reads again."""

@@ -110,8 +110,10 @@ def held_out_scores(
         local_seq = torch.arange(len(mask)) // ctx
         keep = mask & held[first + local_seq]
         rows, cols, vals = select_rows(*fit.read(fit.feats, index), keep)
+        docs = fit.documents()
+        chunk_docs = None if docs is None else docs[first : first + n_seqs]
         weights = torch.from_numpy(
-            bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap)
+            bootstrap_weights(cfg.split_seed, index, n_seqs, cfg.n_bootstrap, chunk_docs)
         )
         groups = local_seq[keep]
         classes = fit.token_classes(index)[keep] if class_scorers else None

@@ -110,6 +110,8 @@ def feature_card(
     if f"{role.label}_presence_lo" in row and np.isfinite(row[f"{role.label}_presence_lo"]):
         low, high = row[f"{role.label}_presence_lo"], row[f"{role.label}_presence_hi"]
         badge += f" [{low:.2f}, {high:.2f}]"
+    elif not bool(row.get(f"{role.label}_presence_informative", True)):
+        badge += " [no interval]"  # the ceiling's margin over the token baseline is not sure
     badge += f" (unclipped {raw:.2f})" if abs(raw - score) > 5e-4 else ""
     parts = [
         f"frequency {row['frequency']:.2e}",
@@ -123,10 +125,14 @@ def feature_card(
     p = role.label
     parts.append(f"{role.fit} clipped R² {_fmt(row[f'{p}_r2_clipped'])}")
     parts.append(f"firing AUROC {_fmt(row[f'{p}_auroc'])}")
-    if f"{p}_latent_scale" in row:
-        parts.append(f"latent scale {_fmt(row[f'{p}_latent_scale'])}")
-    if f"{p}_decoder_cosine" in row:
-        parts.append(f"decoder cosine {_fmt(row[f'{p}_decoder_cosine'])}")
+    if not bool(row.get(f"{p}_same_basis", True)):
+        if f"{p}_latent_scale" in row or f"{p}_decoder_cosine" in row:
+            parts.append(f"latent scale, decoder cosine: — ({_fmt(row[f'{p}_basis_reason'])})")
+    else:
+        if f"{p}_latent_scale" in row:
+            parts.append(f"latent scale {_fmt(row[f'{p}_latent_scale'])}")
+        if f"{p}_decoder_cosine" in row:
+            parts.append(f"decoder cosine {_fmt(row[f'{p}_decoder_cosine'])}")
     if f"{p}_map_r2" in row:
         parts.append(f"R² through the affine map {_fmt(row[f'{p}_map_r2'])}")
     if f"{role.label}_transfer_corr" in row:

@@ -29,6 +29,7 @@ COLUMNS = (
     "cos_steer",
     "cos_null",
     "abs_cos_null",
+    "z_steer",
     "dloss_probe",
     "dloss_write",
     "dloss_random",
@@ -108,7 +109,12 @@ def recorded_causal(store: Any, fit: str) -> list[Recorded]:
     out = []
     for hook, settings in sorted((info.get("hooks") or {}).items()):
         base = f"{unit}/{hook}"
-        table = pd.DataFrame({c: store.array(f"{base}/{c}")[:] for c in COLUMNS})
+        table = pd.DataFrame(
+            {  # z_steer: NaN in tables recorded before it was measured
+                c: store.array(f"{base}/{c}")[:] if store.has(f"{base}/{c}") else np.nan
+                for c in COLUMNS
+            }
+        )
         top = store.array(f"{base}/top")[:]
         table.insert(1, "group", np.where(top, "top", "other"))
         out.append(Recorded(fit, hook, dict(settings), table, stale))
@@ -154,7 +160,10 @@ def causal_section(report: Any) -> str:
             "vocabulary of the change in A's next-token log-probs when A's feature direction is "
             "added at the SAE's hook and the change in B's when B's write direction is added at "
             "B's hook (<i>cos steer</i>), against B steered along random directions of the same "
-            "norm (<i>cos null</i>, and its magnitude <i>|null|</i>); and the change in B's loss "
+            "norm drawn within B's own activation covariance (<i>cos null</i>, and its magnitude "
+            "<i>|null|</i>), and <i>z vs null</i>: (cos steer − cos null) in units of the null's "
+            "spread (large: B's direction does what A's feature does; ~0: no better than pushing "
+            "B anywhere it varies); and the change in B's loss "
             "when the probe, the write or a random direction is projected out of B's stream "
             "(<i>Δloss</i>). Per feature the median over its contexts; below, the median over "
             "features.</p>",
@@ -164,12 +173,12 @@ def causal_section(report: Any) -> str:
 
 
 def _medians_table(rec: Recorded) -> str:
-    head = ("features", "n", "score", "cos steer", "cos null", "|null|")
+    head = ("features", "n", "score", "cos steer", "cos null", "|null|", "z vs null")
     head += ("Δloss probe", "Δloss write", "Δloss random")
     rows = []
     for label, n, med in group_medians(rec.table):
         cells = [label, str(n), f"{med['score']:.2f}", f"{med['cos_steer']:.3f}"]
-        cells += [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}"]
+        cells += [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}", f"{med['z_steer']:.2f}"]
         cells += [f"{med[k]:.4f}" for k in ("dloss_probe", "dloss_write", "dloss_random")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     selection, contexts = rec.settings.get("selection") or {}, rec.settings.get("n_contexts")

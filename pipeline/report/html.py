@@ -187,7 +187,8 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         ),
         (
             "held-out split",
-            f"{report.split[0]:g} of sequences (seed {report.split[1]}), the fits' split",
+            f"{report.split[0]:g} of {report.split_unit()} (seed {report.split[1]}), the fits' "
+            "split",
         ),
         (
             "SAE",
@@ -203,6 +204,9 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         rows.append((what, f"fit {role.fit!r}: {role.model} at {', '.join(role.hooks)}"))
         rows += _tokenizer_rows(store, report.cfg.corpus, role)
         rows += _norm_rows(store, report.cfg.corpus, role.model, role.hooks[0])
+    for label, (same, why) in (notes.get("basis") or {}).items():
+        verdict = "yes" if same else "no: Latent Scaling and cosines with A's SAE left NaN"
+        rows.append((f"{label} in A's basis", f"{verdict} ({why})"))
     for label, t in (notes.get("transfer") or {}).items():
         if t:
             rows.append(
@@ -312,7 +316,13 @@ def render_html(
             "residual stream by one ridge map (model stitching); the probe is the best linear "
             "predictor on training tokens, so points below the dotted y = x (circled) are "
             "features the map predicts better on test: the SAE's threshold, or an overfitted "
-            "probe.</p>",
+            "probe."
+            + "".join(
+                f" {html.escape(p)}: no weight-space baselines ({html.escape(why)})."
+                for p, (same, why) in notes.get("basis", {}).items()
+                if not same
+            )
+            + "</p>",
         ]
     body.append(causal_section(report))
     contexts = Contexts(report)
@@ -327,7 +337,8 @@ def render_html(
         "token_r2, ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
         "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
         "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
-        "_presence_hi, _presence_raw, _class, _encoder_cosine, _decoder_cosine, "
+        "_presence_hi, _presence_informative, _presence_raw, _class, _encoder_cosine, "
+        "_decoder_cosine, "
         "_latent_scale, _map_r2 (with _lo, _hi; fits with affine_map), "
         "_linear_r2 and _linear_r2_clipped (with _lo, _hi: the linear probe beside the "
         "single-layer model), "

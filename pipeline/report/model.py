@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.documents import split_documents
 from pipeline.errors import XprobeError
 from pipeline.maths.evaluate import bootstrap_weights
 from pipeline.maths.presence import (
     CLASSES,
+    NO_MARGIN,
     TokenBaseline,
     TokenBaselineReplicates,
     TokenPredictor,
@@ -31,6 +33,16 @@ from pipeline.store.sparse import load_sparse
 
 if TYPE_CHECKING:
     from stages.report import ReportConfig
+
+
+def _split_of(config: dict[str, Any]) -> tuple[float, int, str]:
+    """A fit's held-out split: (held_out_fraction, split_seed, split_by); a fit from before
+    ``split_by`` was split by sequence."""
+    return (
+        config["held_out_fraction"],
+        config["split_seed"],
+        config.get("split_by", "sequence"),
+    )
 
 
 @dataclass
@@ -108,7 +120,7 @@ class Report:
                 f"the ceiling fit {ceiling!r} must probe A ({a_model!r}) at the SAE's hook "
                 f"{sae_hook!r}; it probes {cinfo['config']['model']!r} at {cinfo['config']['hooks']}"
             )
-        split = (cinfo["config"]["held_out_fraction"], cinfo["config"]["split_seed"])
+        split = _split_of(cinfo["config"])
         n_boot = int(cinfo["config"].get("n_bootstrap", 0))
         roles = [Role("ceiling", ceiling, a_model, [sae_hook])]
         named = [(fit, fit) for fit in cfg.fits if fit not in (ceiling, cfg.floor)]
@@ -116,10 +128,11 @@ class Report:
             named.append(("floor", cfg.floor))
         for label, fit in named:
             info = self._fit_info(fit)
-            if (info["config"]["held_out_fraction"], info["config"]["split_seed"]) != split:
+            if _split_of(info["config"]) != split:
                 raise XprobeError(
                     f"fit {fit!r} uses another held-out split than the ceiling {ceiling!r} "
-                    f"(held_out_fraction, split_seed = {split}); refit it with the same split"
+                    f"(held_out_fraction, split_seed, split_by = {split}); refit it with the "
+                    "same split"
                 )
             if int(info["config"].get("n_bootstrap", 0)) != n_boot:
                 raise XprobeError(
@@ -131,6 +144,7 @@ class Report:
         if len(roles) == 1:
             raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
         self.roles, self.split, self.n_boot = roles, split, n_boot
+        self.docs = split_documents(store, self.tokens, split[2])  # None: split by sequence
         self.match_roles = [pair_match(self, spec, int(feats["n_feat"])) for spec in cfg.matches]
         if len({m.name for m in self.match_roles}) < len(self.match_roles):
             raise XprobeError(f"matches names a match twice: {list(cfg.matches)}")
@@ -145,10 +159,15 @@ class Report:
             "matches": {m.name: m.role.fit for m in self.match_roles},
             "held_out_fraction": split[0],
             "split_seed": split[1],
+            "split_by": "sequence" if self.docs is None else "document",
             "n_bootstrap": n_boot,
             "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
             "corpus_fingerprint": tokens["corpus_fingerprint"],
         }
+
+    def split_unit(self) -> str:
+        """What the split and the bootstrap resample: "documents" or "sequences"."""
+        return "documents" if self.docs is not None else "sequences"
 
     def _counted(self, index: int) -> np.ndarray:
         """Positions of chunk ``index`` that count: the tokens' mask, less those the features
@@ -164,7 +183,7 @@ class Report:
 
         store, tokens = self.store, self.store.info(self.tokens)
         ctx, chunk_seqs, n_chunks = tokens["ctx"], tokens["chunk_seqs"], tokens["n_chunks"]
-        held = held_out_sequences(tokens["n_seq"], *self.split)
+        held = held_out_sequences(tokens["n_seq"], *self.split[:2], doc_ids=self.docs)
         baseline = TokenBaseline(n_feat)
         top = TopActivations(n_feat, self.cfg.n_contexts)
         for index in tqdm(
@@ -194,7 +213,7 @@ class Report:
         sequences (the fits' weights), from a pass over the held-out chunks' tokens and features."""
         store, tokens = self.store, self.store.info(self.tokens)
         ctx, chunk_seqs, n_seq = tokens["ctx"], tokens["chunk_seqs"], tokens["n_seq"]
-        held = held_out_sequences(n_seq, *self.split)
+        held = held_out_sequences(n_seq, *self.split[:2], doc_ids=self.docs)
         replicates = TokenBaselineReplicates(predictor, self.n_boot)
         for index in range(tokens["n_chunks"]):
             first = index * chunk_seqs
@@ -208,7 +227,8 @@ class Report:
             rows, cols, vals = (t.numpy() for t in load_sparse(store, self.feats, index))
             new_row = np.cumsum(keep) - 1
             sel = keep[rows]
-            weights = bootstrap_weights(self.split[1], index, n_seqs, self.n_boot)
+            docs = None if self.docs is None else self.docs[first : first + n_seqs]
+            weights = bootstrap_weights(self.split[1], index, n_seqs, self.n_boot, doc_ids=docs)
             replicates.update(
                 ids[keep], new_row[rows[sel]], cols[sel], vals[sel], weights[local_seq[keep]]
             )
@@ -229,7 +249,10 @@ class Report:
             f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
             (
                 f"classes from {cfg.confidence:.0%} bootstrap intervals ({self.n_boot} replicates "
-                "over held-out sequences): undetermined = the interval straddles a threshold"
+                f"over held-out {self.split_unit()}): undetermined = the interval straddles a "
+                f"threshold; {NO_MARGIN} = the ceiling does not beat the token baseline in more "
+                f"than {(1 - cfg.confidence) / 2:.1%} of the resamples (no interval: "
+                "<fit>_presence_informative is false)"
                 if self.n_boot
                 else "classes from the point score (the fits have no bootstrap replicates)"
             ),

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.maths.presence import SCORED
+from pipeline.maths.presence import NO_MARGIN, SCORED
 
 COLORS = {
     "present": "#2a9d8f",
     "partial": "#e9a23b",
     "absent": "#d1495b",
     "undetermined": "#8e7cc3",
+    "no ceiling margin": "#7a8a99",
     "unscored": "#b8b8b8",
 }
 LINE_COLORS = ["#1f6feb", "#8957e5", "#bf8700", "#0a7d3b", "#cf222e", "#57606a"]
@@ -100,7 +101,7 @@ def plot_scatter(report: Any, df: Any) -> str:
         fig, ax = plt.subplots(figsize=(4.0, 3.6))
         y_all = df[f"{role.label}_r2"].to_numpy()
         cls = df[f"{role.label}_class"].to_numpy()
-        for name in ("unscored", "absent", "partial", "undetermined", "present"):
+        for name in ("unscored", "absent", "partial", "undetermined", NO_MARGIN, "present"):
             sel = fitted.to_numpy() & (cls == name)
             if name != "unscored" and f"{role.label}_r2_lo" in df and "ceiling_r2_lo" in df:
                 ax.errorbar(  # bootstrap intervals over held-out sequences
@@ -252,11 +253,12 @@ def plot_baselines(report: Any, df: Any) -> str | None:
         p = role.label
         presence = df[f"{p}_presence"].to_numpy()
         own = []
-        if f"{p}_latent_scale" in df and "ceiling_latent_scale" in df:
+        same = f"{p}_same_basis" not in df or bool(df[f"{p}_same_basis"].all())
+        if same and f"{p}_latent_scale" in df and "ceiling_latent_scale" in df:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = df[f"{p}_latent_scale"] / df["ceiling_latent_scale"]
             own.append((ratio.to_numpy(), "latent scale β / ceiling's β", presence, "presence"))
-        if f"{p}_decoder_cosine" in df:
+        if same and f"{p}_decoder_cosine" in df:
             own.append(
                 (
                     df[f"{p}_decoder_cosine"].to_numpy(),
@@ -294,7 +296,7 @@ def plot_baselines(report: Any, df: Any) -> str | None:
                 continue
             values, label, ys, y_label = panels[role.label][row]
             finite = scored & np.isfinite(values) & np.isfinite(ys)
-            for name in ("absent", "partial", "undetermined", "present"):
+            for name in ("absent", "partial", "undetermined", NO_MARGIN, "present"):
                 sel = finite & (cls == name)
                 ax.scatter(values[sel], ys[sel], s=10, color=COLORS[name], label=name)
             title = report._display(role)

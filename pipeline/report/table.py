@@ -21,7 +21,7 @@ from pipeline.maths.presence import (
     feature_status,
     percentile_interval,
     presence,
-    presence_replicates,
+    presence_interval,
 )
 from pipeline.report.matches import match_table
 from pipeline.store import Store
@@ -120,6 +120,72 @@ def direction_cosines(report: Report) -> tuple[dict[str, np.ndarray], str]:
                     target[rows] = np.where(here, cos, target[rows])
         out[f"{prefix}encoder_cosine"], out[f"{prefix}decoder_cosine"] = enc, dec
     return out, ""
+
+
+SAME_BASIS_COSINE = 0.2
+"""Median cosine of B's probe directions with the ceiling's (the same feature, the identity map
+from A's basis to B's) at or above which B is taken to be in A's basis. In another basis (a
+rotation, another model) the cosines are ~N(0, 1/d): their median is ~0; B = A plus noise gives
+~0.9."""
+_BASIS_MIN_R2 = 0.25  # features that count: both probes fit with held-out R² at least this
+_BASIS_SAMPLE = 4096  # features read to decide (evenly spaced among those that count)
+
+
+def _directions(store: Store, role: Role, rows: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """[len(rows), d] float64: the probe directions of ``rows`` (sorted) at their ``best`` hook."""
+    out = None
+    for index, hook in enumerate(role.hooks):
+        here = best[rows] == index
+        if not here.any():
+            continue
+        part = store.array(f"{probes_unit(role.fit)}/{hook}/direction").oindex[rows[here], :]
+        if out is None:
+            out = np.zeros((len(rows), part.shape[1]))
+        out[here] = part
+    return out if out is not None else np.zeros((len(rows), 0))
+
+
+def basis_of(
+    report: Report, role: Role, best: np.ndarray, r2: np.ndarray, own: np.ndarray
+) -> tuple[bool, str]:
+    """Whether model B (``role``) is in A's basis, and why: the weight-space baselines (Latent
+    Scaling, cosines with A's encoder and decoder rows) read A's SAE in B's coordinates and mean
+    nothing otherwise. ``same_basis`` in [report] decides when it names the fit (true: every fit;
+    false: none); else B's width must be A's and the identity map from A's basis must carry the
+    ceiling's probe directions onto B's: median cosine of the two, over features both fit with
+    held-out R² ≥ 0.25, at least :data:`SAME_BASIS_COSINE`."""
+    store, ceiling, chosen = report.store, report.roles[0], report.cfg.same_basis
+    if chosen is True or (isinstance(chosen, tuple) and role.fit in chosen):
+        return True, "same_basis in [report]"
+    if chosen is False:
+        return False, "same_basis = false in [report]"
+    d_a = int(store.info(probes_unit(ceiling.fit))["d_model"])
+    d_b = int(store.info(probes_unit(role.fit))["d_model"])
+    if d_a != d_b:
+        return False, f"B's width {d_b} is not A's {d_a}: B is not in A's basis"
+    ceiling_r2 = _probe(store, ceiling.fit, ceiling.hooks[0], "r2_held_out")
+    ceiling_ok = _probe(store, ceiling.fit, ceiling.hooks[0], "status") == STATUS_OK
+    with np.errstate(invalid="ignore"):
+        counted = ceiling_ok & (own == STATUS_OK) & (ceiling_r2 >= _BASIS_MIN_R2)
+        counted &= r2 >= _BASIS_MIN_R2
+    rows = np.flatnonzero(counted)
+    if len(rows) < 10:
+        return False, (
+            f"only {len(rows)} features fit well in both A and B: cannot tell whether B is in "
+            "A's basis (set same_basis in [report] if it is)"
+        )
+    rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), _BASIS_SAMPLE)).astype(np.int64)]
+    a = _directions(store, ceiling, rows, np.zeros(len(best), np.int64))
+    b = _directions(store, role, rows, best)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = float(np.median((a * b).sum(1) / np.where(norm > 0, norm, 1.0)))
+    how = f"median cosine {cos:.2f} over {len(rows)} features"
+    if cos >= SAME_BASIS_COSINE:
+        return True, f"B's probe directions match the ceiling's ({how}): B is in A's basis"
+    return False, (
+        f"B's probe directions do not match the ceiling's ({how}, below {SAME_BASIS_COSINE:g}): "
+        "B is not in A's basis"
+    )
 
 
 def token_classes_of(store: Store, fit: str) -> list[str]:
@@ -242,16 +308,28 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
             low, high = percentile_interval(clipped_boot, level)
             cols[f"{p}_r2_clipped_lo"], cols[f"{p}_r2_clipped_hi"] = low, high
             scored = (status == SCORED) & (own == STATUS_OK)
-            replicates = presence_replicates(r2_boot, ceiling_boot, token_boot, scored)
-            low, high = percentile_interval(replicates, level)
-            low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+            low, high, informative, no_margin = presence_interval(
+                r2_boot, ceiling_boot, token_boot, scored, level
+            )
             cols[f"{p}_presence_lo"], cols[f"{p}_presence_hi"] = low, high
+            # false where the interval says nothing (lo, hi NaN): class "no ceiling margin"
+            # when the ceiling fails to beat the token baseline in too many resamples
+            cols[f"{p}_presence_informative"] = informative | ~np.isfinite(score)
+        else:
+            informative = no_margin = None
         cols[f"{p}_presence"] = score
         cols[f"{p}_presence_raw"] = raw
-        cols[f"{p}_class"] = classify_interval(score, low, high, cfg.present_at, cfg.partial_at)
         cols.update(linear_columns(report, role, p, best))
+        cols[f"{p}_class"] = classify_interval(
+            score, low, high, cfg.present_at, cfg.partial_at, informative, no_margin
+        )
+        same, why = basis_of(report, role, best, r2, own)
+        cols[f"{p}_same_basis"] = np.full(n_feat, same)
+        cols[f"{p}_basis_reason"] = np.full(n_feat, why, dtype=object)
+        notes.setdefault("basis", {})[p] = (same, why)
         if all(store.has(f"{probes_unit(role.fit)}/{h}/latent_scale") for h in role.hooks):
-            cols[f"{p}_latent_scale"] = _at_best(store, role, "latent_scale", best)
+            scale = _at_best(store, role, "latent_scale", best)
+            cols[f"{p}_latent_scale"] = scale if same else np.full(n_feat, np.nan)
         if all(store.has(f"{probes_unit(role.fit)}/{h}/map_r2_held_out") for h in role.hooks):
             # the affine-map baseline (fit with affine_map): A's SAE read through a ridge map
             # from B's residual at the same (best) hook to A's, scored on the same test tokens
@@ -263,7 +341,8 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
                 )
         for name in ("encoder_cosine", "decoder_cosine"):
             if f"{p}_{name}" in cosines:
-                cols[f"{p}_{name}"] = np.where(own == STATUS_OK, cosines[f"{p}_{name}"], np.nan)
+                valid = (own == STATUS_OK) & same  # NaN out of A's basis (see _basis_reason)
+                cols[f"{p}_{name}"] = np.where(valid, cosines[f"{p}_{name}"], np.nan)
         if len(role.hooks) > 1:
             for hook, values in zip(role.hooks, r2_hooks, strict=True):
                 cols[f"{p}_r2@{hook}"] = values
@@ -280,6 +359,7 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         cols[f"{m.name}_best_corr"] = matched["best_corr"].to_numpy()
         cols[f"{m.name}_mutual"] = matched["mutual"].to_numpy()
     df = pd.DataFrame(cols)
-    for col in ["status", *(c for c in df.columns if c.endswith("_class"))]:
+    strings = ("_class", "_basis_reason")
+    for col in ["status", *(c for c in df.columns if c.endswith(strings))]:
         df[col] = df[col].astype(str)
     return df, notes

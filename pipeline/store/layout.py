@@ -147,7 +147,7 @@ UNIT_KINDS: dict[str, UnitKind] = {
         False,
         {
             "<hook>/{feature,n_contexts}": "[n] int64 A's feature id, contexts it fired on",
-            "<hook>/{alpha,score,cos_steer,cos_null,abs_cos_null}": "[n] float64",
+            "<hook>/{alpha,score,cos_steer,cos_null,abs_cos_null,z_steer}": "[n] float64",
             "<hook>/{dloss_probe,dloss_write,dloss_random}": "[n] float64",
             "<hook>/top": "[n] bool among the top by score (else a random other)",
         },
