@@ -32,6 +32,7 @@ from pipeline.lineage import Input, unit_input
 from pipeline.report.model import Report
 from pipeline.stage import WholeStage
 from pipeline.store import Store
+from pipeline.store.io import new_temp_file
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,14 @@ def _shown(path: Path) -> Path:
 
 def _write_atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    fd, tmp = new_temp_file(path)  # O_EXCL, a random name: no planted symlink is followed
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ReportStage(WholeStage):
