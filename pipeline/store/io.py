@@ -137,6 +137,7 @@ def open_root(
         if zip_path is not None:
             if not zip_path.exists():
                 raise FileNotFoundError(url)
+            _check_zip(url, zip_path)
             zip_store = zarr.storage.ZipStore(zip_path, mode="r")
             root = zarr.open_group(store=zip_store, mode="r", zarr_format=3)
         elif mode == "r":
@@ -148,6 +149,8 @@ def open_root(
             )
         else:
             root = zarr.open_group(store=str(local_path), mode="a", zarr_format=3)
+    except XprobeError:
+        raise
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise XprobeError(
             f"no xprobe store at {url} ({e}); run a stage first to create one"
@@ -176,6 +179,19 @@ def open_root(
 
 
 # ---- read-only zip and fsspec stores ---------------------------------------------------------
+def _check_zip(url: str, zip_path: Path) -> None:
+    """A store zip that opens as a zip and whose members all lie inside it."""
+    import zipfile
+
+    from pipeline.store.trust import check_zip_names, malformed
+
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            check_zip_names(url, zf.namelist())
+    except zipfile.BadZipFile as e:
+        raise malformed(url, f"it is not a zip file ({e})") from None
+
+
 def nbytes_remote(url: str, zip_path: Path | None, path: str) -> int | None:
     """Bytes stored under ``path`` in the zip, or as the remote lists them (None: unknown)."""
     if zip_path is not None:
