@@ -142,7 +142,7 @@ class Store:
         if any(src is self for src in sources):
             return None
         for unit, src in zip(units, sources, strict=True):
-            info = src.group(unit).attrs.get("xprobe") or {}
+            info = src.checked_info(unit)
             if not info.get("complete") or info.get("config_fingerprint") != config_fingerprint:
                 return None
         return ", ".join(dict.fromkeys(src.url for src in sources))
