@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import XprobeError
 from pipeline.store import Store
 from pipeline.store.checkpoint import (
@@ -32,31 +29,13 @@ from pipeline.store.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.helpers import pipeline_config, save_standard_sae
+from tests import test_reliability
+from tests.test_reliability import _bind_read_only, _copy, _fit_cfg
 
 ROOT = Path(__file__).parents[1]
 HOOK = "blocks.0.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def complete(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir) -> Path:
-    """Every stage complete: tokens/c, acts of a, feats sae_a and sae_b, fits B and B2, the
-    match ab and the report main. Tests copy it."""
-    root = tmp_path_factory.mktemp("trust")
-    sae_a = save_standard_sae(root / "sae_a", hook=HOOK, seed=0)
-    sae_b = save_standard_sae(root / "sae_b", hook=HOOK, seed=3)
-    config = pipeline_config(root, corpus_jsonl, tokenizer_dir, gpt2_dir, sae_a, sae_b, hook=HOOK)
-    result = CliRunner().invoke(cli, ["run", str(config)])
-    assert result.exit_code == 0, result.output
-    return root
-
-
-def _copy(complete: Path, tmp_path: Path) -> tuple[Path, Path]:
-    root = tmp_path / "copy"
-    shutil.copytree(complete, root, symlinks=True)
-    config = root / "x.toml"
-    config.write_text(config.read_text().replace(str(complete / "store"), str(root / "store")))
-    return root, config
+complete = test_reliability.complete
+"""Every stage complete (tokens, acts, two SAEs' features, fits B and B2, a match, a report)."""
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -127,7 +106,6 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(complete, tm
     pickle that would create a file: ``xprobe run`` refuses it in one line; no file appears."""
     from stages.fit import Fit
     from stages.fit import run as fit
-    from tests.test_reliability import _fit_cfg
 
     root, config = _copy(complete, tmp_path)
     store = Store(root / "store")
@@ -317,8 +295,6 @@ def test_a_complete_report_is_served_not_rewritten(complete, tmp_path):
 
 
 def test_read_only_mount_serves_and_force_refuses(complete, tmp_path):
-    from tests.test_reliability import _bind_read_only
-
     root, config = _copy(complete, tmp_path)
     mnt = tmp_path / "ro"
     if not _bind_read_only(root / "store", mnt):
