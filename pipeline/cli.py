@@ -601,9 +601,19 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno == errno.ENOSPC:
+            click.echo(
+                f"error: the disk is full ({e}); free some space and rerun to resume", err=True
+            )
+        elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(
+                f"error: cannot write{where} ({e.strerror}): the store or folder is read-only; "
+                "write to a local store that reads it as a cache (`--store NEW --cache STORE`)",
+                err=True,
+            )
+        else:
             raise
-        click.echo(f"error: the disk is full ({e}); free some space and rerun to resume", err=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
         _interrupted(e)

@@ -198,7 +198,7 @@ def run(
         if not rebuild_stale:
             raise refusal(stage, stale[0])
     if store.local_path is None or store.mode == "r":
-        return _read_only(stage, store, units, now, memo, why="is open read-only")
+        return _read_only(stage, store, units, now, memo, "is open read-only", force)
     store.claim(units)
     locked: list[str] = []
     try:
@@ -207,9 +207,8 @@ def run(
                 store.acquire_lock(unit, stage.name)
             except OSError as e:
                 if e.errno in READ_ONLY_ERRNOS:
-                    return _read_only(
-                        stage, store, units, now, memo, why=f"is not writable ({e.strerror})"
-                    )
+                    why = f"is not writable ({e.strerror})"
+                    return _read_only(stage, store, units, now, memo, why, force)
                 raise
             locked.append(unit)
         return _run_locked(
@@ -231,7 +230,13 @@ def _read_only(
     now: dict[str, Input],
     memo: dict[str, Stale | None],
     why: str,
+    force: bool = False,
 ) -> dict[str, Any]:
+    if force:  # never a silent "already complete": nothing can be started over here
+        raise XprobeError(
+            f"the store {store.url} {why}: --force cannot start {', '.join(units)} over. Write "
+            f"to a local store that reads this one as a cache (`--store NEW --cache {store.url}`)"
+        )
     states = [assess(store, stage, u, now, memo) for u in units]
     if all(a.state == "complete" for a in states):
         return _done(stage, store, units)

@@ -90,9 +90,9 @@ class _HashCache:
         path = self._path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, path)
+            from pipeline.store.io import atomic_write  # temp file by mkstemp: no symlink followed
+
+            atomic_write(path, json.dumps(self.entries))
             self.dirty = False
         except OSError:  # a read-only home: the hashes are recomputed next time, nothing is lost
             pass

@@ -19,6 +19,7 @@ plots.py and cards.py).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pipeline.lineage import Input, unit_input
 from pipeline.report.model import Report
 from pipeline.stage import WholeStage
 from pipeline.store import Store
+from pipeline.store.io import new_temp_file
 
 
 @dataclass(frozen=True)
@@ -115,11 +117,43 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temp file beside it (mkstemp: O_EXCL, a random name, so no
+    planted symlink is followed), renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    fd, tmp = new_temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _publish(files: dict[Path, bytes]) -> str:
+    """Write the report's files, each unless it already holds exactly these bytes: a complete
+    report is served, not rewritten. Where they cannot be written (a read-only store), files
+    whose table is unchanged are served as they are (the page may name the store otherwise);
+    a table that must change but cannot is one ``XprobeError``. Returns a note for the summary."""
+    import errno
+
+    changed = {p: d for p, d in files.items() if not (p.is_file() and p.read_bytes() == d)}
+    try:
+        for path, data in changed.items():
+            _write_atomic(path, data)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            raise
+        table = next(iter(files))
+        if table not in changed and all(p.is_file() for p in files):
+            return f" [served as written: {e.strerror}]"
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+        raise XprobeError(
+            f"the report's table in {table.parent} must be rewritten (its fits or settings "
+            f"changed) but cannot be ({why}): set out_dir (and html) to a writable folder"
+        ) from None
+    return ""
 
 
 class ReportStage(WholeStage):
@@ -190,14 +224,21 @@ class ReportStage(WholeStage):
         scan = self._scan(store)
         df, notes = report.table(scan)
         text = report.summary_text(df)
-        _write_atomic(out_dir / "table.parquet", lambda p: df.to_parquet(p, index=False))
-        _write_atomic(out_dir / "table.csv", lambda p: df.to_csv(p, index=False))
+        parquet = io.BytesIO()
+        df.to_parquet(parquet, index=False)
         notes["table"] = str(out_dir / "table.parquet")
         page = render_html(report, df, scan, notes, text)
-        _write_atomic(html_path, lambda p: p.write_text(page, encoding="utf-8"))
+        served = _publish(
+            {
+                out_dir / "table.parquet": parquet.getvalue(),  # first: the one that must hold
+                out_dir / "table.csv": df.to_csv(index=False).encode(),
+                html_path: page.encode("utf-8"),
+            }
+        )
         message = (
             f"report: {_shown(html_path)}\n        {_shown(out_dir / 'table.parquet')} (and table.csv)"
             + ("" if fresh else " [token baseline and contexts from the cache]")
+            + served
             + "\n"
             + text
         )

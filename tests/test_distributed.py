@@ -28,7 +28,7 @@ from pipeline.errors import XprobeError
 from pipeline.lifecycle import run as run_stage
 from pipeline.maths.lstsq import SufficientStats, solve_ridge
 from pipeline.store import Store
-from pipeline.store.checkpoint import CHECKPOINT
+from pipeline.store.checkpoint import load_checkpoint
 from stages.activations import ActivationsConfig, ActivationsStage
 from stages.activations import run as activations
 from stages.features import FeaturesConfig
@@ -198,8 +198,7 @@ def test_each_worker_builds_each_stage_once(on_cluster, client):
 
 
 def _stats(store: Store) -> dict:
-    path = store.local_path / "probes/probe" / CHECKPOINT
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(store, "probes/probe")
 
 
 def test_fit_equals_one_process(single, on_cluster):

@@ -20,6 +20,7 @@ from pipeline.lifecycle import run as run_stage
 from pipeline.lineage import unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.store.chunks import ChunkResult
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
@@ -320,14 +321,14 @@ def test_sigkill_then_resume_equals_uninterrupted(fitted_store, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(copy)], cwd=Path(__file__).parents[1]
     )
-    ckpt = copy / "probes/k/_checkpoint.pt"
+    ckpt = copy / "probes/k" / CHECKPOINT
     deadline = time.time() + 120
     while time.time() < deadline and not ckpt.exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_store = Store(copy)
-    consumed = torch.load(ckpt, weights_only=False)["consumed"]
+    consumed = load_checkpoint(resumed_store, "probes/k")["consumed"]
     assert 0 < len(consumed) < resumed_store.info("tokens/c")["n_chunks"], (
         "the kill must land partway"
     )

@@ -18,6 +18,7 @@ from pipeline.lifecycle import run as run_stage
 from pipeline.lineage import unit_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
+from pipeline.store.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.store.chunks import ChunkResult
 from stages.match import MatchConfig, run
 from tests.helpers import tokenize_small
@@ -258,7 +259,6 @@ class _FailingLoads:
 
 def test_interrupted_then_resumed_equals_uninterrupted(store, monkeypatch):
     """Three blocks of A features (three passes), interrupted halfway through the second."""
-    import torch
 
     n_chunks = store.info("tokens/c")["n_chunks"]
     failing = _FailingLoads(monkeypatch, after=2 * (n_chunks + n_chunks // 2))  # 2 reads a chunk
@@ -267,13 +267,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(store, monkeypatch):
     cfg = _cfg(name="r", checkpoint_every=1, **blocks)
     with pytest.raises(_Interrupt):
         run(cfg, store)
-    state = torch.load(store.local_path / "matches/r/_checkpoint.pt", weights_only=False)
+    state = load_checkpoint(store, "matches/r")
     assert len(state["plan"]["blocks"]) == 3
     assert state["block"] == 1 and len(state["consumed"]) == n_chunks // 2
     assert not store.info("matches/r").get("complete")
     failing.off()
     run(cfg, store)
-    assert not (store.local_path / "matches/r/_checkpoint.pt").exists()
+    assert load_checkpoint(store, "matches/r") is None
     run(_cfg(name="u", **blocks), store)
     resumed, uninterrupted = _read(store, "r"), _read(store, "u")
     for key in OUT:
@@ -282,7 +282,6 @@ def test_interrupted_then_resumed_equals_uninterrupted(store, monkeypatch):
 
 def test_sparse_interrupted_mid_pass(store, monkeypatch):
     """The single sparse pass, interrupted halfway, resumes from its checkpoint."""
-    import torch
 
     n_chunks = store.info("tokens/c")["n_chunks"]
     failing = _FailingLoads(monkeypatch, after=n_chunks)  # halfway through the only pass
@@ -290,7 +289,7 @@ def test_sparse_interrupted_mid_pass(store, monkeypatch):
     cfg = _cfg(name="r", accumulator="sparse", checkpoint_every=2)
     with pytest.raises(_Interrupt):
         run(cfg, store)
-    state = torch.load(store.local_path / "matches/r/_checkpoint.pt", weights_only=False)
+    state = load_checkpoint(store, "matches/r")
     assert state["block"] == 0 and 0 < len(state["consumed"]) < n_chunks
     failing.off()
     run(cfg, store)
@@ -448,18 +447,16 @@ def test_sigkill_then_resume_equals_uninterrupted(store):
     import sys
     import time
 
-    import torch
-
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(store.local_path)], cwd=Path(__file__).parents[1]
     )
-    ckpt = store.local_path / "matches/k/_checkpoint.pt"
+    ckpt = store.local_path / "matches/k" / CHECKPOINT
     deadline = time.time() + 120
     while time.time() < deadline and not ckpt.exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    consumed = torch.load(ckpt, weights_only=False)["consumed"]
+    consumed = load_checkpoint(store, "matches/k")["consumed"]
     assert 0 < len(consumed) < store.info("tokens/c")["n_chunks"], "the kill must land partway"
     cfg = _cfg(name="k", accumulator="sparse", checkpoint_every=1)
     run(cfg, store)  # the dead run's lock is taken over

@@ -7,6 +7,7 @@ bad inputs that gave tracebacks or wrong words, and fits/matches served from a s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -136,8 +137,6 @@ def test_tokenize_restarts_after_bad_input_is_fixed(tmp_path, documents, tokeniz
 def test_full_disk_in_a_fit_checkpoint_is_one_line_and_leaves_no_temp_file(
     complete, tmp_path, monkeypatch
 ):
-    import torch
-
     from pipeline.store import checkpoint
     from stages.fit import FitConfig
     from stages.fit import run as fit
@@ -146,21 +145,20 @@ def test_full_disk_in_a_fit_checkpoint_is_one_line_and_leaves_no_temp_file(
     store = Store(root / "store")
     unit_dir = root / "store/probes/F"
     unit_dir.mkdir(parents=True)
-    dead = unit_dir / "._checkpoint.pt.999999.tmp"  # left by a writer that was killed
+    dead = (
+        unit_dir / "._checkpoint.safetensors.999999.x1y2z3.tmp"
+    )  # left by a writer that was killed
     dead.write_bytes(b"x" * 1000)
-    real_save, calls = torch.save, []
+    real_write, calls = checkpoint._write, []
 
-    def save_until_full(obj, f, *a, **k):
+    def write_until_full(f, *args):
         calls.append(1)
         if len(calls) >= 2:  # the second checkpoint hits a full disk halfway through
             f.write(b"partial")
-            raise RuntimeError(
-                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
-                "file data/3: file write failed"
-            )
-        return real_save(obj, f, *a, **k)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(f, *args)
 
-    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(checkpoint, "_write", write_until_full)
     cfg = _fit_cfg("F", checkpoint_every=2, min_active=10, lambdas=FitConfig.lambdas)
     with pytest.raises(XprobeError) as e:
         fit(cfg, store)
@@ -169,7 +167,7 @@ def test_full_disk_in_a_fit_checkpoint_is_one_line_and_leaves_no_temp_file(
     assert left == [], left  # neither the dead writer's temp file nor ours
     state = checkpoint.load_checkpoint(store, "probes/F")
     assert state is not None and len(state["consumed"]) == 2  # the first checkpoint is intact
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "_write", real_write)
     assert fit(cfg, store)["chunks_written"] > 0
     assert not (root / "store/probes/F.lock").exists()
 

@@ -29,6 +29,7 @@ from pipeline.maths.presence import (
 )
 from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
+from pipeline.store.checkpoint import load_checkpoint
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
 from stages.features import FeaturesConfig
@@ -812,7 +813,7 @@ def test_affine_map_baseline(pipeline_store):
         patch.setattr(Fit, "add_chunk", failing)
         with pytest.raises(RuntimeError, match="stopped"):
             fit(resumed, store)
-    assert len(torch.load(pipeline_store / "probes/Bmap2/_checkpoint.pt")["consumed"]) == 5
+    assert len(load_checkpoint(store, "probes/Bmap2")["consumed"]) == 5
     fit(resumed, store)
     for key in ("map_weight", "map_bias", "map_r2_linear_train", "direction"):  # statistics
         assert np.array_equal(

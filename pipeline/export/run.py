@@ -16,8 +16,10 @@ from pipeline.export.measure import format_measurement, measure
 from pipeline.export.sae import (
     FitSource,
     build_sae,
+    check_export_target,
     presence_scores,
     select_features,
+    staged_export,
     write_export,
 )
 from pipeline.maths.lstsq import STATUS_OK
@@ -49,44 +51,55 @@ def export_fit(
     the causal agreement of the ``causal`` most present features and of as many others (a
     seeded random draw) goes to ``out/causal.csv`` and ``out/causal.png``, and, when
     ``store`` is writable, to the store's ``causal/<fit>/<hook>`` for the report. Returns a summary with ``lines`` to print."""
+    out = Path(out)
+    check_export_target(out, force)  # before any work
     source = FitSource.resolve(store, fit, hook)
     feature_ids, selection = select_features(source, report, present_at, min_r2)
     sae = build_sae(source, feature_ids, decoder, train_tokens, device)
-    write_export(source, sae, feature_ids, selection, out, decoder, force)
-    n_feat = int(store.info(source.feats)["n_feat"])
-    kind = f"TopK (k={sae.cfg.k})" if hasattr(sae.cfg, "k") else "ReLU"
-    lines = [
-        f"export: {len(feature_ids)} of {n_feat} features of fit {fit!r} ({_said(selection)}), "
-        f"{kind}, {decoder} decoder, on {source.hook} of {source.identity()['model_b']}",
-        f"        {out} (sae-lens folder; steering vectors in steering.safetensors)",
-    ]
-    summary: dict[str, Any] = {"n_kept": len(feature_ids), "selection": selection, "out": str(out)}
-    if eval_tokens is not None:
-        decoded = "write dirs" if decoder == "write" else "lstsq decoder"
-        saes, labels = {EXPORTED: sae}, {EXPORTED: f"exported (probes + {decoded})"}
-        sae_a = source.sae_a(device)
-        if sae_a.cfg.d_in == sae.cfg.d_in and sae_a.cfg.metadata.hook_name == source.hook:
-            saes[DIRECT] = sae_a
-            same = source.identity()["model_a"] == source.identity()["model_b"]
-            labels[DIRECT] = "A's own SAE (B is A)" if same else "A's SAE on B (direct transfer)"
-        figures = measure(source, saes, max_tokens=eval_tokens, device=device)
-        (Path(out) / "metrics.json").write_text(json.dumps(figures.to_dict(), indent=1) + "\n")
-        lines.append(format_measurement(figures, labels))
-        summary["metrics"] = figures.to_dict()
-    if causal > 0:
-        table = _causal(source, report, present_at, min_r2, causal, causal_contexts, device)
-        table.to_csv(Path(out) / "causal.csv", index=False)
-        figure = causal_figure(table, f"causal agreement: {fit} vs A ({source.hook})")
-        figure.savefig(Path(out) / "causal.png", dpi=100)
-        lines += _causal_lines(table, causal_contexts)
-        if store.local_path is not None and store.mode != "r":
-            settings = {"n": causal, "n_contexts": causal_contexts, "selection": selection}
-            unit = record_causal(store, fit, source.hook, table, settings)
-            lines.append(f"  recorded in the store as {unit}/{source.hook} (the report shows it)")
-        else:
-            lines.append("  (the store is open read-only: not recorded for the report)")
-        summary["causal"] = table
-    summary["lines"] = lines
+    with staged_export(out) as tmp:  # written there, moved into place once complete
+        write_export(source, sae, feature_ids, selection, tmp, decoder)
+        n_feat = int(store.info(source.feats)["n_feat"])
+        kind = f"TopK (k={sae.cfg.k})" if hasattr(sae.cfg, "k") else "ReLU"
+        lines = [
+            f"export: {len(feature_ids)} of {n_feat} features of fit {fit!r} ({_said(selection)}), "
+            f"{kind}, {decoder} decoder, on {source.hook} of {source.identity()['model_b']}",
+            f"        {out} (sae-lens folder; steering vectors in steering.safetensors)",
+        ]
+        summary: dict[str, Any] = {
+            "n_kept": len(feature_ids),
+            "selection": selection,
+            "out": str(out),
+        }
+        if eval_tokens is not None:
+            decoded = "write dirs" if decoder == "write" else "lstsq decoder"
+            saes, labels = {EXPORTED: sae}, {EXPORTED: f"exported (probes + {decoded})"}
+            sae_a = source.sae_a(device)
+            if sae_a.cfg.d_in == sae.cfg.d_in and sae_a.cfg.metadata.hook_name == source.hook:
+                saes[DIRECT] = sae_a
+                same = source.identity()["model_a"] == source.identity()["model_b"]
+                labels[DIRECT] = (
+                    "A's own SAE (B is A)" if same else "A's SAE on B (direct transfer)"
+                )
+            figures = measure(source, saes, max_tokens=eval_tokens, device=device)
+            (tmp / "metrics.json").write_text(json.dumps(figures.to_dict(), indent=1) + "\n")
+            lines.append(format_measurement(figures, labels))
+            summary["metrics"] = figures.to_dict()
+        if causal > 0:
+            table = _causal(source, report, present_at, min_r2, causal, causal_contexts, device)
+            table.to_csv(tmp / "causal.csv", index=False)
+            figure = causal_figure(table, f"causal agreement: {fit} vs A ({source.hook})")
+            figure.savefig(tmp / "causal.png", dpi=100)
+            lines += _causal_lines(table, causal_contexts)
+            if store.local_path is not None and store.mode != "r":
+                settings = {"n": causal, "n_contexts": causal_contexts, "selection": selection}
+                unit = record_causal(store, fit, source.hook, table, settings)
+                lines.append(
+                    f"  recorded in the store as {unit}/{source.hook} (the report shows it)"
+                )
+            else:
+                lines.append("  (the store is open read-only: not recorded for the report)")
+            summary["causal"] = table
+        summary["lines"] = lines
     return summary
 
 

@@ -25,8 +25,10 @@ Which features: those the report scores present (``{fit}_presence >= present_at`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from pipeline.inputs.sae import load_sae_of
 from pipeline.maths.lstsq import STATUS_OK
 from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
+from pipeline.store.io import new_temp_dir
 from pipeline.store.layout import acts_unit, feats_unit, probes_unit, safe_name, tokens_unit
 from pipeline.store.reader import load_acts
 
@@ -330,6 +333,70 @@ def _joint_decoder(
     return coef[:-1].float(), coef[-1].float()
 
 
+EXPORT_FILES = (
+    "cfg.json",
+    "sae_weights.safetensors",
+    STEERING_FILE,
+    "metrics.json",
+    "causal.csv",
+    "causal.png",
+)
+"""Everything ``xprobe export`` writes into its folder: what ``--force`` may replace."""
+
+
+def check_export_target(out: Path, force: bool) -> None:
+    """Refuse ``out`` before any work: a non-empty folder needs ``force``, and ``force`` only
+    replaces an earlier export (its ``cfg.json`` carries xprobe's metadata, and it holds no file
+    an export does not write), never a folder of other files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise XprobeError(f"{out} exists and is not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
+        raise XprobeError(f"{out} exists and is not empty; choose another --out or pass --force")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    try:
+        earlier = bool(read_metadata(out))
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if others or not earlier:
+        what = (
+            f"files an export does not write ({', '.join(others[:5])})"
+            if others
+            else ("no earlier export (no cfg.json with xprobe's metadata)")
+        )
+        raise XprobeError(
+            f"{out} holds {what}; --force replaces only an earlier xprobe export: choose "
+            "another --out"
+        )
+
+
+@contextmanager
+def staged_export(out: Path) -> Iterator[Path]:
+    """A new temp folder beside ``out`` (``tempfile.mkdtemp``) to write the whole export into;
+    when the block ends without an error it is moved into place, replacing an earlier export
+    (``check_export_target`` vetted it; checked again now), else removed. The earlier one is
+    first renamed aside, so a kill between the two renames leaves no folder at ``out``, never a
+    partial one that looks complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+        check_export_target(out, force=True)
+        old = None
+        if out.exists():
+            old = new_temp_dir(out)
+            os.replace(out, old)  # onto the empty temp folder: rename(2) replaces an empty one
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_export(
     source: FitSource,
     sae: Any,
@@ -337,15 +404,12 @@ def write_export(
     selection: dict[str, Any],
     out: Path,
     decoder: str = "write",
-    force: bool = False,
 ) -> Path:
-    """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` to ``out``,
-    via a temporary sibling folder renamed into place. An existing ``out`` needs ``force``."""
+    """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` into the
+    new, empty folder ``out`` (the export's temp folder: ``place_export`` moves it into place)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise XprobeError(f"{out} exists and is not empty; choose another --out or pass --force")
     identity = source.identity()
     sae.cfg.metadata.xprobe = {
         **identity,
@@ -355,9 +419,7 @@ def write_export(
         "decoder": decoder,
         "feature_ids": [int(f) for f in feature_ids],
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_model(tmp)
+    sae.save_model(out)
     write = torch.from_numpy(
         source.store.array(f"{source.probes}/write_direction").oindex[feature_ids, :]
     )
@@ -367,7 +429,7 @@ def write_export(
             "write_direction": write,
             "write_norm": torch.from_numpy(source.probe("write_norm")[feature_ids]),
         },
-        tmp / STEERING_FILE,
+        out / STEERING_FILE,
         metadata={
             "hook": source.hook,
             "model_b": str(identity["model_b"]),
@@ -375,13 +437,10 @@ def write_export(
             "units": "residual change per unit of the feature's activation",
         },
     )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return out
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
-    """The ``xprobe`` metadata of an exported SAE folder."""
+    """The ``xprobe`` metadata of an exported SAE folder (empty if it has none)."""
     cfg = json.loads((Path(folder) / "cfg.json").read_text())
     return cfg.get("metadata", {}).get("xprobe", {})

@@ -39,7 +39,7 @@ import numpy as np
 from pipeline.errors import XprobeError
 from pipeline.lazy import zarr
 from pipeline.store import io as store_io
-from pipeline.store import locks
+from pipeline.store import locks, trust
 from pipeline.store.io import checksum
 from pipeline.store.layout import UNIT_KINDS, tokens_unit, unit_of
 
@@ -67,6 +67,7 @@ class Store:
         self.caches = [Store(c, mode="r", storage_options=storage_options) for c in cache]
         self._claimed: set[str] = set()  # units this process writes: never read from a cache
         self._resolved: dict[str, Store] = {}  # units found in a cache (fingerprints checked)
+        self._trusted: set[tuple] = set()  # (unit, state) whose arrays were checked (trust.py)
         self.zip_path = Path(url) if url.endswith(".zip") and "://" not in url else None
         is_local = ("://" not in url or url.startswith("file://")) and self.zip_path is None
         self.local_path = Path(url.removeprefix("file://")).resolve() if is_local else None
@@ -141,7 +142,7 @@ class Store:
         if any(src is self for src in sources):
             return None
         for unit, src in zip(units, sources, strict=True):
-            info = src.group(unit).attrs.get("xprobe") or {}
+            info = src.checked_info(unit)
             if not info.get("complete") or info.get("config_fingerprint") != config_fingerprint:
                 return None
         return ", ".join(dict.fromkeys(src.url for src in sources))
@@ -192,7 +193,7 @@ class Store:
             raise XprobeError(
                 f"{unit} in {self.url} has no xprobe provenance; it was not written by xprobe"
             )
-        return dict(info)
+        return dict(trust.check_info(self._source(unit).url, unit, info))
 
     def units(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every unit in the store (and, not shadowed, in its caches) with its provenance."""
@@ -201,7 +202,7 @@ class Store:
         for path, node in members:
             if isinstance(node, zarr.Group) and "xprobe" in node.attrs:
                 seen.add(path)
-                yield path, dict(node.attrs["xprobe"])
+                yield path, dict(trust.check_info(self.url, path, node.attrs["xprobe"]))
         for cache in self.caches:
             for path, info in cache.units():
                 if path not in seen and self._source(path) is cache:
@@ -307,9 +308,9 @@ class Store:
         """Indices of the chunks of ``unit`` that are recorded complete."""
         if (src := self._source(unit)) is not self:
             return src.done_chunks(unit)
-        info = self.group(unit).attrs.get("xprobe", {})
+        info = self.checked_info(unit)
         if info.get("complete"):
-            return set(range(info["n_chunks"]))
+            return set(range(info.get("n_chunks") or 0))
         if self.local_path is None:
             return store_io.marker_indices_remote(self.url, self.zip_path, f"{unit}/{DONE_DIR}")
         done_dir = self.local_path / unit / DONE_DIR
@@ -321,10 +322,30 @@ class Store:
             if name.endswith(".json") and name[:-5].isdigit()
         }
 
+    def checked_info(self, unit: str) -> dict[str, Any]:
+        """A unit's provenance (empty if it has none), its arrays checked against it and against
+        its tokens unit once per state (``pipeline.store.trust``) before anything reads them."""
+        info = trust.check_info(self.url, unit, self.group(unit).attrs.get("xprobe", {}))
+        key = (unit, info.get("complete"), info.get("n_chunks"), info.get("n_chunks_planned"))
+        if key not in self._trusted:
+            if UNIT_KINDS.get(unit.split("/")[0], UNIT_KINDS["probes"]).chunked:
+                trust.check_arrays(self, unit, info)
+            self._trusted.add(key)
+        return info
+
     def chunk_record(self, unit: str, index: int) -> dict[str, Any] | None:
         """The manifest record of a chunk (its checksums), or None if it has none."""
         text = self.read_text(f"{unit}/{DONE_DIR}/{index}.json")
-        return json.loads(text) if text else None
+        if not text:
+            return None
+        src = self._source(unit)
+        try:
+            record = json.loads(text)
+        except (ValueError, RecursionError):
+            raise trust.malformed(
+                src.url, f"the marker of chunk {index} of {unit} is not JSON"
+            ) from None
+        return trust.check_marker(src.url, unit, index, record)
 
     def pack(self, out: str | Path) -> Path:
         """Write this (local) store as one zip file that opens read-only with ``Store(out, "r")``."""
@@ -445,6 +466,12 @@ class Store:
         except (RuntimeError, ValueError) as e:  # a truncated or garbled file fails to decode
             raise XprobeError(
                 self._corrupt(array_path, index, f"it cannot be decoded: {e}")
+            ) from None
+        except MemoryError:
+            raise trust.malformed(
+                self._source(array_path).url,
+                f"chunk {index} of {array_path} claims {rows:,} rows of shape {arr.shape[1:]} "
+                f"({arr.dtype}): more than this machine's memory",
             ) from None
         if verify:
             if (

@@ -1,7 +1,9 @@
 """The store's on-disk side under ``Store``: what its records hold and how its bytes reach disk.
 
 - the records: the store format version, a unit's ``provenance``, a chunk's ``checksum``;
-- durable local writes: ``fsync_path``, ``atomic_write``;
+- durable local writes: ``fsync_path``, ``atomic_write``, and ``new_temp_file`` /
+  ``new_temp_dir``: every temp file or folder xprobe writes is made by ``tempfile`` beside its
+  target (O_EXCL, a random name), so a symlink planted at a predictable name is never followed;
 - opening a store's root group from a local folder, a zip file or any fsspec URL
   (``open_root``), checking its format version and turning the ways that fails into
   ``XprobeError``;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -72,15 +75,51 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def new_temp_file(target: Path) -> tuple[int, Path]:
+    """A new empty file beside ``target`` to write and then rename over it: ``(fd, path)``.
+
+    ``tempfile.mkstemp`` creates it with O_EXCL under a random name (``.<name>.<pid>.<random>.tmp``:
+    the pid lets a later run tell a dead writer's leftovers), so nothing planted in the folder,
+    a symlink say, is ever opened in its place. Its mode is what ``open`` would give (the umask
+    applied), not mkstemp's 0600: a store is shared by copying or serving its folder.
+    """
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+    )
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, Path(name)
+
+
+def new_temp_dir(target: Path) -> Path:
+    """A new empty folder beside ``target`` (``tempfile.mkdtemp``: O_EXCL semantics, a random
+    name) to fill and then rename into place; mode as ``mkdir`` would give it."""
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    path.chmod(0o777 & ~_UMASK)
+    return path
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either nothing or all of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = new_temp_file(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -98,6 +137,7 @@ def open_root(
         if zip_path is not None:
             if not zip_path.exists():
                 raise FileNotFoundError(url)
+            _check_zip(url, zip_path)
             zip_store = zarr.storage.ZipStore(zip_path, mode="r")
             root = zarr.open_group(store=zip_store, mode="r", zarr_format=3)
         elif mode == "r":
@@ -109,6 +149,8 @@ def open_root(
             )
         else:
             root = zarr.open_group(store=str(local_path), mode="a", zarr_format=3)
+    except XprobeError:
+        raise
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise XprobeError(
             f"no xprobe store at {url} ({e}); run a stage first to create one"
@@ -137,6 +179,19 @@ def open_root(
 
 
 # ---- read-only zip and fsspec stores ---------------------------------------------------------
+def _check_zip(url: str, zip_path: Path) -> None:
+    """A store zip that opens as a zip and whose members all lie inside it."""
+    import zipfile
+
+    from pipeline.store.trust import check_zip_names, malformed
+
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            check_zip_names(url, zf.namelist())
+    except zipfile.BadZipFile as e:
+        raise malformed(url, f"it is not a zip file ({e})") from None
+
+
 def nbytes_remote(url: str, zip_path: Path | None, path: str) -> int | None:
     """Bytes stored under ``path`` in the zip, or as the remote lists them (None: unknown)."""
     if zip_path is not None:
@@ -191,17 +246,27 @@ def marker_indices_remote(url: str, zip_path: Path | None, folder: str) -> set[i
 
 # ---- packing ---------------------------------------------------------------------------------
 def pack_folder(folder: Path, out: Path) -> Path:
-    """Write the store folder ``folder`` as the zip file ``out`` (locks and temp files left out)."""
+    """Write the store folder ``folder`` as the zip file ``out`` (locks and temp files left out),
+    through a temp file beside ``out`` renamed over it once complete."""
     import zipfile
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    # chunks are already compressed: store them as they are
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for dirpath, _, files in sorted(os.walk(folder)):
-            for name in sorted(files):
-                if name.endswith((".lock", ".tmp")):
-                    continue
-                full = Path(dirpath) / name
-                zf.write(full, full.relative_to(folder).as_posix())
-    os.replace(tmp, out)
+    fd, tmp = new_temp_file(out)
+    try:
+        # chunks are already compressed: store them as they are
+        with (
+            os.fdopen(fd, "wb") as f,
+            zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+        ):
+            for dirpath, _, files in sorted(os.walk(folder)):
+                for name in sorted(files):
+                    if name.endswith((".lock", ".tmp")):
+                        continue
+                    full = Path(dirpath) / name
+                    if full.is_symlink():  # a store holds none: never pack what one points at
+                        continue
+                    zf.write(full, full.relative_to(folder).as_posix())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
