@@ -92,7 +92,7 @@ def test_a_to_a_is_a_s_encoder(store_path, sae):
     defined = ok & np.isfinite(r2)
     worst = np.argsort(np.where(ok, cos, 2))[:3]
     why = f"worst cosines {cos[worst]} (features {worst}, held-out R² {r2[worst]})"
-    # one TopK feature of this random SAE was once seen at cosine 0.968 (under a different load)
+    # one TopK feature was seen once at cosine 0.968 (not reproduced since; cause unknown)
     assert np.median(cos[ok]) > 0.99999 and np.mean(cos[ok] > 0.9999) > 0.99, why
     # TopK: a pre-activation within float32 round-off of the k-th largest may swap places with it,
     # which costs a rarely firing feature a few per cent of R² (seen: one at 0.95)
