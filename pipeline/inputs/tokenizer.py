@@ -24,13 +24,17 @@ def require_local_folder(name: str, what: str) -> None:
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A fast HF tokenizer by hub name or local path."""
+    """A fast HF tokenizer by hub name, local path, or GGUF file (transformers builds a fast
+    tokenizer from the file's ``tokenizer.ggml.*`` metadata)."""
     from transformers import AutoTokenizer
 
+    from pipeline.inputs.model import pretrained_args
+
     require_local_folder(name, "tokenizer")
+    where, extra = pretrained_args(name)
     try:
         tok = AutoTokenizer.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code
+            where, revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
         raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
