@@ -109,6 +109,18 @@ def _gguf_facts(path_str: str, size: int, mtime_ns: int) -> dict[str, Any]:
 def load_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The model's config (a text model's, for a multimodal one); GGUF files read theirs from the
     file's metadata."""
+    import copy
+
+    if is_gguf(model):  # parsing a GGUF header takes seconds (every vocabulary entry): once
+        gguf_facts(model)
+        stat = Path(model).expanduser().stat()
+        return copy.deepcopy(
+            _gguf_config(str(Path(model).expanduser().resolve()), stat.st_mtime_ns)
+        )
+    return _load_config(model, revision, trust_remote_code)
+
+
+def _load_config(model: str, revision: str | None, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     name, extra = pretrained_args(model)
@@ -121,12 +133,19 @@ def load_config(model: str, revision: str | None = None, trust_remote_code: bool
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, mtime_ns: int) -> Any:
+    return _load_config(path, None, False)
+
+
 def load_causal_lm(model: str, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` for a hub name, folder or GGUF file (dequantized
     to ``kwargs["dtype"]``)."""
     from transformers import AutoModelForCausalLM
 
     name, extra = pretrained_args(model)
+    if extra and "config" not in kwargs:  # one header parse fewer
+        extra["config"] = load_config(model)
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs, **extra)
     except (OSError, ValueError, ImportError) as e:
