@@ -21,6 +21,8 @@ Identities:
   (path, size, mtime, ctime, inode) in ``$XPROBE_CACHE_DIR`` (default ``~/.cache/xprobe``), so
   only new or rewritten files are read again; ctime changes on every write and cannot be set back
   by the writer. A file in a Hugging Face cache (``blobs/<sha256>``) is named by its hash: free.
+- a GGUF file (``model = "x.gguf"``): its own sha256 (``fingerprint`` and ``sha256``), the hash
+  published beside such files.
 - a hub model or a sae-lens release: the commit of its repository that the revision resolves to
   (asked of the hub when online, else the local Hugging Face cache's ``refs/<revision>``).
 - a tokenizer: ``tokenizer_fingerprint`` (its vocabulary, merges, normaliser and specials).
