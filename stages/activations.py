@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ from pipeline.cluster import client_for, scheduler_field, workers_field
 from pipeline.config import canonical, check_fields, path_field, runtime
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.errors import XprobeError
-from pipeline.inputs.model import find_blocks
+from pipeline.inputs.model import find_blocks, gguf_facts, is_gguf, load_causal_lm, load_config
 from pipeline.inputs.tokenizer import (
     load_tokenizer,
     require_local_folder,
@@ -59,10 +60,12 @@ class ActivationsConfig:
     corpus: str
     """Name of the tokenized corpus in the store (``tokens/<corpus>``)."""
     model: str = path_field(kind="path_or_hub")
-    """HF causal LM: hub name or local path."""
+    """HF causal LM: hub name, local folder, or a GGUF file (``*.gguf``, dequantized to ``dtype``
+    by transformers; needs ``xprobe[gguf]``)."""
     name: str | None = None
     """Store name of the model (``acts/<corpus>/<name>``); default: the hub name with ``/`` as
-    ``--`` (``google--gemma-2-2b``), or a local model folder's name."""
+    ``--`` (``google--gemma-2-2b``), a local model folder's name, or a GGUF file's name without
+    ``.gguf``."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     layers: tuple[int, ...] | Literal["all"] = ()
@@ -189,7 +192,11 @@ class ActivationsStage(ChunkedStage):
     def __init__(self, cfg: ActivationsConfig):
         super().__init__(cfg)
         self.tokens = tokens_unit(cfg.corpus)
-        self.model_name = cfg.name or default_name(cfg.model)
+        self.model_name = cfg.name or default_name(
+            str(Path(cfg.model).expanduser().absolute().with_suffix(""))
+            if is_gguf(cfg.model)
+            else cfg.model
+        )
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self._model_config = None
@@ -200,19 +207,9 @@ class ActivationsStage(ChunkedStage):
     @property
     def model_config(self) -> Any:
         if self._model_config is None:
-            from transformers import AutoConfig
-
             require_local_folder(self.cfg.model, "model")
-            try:
-                config = AutoConfig.from_pretrained(
-                    self.cfg.model,
-                    revision=self.cfg.revision,
-                    trust_remote_code=self.cfg.trust_remote_code,
-                )
-            except (OSError, ValueError) as e:
-                raise XprobeError(f"cannot load model config {self.cfg.model!r}: {e}") from None
-            self._model_config = (
-                config.get_text_config() if hasattr(config, "get_text_config") else config
+            self._model_config = load_config(
+                self.cfg.model, self.cfg.revision, self.cfg.trust_remote_code
             )
         return self._model_config
 
@@ -340,6 +337,8 @@ class ActivationsStage(ChunkedStage):
                 "ctx": int(tinfo["ctx"]),
                 "chunk_seqs": int(tinfo["chunk_seqs"]),
             }
+            if is_gguf(self.cfg.model):  # what was dequantized (to ``dtype``), from the header
+                out[self.unit_of(layer, kind)]["gguf"] = gguf_facts(self.cfg.model)
         return out
 
     def inputs(self, store: Store) -> dict[str, Input]:
@@ -440,7 +439,6 @@ class ActivationsStage(ChunkedStage):
         shard by shard straight to each device, so no device ever holds the whole model)."""
         if self._model is None:
             import torch
-            from transformers import AutoModelForCausalLM
 
             cfg = self.cfg
             kwargs: dict[str, Any] = {
@@ -456,10 +454,7 @@ class ActivationsStage(ChunkedStage):
                     kwargs["max_memory"] = parse_max_memory(cfg.max_memory)
                 if cfg.offload_folder is not None:
                     kwargs["offload_folder"] = cfg.offload_folder
-            try:
-                model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
-            except (OSError, ValueError, ImportError) as e:
-                raise XprobeError(f"cannot load model {cfg.model!r}: {e}") from None
+            model = load_causal_lm(cfg.model, **kwargs)
             if cfg.device_map is None:
                 model = model.to(self.device)
             self._model = model.eval()

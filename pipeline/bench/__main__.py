@@ -2,15 +2,16 @@
 
     python -m pipeline.bench [--size cpu|gpu] [--smoke] [--only SECTION ...] [--out FILE]
 
-Each section (tokenize, activations, features, fit, segments) runs in its own subprocess, so its peak
-RAM (``ru_maxrss``) and peak GPU memory are its own. Every throughput figure comes with the
+Each section (tokenize, activations, features, fit, segments, real) runs in its own subprocess,
+so its peak RAM (``ru_maxrss``) and peak GPU memory are its own. Every throughput figure comes with the
 limit it is compared against, measured in the same process on the same data, so the ratios
 mean the same thing on any machine.
 
 Sizes: ``cpu`` (default; a few minutes on 2 cores) and ``gpu`` (a gemma-2-2b-shaped model
 with random weights, d_model 2304, 10M tokens; SAEs 16,384 and 131,072 wide; a fitter-only
-case at 1,048,576 features). ``--smoke`` shrinks a size to seconds to check the code paths
-(the test suite runs it); its figures mean nothing.
+case at 1,048,576 features). ``real`` runs on a real GGUF checkpoint (``bench_real.py``;
+skipped without one: ``make real-example`` extracts SmolLM2-135M). ``--smoke`` shrinks a size to
+seconds to check the code paths (the test suite runs it); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("tokenize", "activations", "features", "fit", "segments")
+SECTIONS = ("tokenize", "activations", "features", "fit", "segments", "real")
 
 GEMMA2_2B = {
     "family": "gemma2",
@@ -80,6 +81,15 @@ SIZES: dict[str, dict[str, dict]] = {
             "dtype": "float32",
             "corpus_bytes": 1_000_000,
         },
+        "real": {  # a GGUF checkpoint (bench_real.py): SmolLM2-135M, d_model 576, 30 layers
+            "gguf": None,
+            "layer": 14,
+            "ctx": 128,
+            "n_seq": 64,
+            "batch_seqs": 16,
+            "d_sae": 2304,
+            "k": 32,
+        },
     },
     "gpu": {
         "tokenize": {"corpus_bytes": 20_000_000},
@@ -126,6 +136,15 @@ SIZES: dict[str, dict[str, dict]] = {
             "dtype": "bfloat16",
             "corpus_bytes": 8_000_000,
         },
+        "real": {
+            "gguf": None,
+            "layer": 14,
+            "ctx": 1024,
+            "n_seq": 2048,
+            "batch_seqs": 32,
+            "d_sae": 16384,
+            "k": 64,
+        },
     },
 }
 
@@ -163,6 +182,7 @@ def smoke(params: dict[str, dict]) -> dict[str, dict]:
     s["shape"] = {"family": s["shape"]["family"], **tiny}
     s.update(layer=0, ctx=32, chunk_seqs=4, batch_seqs=4, n_tok=2048, widths=[128, 256])
     s.update(corpus_bytes=200_000)
+    p["real"].update(n_seq=4, ctx=32, batch_seqs=4, d_sae=256, k=8)
     if p["fit"].get("wide_feat"):
         p["fit"].update(wide_feat=4096, wide_tokens=8192, feature_block=1024)
     return p
@@ -180,6 +200,8 @@ def run_section(name: str, params: dict, work: Path) -> dict:
         from pipeline.bench.bench_features import bench_features as bench
     elif name == "segments":
         from pipeline.bench.bench_segments import bench_segments as bench
+    elif name == "real":
+        from pipeline.bench.bench_real import bench_real as bench
     else:
         from pipeline.bench.bench_fit import bench_fit as bench
     result = bench(work, params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,13 +26,30 @@ def require_local_folder(name: str, what: str) -> None:
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A fast HF tokenizer by hub name or local path."""
+    """A fast HF tokenizer by hub name, local path, or GGUF file (transformers builds a fast
+    tokenizer from the file's ``tokenizer.ggml.*`` metadata; built once per process and file
+    version, as parsing the header takes seconds, and handed out as copies)."""
+    require_local_folder(name, "tokenizer")
+    if str(name).lower().endswith(".gguf") and Path(name).expanduser().is_file():
+        path = Path(name).expanduser().resolve()
+        return copy.deepcopy(_gguf_tokenizer(str(path), path.stat().st_mtime_ns))
+    return _load(name, revision, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str, mtime_ns: int) -> Any:
+    return _load(path, None, False)
+
+
+def _load(name: str, revision: str | None, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    require_local_folder(name, "tokenizer")
+    from pipeline.inputs.model import pretrained_args
+
+    where, extra = pretrained_args(name)
     try:
         tok = AutoTokenizer.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code
+            where, revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
         raise XprobeError(f"cannot load tokenizer {name!r}: {e}") from None
