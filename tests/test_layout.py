@@ -87,8 +87,7 @@ def test_every_package_folder_is_installed():
 
 
 def test_xprobe_is_pipeline():
-    import xprobe
-
     import pipeline
+    import xprobe
 
     assert xprobe is pipeline and xprobe.direction is pipeline.direction
