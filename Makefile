@@ -25,11 +25,18 @@ demo: install
 demo-data: install
 	$(PY) -m pipeline.demo.build
 
-# two pytest workers (pytest-xdist): the suite spends much of its time starting subprocesses
-# and waiting on them, so two workers finish in ~2/3 of the time on a 2-core machine
+# Two lanes, two pytest workers (pytest-xdist). `make test`: the fast lane, every test not
+# marked slow. `make test-slow`: the slow lane (SIGKILL/resume, segmented runs, clusters, the
+# newcomer path, the demo). `make test-all` (CI, .ci/run): both, one after the other.
 TEST_WORKERS ?= 2
+.PHONY: test-slow test-all
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
+
+test-all: test test-slow
 
 # SIZE=cpu (default, minutes here) or SIZE=gpu (an H100-class GPU; see pipeline/bench/__main__.py)
 SIZE ?= cpu

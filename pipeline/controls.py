@@ -88,6 +88,15 @@ def _acts_name(section: dict[str, Any]) -> str:
     return safe_name(section.get("name") or default_name(str(section.get("model", ""))))
 
 
+def _features_name(section: dict[str, Any], base: Path | None) -> str | None:
+    """The store name a ``[features]`` section writes (as ``stages.features`` names it)."""
+    if section.get("name"):
+        return str(section["name"])
+    if section.get("sae_path"):
+        return Path(normalize_path(str(section["sae_path"]), "path", base)).resolve().name
+    return f"{section.get('sae')}--{section.get('sae_id')}" if section.get("sae") else None
+
+
 def sae_hook(features: dict[str, Any], base: Path | None) -> str:
     """The hook A's SAE reads: ``hook`` of ``[features]``, the SAE folder's ``cfg.json``, or the
     release's config from sae-lens."""
@@ -168,7 +177,7 @@ def derive(
             (
                 f
                 for f in features
-                if (f.get("name") or None) in (None, report.get("features"))
+                if _features_name(f, base) == report.get("features")
                 and f.get("corpus") == report.get("corpus")
             ),
             None,
