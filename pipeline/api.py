@@ -54,10 +54,25 @@ def plan(
     ``store_path``: the store's location, given to derive the controls a report needs
     (``pipeline.controls``; their floor models are written by ``write_floors``)."""
     check_sections(config)
-    config = derive(config, base, store_path)[0]
     unknown = sorted(set(only) - {s.name for s in STAGES})
     if unknown:
         raise XprobeError(f"only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
+    planned = _build(config, base, only, overrides)  # the written sections' errors come first
+    try:
+        derived = derive(config, base, store_path)[0]
+    except XprobeError:
+        if only and not {"activations", "fit"} & set(only):
+            return planned  # a control that cannot be derived is no concern of these stages
+        raise
+    return planned if derived is config else _build(derived, base, only, overrides)
+
+
+def _build(
+    config: dict[str, Any],
+    base: Path | None,
+    only: Sequence[str],
+    overrides: dict[str, Any] | None,
+) -> list[tuple[StageEntry, Any, Any]]:
     planned = []
     for entry in STAGES:
         sections = stage_sections(config, entry.name)
