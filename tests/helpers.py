@@ -259,38 +259,3 @@ def swap_vocab_ids(model_dir: Path, out: Path, a: int, b: int) -> Path:
     vocab[by_id[a]], vocab[by_id[b]] = b, a
     (out / "tokenizer.json").write_text(json.dumps(spec))
     return out
-
-
-def xprobe_cli(*args: str, cwd: Path | str | None = None):
-    """``xprobe ARGS`` in this process, as the console script runs it (``pipeline.cli.main``:
-    one ``error:`` line and status 2 for an XprobeError): a ``CompletedProcess`` with
-    ``returncode``, ``stdout`` and ``stderr``. For tests that need the command's behaviour but
-    no separate process (no kill, no fresh interpreter): it saves a Python start and imports."""
-    import contextlib
-    import io
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from pipeline.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    argv, here = sys.argv, os.getcwd()
-    code = 0
-    try:
-        sys.argv = ["xprobe", *map(str, args)]
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(here)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return subprocess.CompletedProcess(["xprobe", *args], code, out.getvalue(), err.getvalue())
