@@ -25,11 +25,19 @@ demo: install
 demo-data: install
 	$(PY) -m pipeline.demo.build
 
-# two pytest workers (pytest-xdist): the suite spends much of its time starting subprocesses
-# and waiting on them, so two workers finish in ~2/3 of the time on a 2-core machine
+# Two lanes, two pytest workers (pytest-xdist). `make test` (what CI runs, .ci/run): both lanes,
+# the fast one first. `make test-fast`: every test not marked slow (the lane to run while
+# working). `make test-slow`: the slow lane (SIGKILL/resume, segmented runs, clusters, the
+# newcomer path, the demo).
 TEST_WORKERS ?= 2
-test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+.PHONY: test-fast test-slow
+test: test-fast test-slow
+
+test-fast: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
 
 # SIZE=cpu (default, minutes here) or SIZE=gpu (an H100-class GPU; see pipeline/bench/__main__.py)
 SIZE ?= cpu

@@ -7,6 +7,9 @@
     pipeline.run({"store": "s", "tokenize": {...}, "activations": [{...}, {...}]})
     store = pipeline.open_store("s")              # read-only; also a zip or an fsspec URL
     table = pipeline.load_table(store, "main")    # the report's per-feature table (pandas)
+    pipeline.best_hook(store, "B", 17)            # B's best hook for A's feature 17
+    pipeline.direction(store, "B", 17)            # [d_B] B's read direction (at that hook)
+    pipeline.write_direction(store, "B", 17)      # [d_B] B's write direction
     for chunk in pipeline.iter_activations(store, "web", "gpt2", "blocks.6.hook_resid_post"):
         chunk.acts, chunk.mask, chunk.ids         # [n_tok_chunk, d_model], [n_tok_chunk] x 2
     for index, rows, cols, vals in pipeline.iter_features(store, "web", "my-sae"):
@@ -27,7 +30,11 @@ _EXPORTS = {
     "run": "pipeline.api",
     "run_stage": "pipeline.api",
     "open_store": "pipeline.api",
-    "load_table": "pipeline.api",
+    "load_table": "pipeline.results",
+    "direction": "pipeline.results",
+    "write_direction": "pipeline.results",
+    "best_hook": "pipeline.results",
+    "fit_hooks": "pipeline.results",
     "iter_activations": "pipeline.api",
     "iter_features": "pipeline.api",
     "Store": "pipeline.store",

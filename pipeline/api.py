@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import from_dict, load_toml, normalize_path, relative_to
+from pipeline.controls import derive
 from pipeline.errors import XprobeError
+from pipeline.quiet import quiet
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
 
@@ -44,14 +46,33 @@ def plan(
     base: Path | None = None,
     only: Sequence[str] = (),
     overrides: dict[str, Any] | None = None,
+    store_path: str | None = None,
 ) -> list[tuple[StageEntry, Any, Any]]:
     """``(stage entry, config dataclass, run function)`` for every stage section of ``config``,
     in run order, all built (so all checked) before anything runs. ``base``: the folder relative paths are
-    relative to; ``overrides``: field values set in every section whose stage has that field."""
+    relative to; ``overrides``: field values set in every section whose stage has that field;
+    ``store_path``: the store's location, given to derive the controls a report needs
+    (``pipeline.controls``; their floor models are written by ``write_floors``)."""
     check_sections(config)
     unknown = sorted(set(only) - {s.name for s in STAGES})
     if unknown:
         raise XprobeError(f"only {unknown}: no such stage; stages: {[s.name for s in STAGES]}")
+    planned = _build(config, base, only, overrides)  # the written sections' errors come first
+    try:
+        derived = derive(config, base, store_path)[0]
+    except XprobeError:
+        if only and not {"activations", "fit"} & set(only):
+            return planned  # a control that cannot be derived is no concern of these stages
+        raise
+    return planned if derived is config else _build(derived, base, only, overrides)
+
+
+def _build(
+    config: dict[str, Any],
+    base: Path | None,
+    only: Sequence[str],
+    overrides: dict[str, Any] | None,
+) -> list[tuple[StageEntry, Any, Any]]:
     planned = []
     for entry in STAGES:
         sections = stage_sections(config, entry.name)
@@ -69,6 +90,13 @@ def plan(
             where = entry.name if i == 0 else f"{entry.name}.{i}"
             planned.append((entry, from_dict(cfg_cls, section, where=where), run_fn))
     return planned
+
+
+def write_floors(config: dict[str, Any], base: Path | None, store_path: str) -> None:
+    """Write the random floor models ``floor = "random"`` asks for (once; see
+    ``pipeline.controls``), before the run's activations stage reads them."""
+    for floor in derive(config, base, store_path)[1]:
+        floor.write()
 
 
 def store_location(path: str, base: Path | None) -> str:
@@ -96,21 +124,25 @@ def run(
         config = load_toml(config)
     else:
         base = None
-    planned = plan(config, base, only, None if progress else {"progress": False})
+    path = store_location(config["store"], base) if config.get("store") else None
+    planned = plan(config, base, only, None if progress else {"progress": False}, path)
     if not planned:
         raise XprobeError("the config configures no stage; add a section such as [tokenize]")
-    if not config.get("store"):
+    if path is None:
         raise XprobeError('no store given: set store = "PATH" in the config')
+    with quiet(progress):
+        write_floors(config, base, path)
     caches = config.get("cache") or []
     caches = [caches] if isinstance(caches, str) else caches
     store = Store(
-        store_location(config["store"], base),
+        path,
         mode="a",
         cache=[store_location(c, base) for c in caches],
     )
-    return run_planned(
-        planned, store, max_disk or config.get("max_disk"), force, rebuild_stale, progress
-    )
+    with quiet(progress):
+        return run_planned(
+            planned, store, max_disk or config.get("max_disk"), force, rebuild_stale, progress
+        )
 
 
 def run_planned(
@@ -154,27 +186,11 @@ def open_store(path: str | Path, mode: str = "r", cache: Sequence[str | Path] = 
 def load_table(
     store: Store | str | Path, name: str = "main", out_dir: str | Path | None = None
 ) -> pd.DataFrame:
-    """The report's per-feature table (``report/<name>``): one row per SAE feature, the columns
-    listed in the README's "Report" section. ``out_dir``: where the report wrote it, if its config
-    set ``out_dir`` (default: ``report/<name>/`` in the store)."""
-    import pandas as pd
+    """The report's per-feature table: ``pipeline.results.load_table`` (kept here for
+    ``from pipeline.api import load_table``)."""
+    from pipeline.results import load_table as load
 
-    if not isinstance(store, Store):
-        store = Store(store, mode="r")
-    unit = f"report/{name}"
-    if out_dir is not None:
-        table = Path(out_dir) / "table.parquet"
-    elif store.local_path is not None and (store.local_path / unit / "table.parquet").exists():
-        table = store.local_path / unit / "table.parquet"
-    else:
-        have = sorted(
-            u.removeprefix("report/") for u, _ in store.units() if u.startswith("report/")
-        )
-        raise XprobeError(
-            f"{store.url} has no table for report {name!r} (reports: {have or 'none'}); run the "
-            "report stage, or give out_dir if its config set one"
-        )
-    return pd.read_parquet(table)
+    return load(store, name, out_dir)
 
 
 def iter_activations(

@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
-from pipeline.api import plan, run_planned, stage_sections, store_location
+from pipeline.api import plan, run_planned, stage_sections, store_location, write_floors
 from pipeline.config import field_docs, from_dict, is_list_field, load_toml, parse_flag, relative_to
 from pipeline.errors import Interrupted, XprobeError
+from pipeline.quiet import quiet
 from pipeline.registry import STAGES, StageEntry
 from pipeline.store import Store
 
@@ -147,7 +148,8 @@ def run(
     overrides: dict[str, Any] = {"progress": False} if no_progress else {}
     if scheduler or workers is not None:
         overrides["scheduler"] = scheduler  # the flags win over the TOML
-    planned = plan(config, base, only, overrides)  # every section checked before any runs
+    # every section checked before any runs; the ceiling and floor derived (pipeline.controls)
+    planned = plan(config, base, only, overrides, path)
     max_disk = max_disk or config.get("max_disk")
     if max_disk is not None:
         from pipeline.segments import parse_size
@@ -159,6 +161,8 @@ def run(
         _dry_run(planned, path, _caches(config, cache, base))
         return
     with _new_store_removed_on_failure(path), contextlib.ExitStack() as stack:
+        stack.enter_context(quiet(not no_progress))
+        write_floors(config, base, path)
         store = Store(path, mode="a", cache=_caches(config, cache, base))
         if workers is not None:
             from pipeline.cluster import local_cluster
@@ -200,7 +204,8 @@ def _dry_run(planned: list[tuple[StageEntry, Any, Any]], path: str, caches: list
     for entry, cfg, _ in planned:
         stage = entry.load_stage()(cfg)
         if store is None:
-            click.echo(f"{entry.name:<12} {'(new store)':<60} to do")
+            for unit in _new_units(stage):
+                click.echo(f"{entry.name:<12} {unit + ' (new store)':<60} to do")
             continue
         try:
             states = assess(stage, store)
@@ -214,6 +219,24 @@ def _dry_run(planned: list[tuple[StageEntry, Any, Any]], path: str, caches: list
             else:
                 words = _PLAN_WORDS[a.state]
             click.echo(f"{entry.name:<12} {a.unit:<60} {words}")
+
+
+def _new_units(stage: Any) -> list[str]:
+    """The units a stage would write to a store that does not exist yet, from its config alone
+    (an activations stage reads its model's config for the layers); "" if it cannot say."""
+    try:
+        if hasattr(stage, "wanted") and hasattr(stage, "unit_of"):
+            return [stage.unit_of(layer, kind) for layer, kind in stage.wanted()] or [""]
+        if isinstance(getattr(stage, "unit", None), str):
+            return [stage.unit]
+        from pipeline.store.layout import probes_unit, report_unit
+
+        named = {"fit": probes_unit, "report": report_unit}.get(stage.name)
+        if named is not None:
+            return [named(stage.cfg.name)]
+    except XprobeError:
+        pass
+    return [""]
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -282,7 +305,7 @@ def _stage_command(entry: StageEntry) -> click.Command:
             values[key] = value
         cfg = from_dict(cfg_cls, values, where=entry.name)
         path = _store_path(config, store_path, base)
-        with _new_store_removed_on_failure(path):
+        with _new_store_removed_on_failure(path), quiet(getattr(cfg, "progress", True)):
             store = Store(path, mode="a", cache=_caches(config, cache, base))
             _print_summary(run_fn(cfg, store, force=force, rebuild_stale=rebuild_stale))
 

@@ -171,6 +171,13 @@ def _is_local(ref: str) -> bool:
     return Path(ref).expanduser().exists()
 
 
+def local_ref(ref: str) -> str:
+    """A local path as an absolute one (a record read from another working directory, or by
+    ``xprobe status`` elsewhere, must not take ``b_chat`` for a hub repository); a hub name as
+    given."""
+    return str(Path(ref).expanduser().resolve()) if _is_local(ref) else ref
+
+
 def model_input(model: str, revision: str | None = None) -> Input:
     """A transformers model: a GGUF file's sha256, a local folder's files, or the hub commit its
     config resolves to."""
@@ -180,7 +187,10 @@ def model_input(model: str, revision: str | None = None) -> Input:
         return Input("model", model, sha, {"revision": revision, "format": "gguf", "sha256": sha})
     if _is_local(model):
         return Input(
-            "model", model, files_fingerprint([Path(model).expanduser()]), {"revision": revision}
+            "model",
+            local_ref(model),
+            files_fingerprint([Path(model).expanduser()]),
+            {"revision": revision},
         )
     commit = hub_commit(model, "config.json", revision)
     return Input("model", model, commit, {"revision": revision, "commit": commit})
@@ -190,7 +200,7 @@ def sae_input(sae: str | None, sae_id: str | None, sae_path: str | None) -> Inpu
     """A sae-lens SAE: a local folder's files, or the commit of a release's hub repository."""
     if sae_path is not None:
         fp = files_fingerprint([Path(sae_path).expanduser()]) if _is_local(sae_path) else None
-        return Input("sae", sae_path, fp, {"release": None, "sae_id": None})
+        return Input("sae", local_ref(sae_path), fp, {"release": None, "sae_id": None})
     commit = _release_commit(sae, sae_id)
     return Input("sae", f"{sae}/{sae_id}", commit, {"release": sae, "sae_id": sae_id})
 
@@ -242,12 +252,14 @@ def files_input(paths: list[str | Path]) -> Input:
 
 
 def tokenizer_input(name: str, revision: str | None, fingerprint: str) -> Input:
-    return Input("tokenizer", name, fingerprint, {"revision": revision})
+    return Input("tokenizer", local_ref(name), fingerprint, {"revision": revision})
 
 
 def chat_template_input(name: str, revision: str | None) -> Input:
     """The chat template of a tokenizer, by its sha256 (``pipeline.inputs.vocab.tokenizer_facts``)."""
-    return Input("chat_template", name, _template_sha(name, revision), {"revision": revision})
+    return Input(
+        "chat_template", local_ref(name), _template_sha(name, revision), {"revision": revision}
+    )
 
 
 def _template_sha(name: str, revision: str | None) -> str | None:

@@ -34,7 +34,7 @@ from pipeline.inputs.chat import TOKEN_CLASSES, render_batch, template_tokenizer
 from pipeline.inputs.corpus import iter_conversations, iter_documents, resolve_paths
 from pipeline.inputs.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.inputs.vocab import count_ids, tokenizer_facts, used_from_counts
-from pipeline.lineage import Input, chat_template_input, files_input, tokenizer_input
+from pipeline.lineage import Input, chat_template_input, files_input, local_ref, tokenizer_input
 from pipeline.stage import ChunkedStage
 from pipeline.store import Store
 from pipeline.store.chunks import ChunkResult
@@ -72,7 +72,7 @@ class TokenizeConfig:
     max_tokens: int | None = None
     """Stop once this many counted tokens (the mask: no BOS, no padding) are stored, rounded up
     to whole sequences."""
-    chat_template_from: str | None = None
+    chat_template_from: str | None = path_field(None, kind="path_or_hub")
     """Conversations: a tokenizer (hub name or local path, usually the chat model B's) whose chat
     template renders each ``field`` (``messages`` when left at ``text``: a list of {role,
     content}); the token class of every position is stored (``token_class``)."""
@@ -251,13 +251,13 @@ class TokenizeStage(ChunkedStage):
         return {
             self.unit: {
                 "corpus": self.cfg.corpus,
-                "tokenizer": self.cfg.tokenizer,
+                "tokenizer": local_ref(self.cfg.tokenizer),
                 "tokenizer_revision": self.cfg.tokenizer_revision,
                 "tokenizer_fingerprint": tokenizer_fingerprint(self.tok),
                 "tokenizer_facts": tokenizer_facts(self.tok),
                 **(
                     {
-                        "chat_template_from": self.cfg.chat_template_from,
+                        "chat_template_from": local_ref(self.cfg.chat_template_from),
                         "token_classes": TOKEN_CLASSES,
                     }
                     if self.chat

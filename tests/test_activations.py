@@ -231,6 +231,7 @@ run_stage(Slow(cfg), Store(sys.argv[1]), progress=False)
 """
 
 
+@pytest.mark.slow  # kills and resumes
 def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus_jsonl, tokenizer_dir, llama_dir):
     killed = _tokenized(tmp_path / "killed", corpus_jsonl, tokenizer_dir, max_tokens=2000)
     proc = subprocess.Popen(

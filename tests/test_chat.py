@@ -245,7 +245,10 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
         np.testing.assert_allclose(df[f"p2_presence_{c}"].to_numpy(), expected, rtol=1e-12)
         assert np.array_equal(df[f"p2_r2_{c}"].to_numpy(), b_c, equal_nan=True)
         counts = [int((expected >= 0.7).sum()), int(((expected < 0.7) & (expected >= 0.3)).sum())]
-        assert f"p2 on {c:<10}{counts[0]:>10}{counts[1]:>10}" in out["message"]
-    assert "per token class (presence = R²_B / R²_ceiling" in out["message"]
+        row = next(r for r in out["message"].splitlines() if r.split()[:3] == ["p2", "on", c])
+        assert [int(v) for v in row.split()[3:5]] == counts
+    lines = out["message"].splitlines()
+    at = lines.index("per token class (presence = R²_B / R²_ceiling on its held-out tokens):")
+    assert lines[at + 1].split() == ["present", "partial", "absent", "undetermined", "unscored"]
     assert "on raw" not in out["message"]
     assert (df["p2_presence_assistant"] < 1).any()  # λ = 1 loses something: not all present

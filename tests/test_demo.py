@@ -96,6 +96,7 @@ def test_builder_is_reproducible(demo_data, tmp_path):
     assert (demo_data / "ablation.json").read_text() == (again / "ablation.json").read_text()
 
 
+@pytest.mark.slow  # the whole demo, twice
 def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     root = tmp_path / "xprobe-demo"
     demo_data = Path(shutil.copytree(demo_data, tmp_path / "data"))  # this test rewrites a model

@@ -37,6 +37,8 @@ from stages.fit import FitConfig
 from stages.fit import run as fit
 from tests.helpers import save_standard_sae, tokenize_small
 
+pytestmark = pytest.mark.slow  # the slow lane (make test-slow): kills, segments, clusters
+
 # the failure-injecting stages below must reach the workers by value, not by module name
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -37,6 +37,8 @@ from stages.tokenize import TokenizeConfig
 from stages.tokenize import run as tokenize
 from tests.helpers import save_standard_sae, wait_for_markers
 
+pytestmark = pytest.mark.slow  # the slow lane (make test-slow): kills, segments, clusters
+
 ROOT = Path(__file__).parents[1]
 HOOK = "blocks.0.hook_resid_post"
 

@@ -239,6 +239,7 @@ run_stage(Slow(cfg), Store(sys.argv[1]), progress=False)
 """
 
 
+@pytest.mark.slow  # kills and resumes
 def test_sigkill_then_resume_is_bit_identical(store_path, base_store, sae_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(store_path), str(sae_dir)],

@@ -312,6 +312,7 @@ run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.
 """
 
 
+@pytest.mark.slow  # kills and resumes
 def test_sigkill_then_resume_equals_uninterrupted(fitted_store, tmp_path):
     import shutil
 

@@ -68,3 +68,26 @@ def test_one_sae_loader():
         "pipeline/demo/sae.py",
         "pipeline/inputs/sae.py",
     ]
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists its packages (``xprobe`` is pipeline/alias): a new package folder that is
+    not listed would be missing from a wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("pipeline", "stages")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found | {"xprobe"} == listed
+
+
+def test_xprobe_is_pipeline():
+    import pipeline
+    import xprobe
+
+    assert xprobe is pipeline and xprobe.direction is pipeline.direction

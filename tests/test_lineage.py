@@ -225,6 +225,7 @@ main()
 """
 
 
+@pytest.mark.slow  # waits on hub retries
 def test_hub_model_identity_is_its_commit(tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir):
     """A hub model (offline, from a Hugging Face cache laid out as the hub leaves it): its
     identity is the commit ``refs/main`` resolves to, so a new commit makes its units stale."""

@@ -147,6 +147,7 @@ def sink_store(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir, llama_di
     return store
 
 
+@pytest.mark.slow  # five fits and a report, float64
 def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_without_them(
     sink_store, tmp_path
 ):

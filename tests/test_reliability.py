@@ -191,6 +191,7 @@ main()
 """
 
 
+@pytest.mark.slow  # signals a running process
 @pytest.mark.parametrize(
     "sig, code, words", [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")]
 )

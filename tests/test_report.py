@@ -659,6 +659,27 @@ def test_most_present_ranks_by_score_then_headroom():
     assert list(_ranked_least(df, "B", True)["feature"]) == [4, 3, 2, 1, 0]
 
 
+def test_most_present_cards_open_with_determined_features():
+    """A point score of 1 with the interval [0, 1] (undetermined) ranks after a feature whose
+    whole interval is present; the least present likewise go by the interval's upper end."""
+    from pipeline.report.html import _ranked, _ranked_least
+
+    df = pd.DataFrame(
+        {
+            "feature": [0, 1, 2],
+            "token_r2": [0.0, 0.0, 0.0],
+            "ceiling_r2": [0.5, 0.5, 0.5],
+            "B_presence": [1.0, 0.9, 0.0],
+            "B_presence_lo": [0.0, 0.8, 0.0],
+            "B_presence_hi": [1.0, 1.0, 0.9],
+        }
+    )
+    assert list(_ranked(df, "B", True)["feature"]) == [1, 0, 2]
+    assert list(_ranked_least(df, "B", True)["feature"])[:1] == [2]
+    df.loc[2, "B_presence_hi"], df.loc[0, "B_presence"] = 1.0, 0.0
+    assert list(_ranked_least(df, "B", True)["feature"]) == [0, 2, 1]
+
+
 def test_contexts_keep_sentencepiece_spaces():
     """A Metaspace (SentencePiece-style) tokenizer drops a token's leading space when the token is
     decoded alone; contexts decode the window's prefixes, so the spaces survive."""

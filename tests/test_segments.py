@@ -27,6 +27,8 @@ from pipeline.store import Store
 from pipeline.store.verify import verify_store
 from tests.helpers import save_standard_sae
 
+pytestmark = pytest.mark.slow  # the slow lane (make test-slow): kills, segments, clusters
+
 ROOT = Path(__file__).parents[1]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 

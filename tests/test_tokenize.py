@@ -128,6 +128,7 @@ run(TokenizeConfig(corpus="c", source=(sys.argv[2],), tokenizer=sys.argv[3], ctx
 """
 
 
+@pytest.mark.slow  # kills and resumes
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
     from tests.helpers import make_documents, wait_for_markers
 

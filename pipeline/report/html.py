@@ -53,22 +53,40 @@ table.counts th { background: #f6f8fa; font-weight: 600; } table.counts td.hl { 
 .feature .head a { color: inherit; }
 @media (max-width: 900px) {
   body { margin: 12px auto; padding: 0 10px; font-size: 14px; }
-  pre.summary { font-size: 10.5px; padding: 8px; } .cols { grid-template-columns: 1fr; }
+  pre.summary { font-size: 9px; padding: 6px; } .cols { grid-template-columns: 1fr; }
   table.facts td { display: block; padding: 0; } table.facts td:first-child { margin-top: 6px; }
 }
 """
 
 
+def _bound(df: Any, label: str, side: str) -> np.ndarray:
+    """The presence interval's ``lo``/``hi`` bound per row (the point score where the fits have
+    no bootstrap, or the bound is not finite)."""
+    point = df[f"{label}_presence"].to_numpy(dtype=float)
+    col = f"{label}_presence_{side}"
+    if col not in df:
+        return point
+    bound = df[col].to_numpy(dtype=float)
+    return np.where(np.isfinite(bound), bound, point)
+
+
 def _ranked(df: Any, label: str, token_baseline: bool) -> Any:
-    """Scored features from most to least present: by the clipped presence score, ties (many
-    features sit at 1 or at 0) broken by headroom, R²_ceiling − max(R²_token, 0), largest first:
-    the features with the most to find beyond the token, found (or not). The unclipped score is
-    not the order: it exceeds 1 mostly where the headroom is tiny."""
+    """Scored features from most to least present: by the lower end of the presence interval
+    (a feature whose interval is [0, 1] is not among the "most present", whatever its point
+    score), then by the clipped presence score, ties (many features sit at 1 or at 0) broken by
+    headroom, R²_ceiling − max(R²_token, 0), largest first: the features with the most to find
+    beyond the token, found (or not). The unclipped score is not the order: it exceeds 1 mostly
+    where the headroom is tiny."""
     scored = df[np.isfinite(df[f"{label}_presence"].to_numpy())]
     token = np.maximum(scored["token_r2"].to_numpy(), 0) if token_baseline else 0.0
     headroom = scored["ceiling_r2"].to_numpy() - token
     order = np.lexsort(
-        (scored["feature"].to_numpy(), -headroom, -scored[f"{label}_presence"].to_numpy())
+        (
+            scored["feature"].to_numpy(),
+            -headroom,
+            -scored[f"{label}_presence"].to_numpy(),
+            -_bound(scored, label, "lo"),
+        )
     )
     return scored.iloc[order]
 
@@ -114,11 +132,19 @@ def _feature_sections(report: Any, df: Any, scan: dict[str, np.ndarray], context
 
 
 def _ranked_least(df: Any, label: str, token_baseline: bool) -> Any:
-    """Scored features from least to most present, ties broken by headroom, largest first."""
+    """Scored features from least to most present: by the upper end of the presence interval,
+    then the score, ties broken by headroom, largest first."""
     token = np.maximum(df["token_r2"].to_numpy(), 0) if token_baseline else 0.0
     headroom = df["ceiling_r2"].to_numpy() - token
     return df.iloc[
-        np.lexsort((df["feature"].to_numpy(), -headroom, df[f"{label}_presence"].to_numpy()))
+        np.lexsort(
+            (
+                df["feature"].to_numpy(),
+                -headroom,
+                df[f"{label}_presence"].to_numpy(),
+                _bound(df, label, "hi"),
+            )
+        )
     ]
 
 
@@ -234,6 +260,7 @@ def _facts(report: Any, df: Any, notes: dict[str, Any]) -> str:
         )
     if "encoder_cosine" in notes:
         rows.append(("encoder cosine", html.escape(notes["encoder_cosine"])))
+    rows = list(dict.fromkeys(rows))  # A's norms at the SAE's hook are also the ceiling's
     return (
         '<table class="facts">'
         + "".join(
@@ -255,9 +282,10 @@ def render_html(
         f"<h1>Which features of {html.escape(cfg.features)} does {html.escape(b_names)} have?</h1>",
         f'<p class="sub">xprobe report <b>{html.escape(cfg.name)}</b>: held-out R² of linear probes '
         "from each model's residual stream to each SAE feature, against controls.</p>",
-        _facts(report, df, notes),
-        "<h2>Summary</h2>",
         f'<pre class="summary">{html.escape(summary)}</pre>',
+        "<details><summary>What was compared: store, corpus, SAE, models, norms</summary>",
+        _facts(report, df, notes),
+        "</details>",
         '<dl class="defs">'
         f"<dt>presence score</dt><dd>(R²<sub>B</sub> − {token}) / (R²<sub>ceiling</sub> − {token}), "
         "clipped to [0, 1]. R²<sub>B</sub> is B's held-out R² at its best layer; R²<sub>ceiling</sub> is "

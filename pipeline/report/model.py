@@ -289,15 +289,25 @@ def class_lines(df: Any, roles: list[Role], present_at: float, partial_at: float
     """Summary lines of presence per token class (fits with ``classes``; see table.class_columns)."""
     from pipeline.inputs.chat import TOKEN_CLASSES
 
-    lines = []
+    rows = []
     for role in roles:
         for token_class in TOKEN_CLASSES:
             col = f"{role.label}_presence_{token_class}"
             if col not in df:
                 continue
             verdict = classify(df[col].to_numpy(), present_at, partial_at)
-            shown = "".join(f"{int((verdict == k).sum()):>10}" for k in CLASSES)
-            lines.append(f"  {role.fit + ' on ' + token_class:<{len(role.fit) + 14}}{shown}")
-    if lines:
-        lines.insert(0, "per token class (presence = R²_B / R²_ceiling on its held-out tokens):")
+            rows.append(
+                (f"{role.fit} on {token_class}", [int((verdict == k).sum()) for k in CLASSES])
+            )
+    if not rows:
+        return []
+    width = max(len(label) for label, _ in rows)
+    column = {c: max(10, len(c) + 2) for c in CLASSES}
+    lines = [f"  {'':<{width}}" + "".join(f"{c:>{column[c]}}" for c in CLASSES)]
+    for label, counts in rows:
+        lines.append(
+            f"  {label:<{width}}"
+            + "".join(f"{n:>{column[c]}}" for c, n in zip(CLASSES, counts, strict=True))
+        )
+    lines.insert(0, "per token class (presence = R²_B / R²_ceiling on its held-out tokens):")
     return lines
