@@ -233,7 +233,7 @@ class Segmented:
         resumed = [u for u in resumed if store.evicted_chunks(u)]
         for unit in resumed:
             self.computed.setdefault(unit, set()).update(recorded[unit])
-        self._evict([i for i in range(n_chunks) if finished(i)], resumed)
+        self.evict([i for i in range(n_chunks) if finished(i)], resumed)
         todo = [i for i in range(n_chunks) if not finished(i)]
         start = self.used() - self.checkpoint_bytes() if self.max_disk is not None else 0
         consumed, kept_per_chunk = 0, None
@@ -250,7 +250,7 @@ class Segmented:
             if self.fits:  # every fit in one pass over the segment: each chunk read once
                 lifecycle.consume_together(self.fits, store, segment, self.rebuild_stale)
             consumers = self.consumers()  # the fits' units exist now
-            self._evict(segment, dense)
+            self.evict(segment, dense)
             consumed += len(segment)
             if self.max_disk is not None:  # what stays per chunk: features, kept activations...
                 kept = self.samples[-1] - self.checkpoint_bytes() - start
@@ -275,7 +275,7 @@ class Segmented:
             used = self.samples[-1] if self.samples else 0
             print(f"{line}; store {human(used)} of {human(self.max_disk)}", file=sys.stderr)
 
-    def _evict(self, chunks: list[int], dense: list[str]) -> None:
+    def evict(self, chunks: list[int], dense: list[str]) -> None:
         """Evict ``chunks`` of ``dense`` that this run computed (never a chunk it found)."""
         if self.max_disk is None:
             return
@@ -451,7 +451,7 @@ class Rematerialize:
 
     def close(self) -> None:
         if self.current:
-            self.run._evict(self.current, self.written)
+            self.run.evict(self.current, self.written)
             self.current = []
 
 

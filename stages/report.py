@@ -193,7 +193,7 @@ class ReportStage(WholeStage):
         }
 
     def build(self, store: Store, client: Any = None) -> tuple[int, dict[str, Any]]:
-        arrays, n_chunks = self.report._scan_pass(self.facts["n_feat"])
+        arrays, n_chunks = self.report.scan_pass(self.facts["n_feat"])
         prov = store.info(self.report.unit)
         for name, value in arrays.items():
             path = f"{self.report.unit}/{name}"
@@ -209,7 +209,7 @@ class ReportStage(WholeStage):
         info = store.info(unit) if store.has(unit) else {}
         if info.get("complete") and info.get("config_fingerprint") == fingerprint(self.identity()):
             return {n: store.array(f"{unit}/{n}")[:] for n in SCAN_ARRAYS}
-        arrays, self.n_read = self.report._scan_pass(self.facts["n_feat"])  # read-only, uncached
+        arrays, self.n_read = self.report.scan_pass(self.facts["n_feat"])  # read-only, uncached
         return arrays
 
     def publish(self, store: Store, summary: dict[str, Any]) -> dict[str, Any]:

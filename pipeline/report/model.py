@@ -178,7 +178,7 @@ class Report:
         return mask
 
     # ---- the one pass over tokens and features ---------------------------------------------------
-    def _scan_pass(self, n_feat: int) -> tuple[dict[str, np.ndarray], int]:
+    def scan_pass(self, n_feat: int) -> tuple[dict[str, np.ndarray], int]:
         from tqdm.auto import tqdm
 
         store, tokens = self.store, self.store.info(self.tokens)
@@ -260,7 +260,7 @@ class Report:
             + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
             + f" (of {len(df)})",
         ]
-        width = max(len(self._display(r)) for r in self.roles[1:])
+        width = max(len(self.display(r)) for r in self.roles[1:])
         column = {c: max(10, len(c) + 2) for c in CLASSES}
         lines.append(f"  {'':<{width}}" + "".join(f"{c:>{column[c]}}" for c in CLASSES))
         floor_present = (
@@ -268,7 +268,7 @@ class Report:
         )
         for role in self.roles[1:]:
             counts = df[f"{role.label}_class"].value_counts()
-            row = f"  {self._display(role):<{width}}" + "".join(
+            row = f"  {self.display(role):<{width}}" + "".join(
                 f"{int(counts.get(c, 0)):>{column[c]}}" for c in CLASSES
             )
             if role.label != "floor" and "floor_class" in df:
@@ -281,7 +281,7 @@ class Report:
         return "\n".join(lines)
 
     @staticmethod
-    def _display(role: Role) -> str:
+    def display(role: Role) -> str:
         return f"{role.fit} (floor)" if role.label == "floor" else role.fit
 
 

@@ -70,7 +70,7 @@ def plot_presence(report: Any, df: Any) -> str:
             linewidth=2,
             linestyle=style,
             color=LINE_COLORS[i % len(LINE_COLORS)],
-            label=f"{report._display(role)}  (n = {len(score)})",
+            label=f"{report.display(role)}  (n = {len(score)})",
         )
     for x, name in ((cfg.partial_at, "partial"), (cfg.present_at, "present")):
         ax.axvline(x, color="#59636e", linewidth=1, linestyle=":")
@@ -136,7 +136,7 @@ def plot_scatter(report: Any, df: Any) -> str:
         ax.plot([lo, top], [lo, top], color="#59636e", linewidth=1, linestyle=":")
         ax.set_xlabel("ceiling held-out R² (A → A)")
         ax.set_ylabel(f"{role.fit} held-out R² (best layer)")
-        ax.set_title(report._display(role), fontsize=10)
+        ax.set_title(report.display(role), fontsize=10)
         ax.legend(frameon=False, fontsize=8, markerscale=1.5, loc="upper left")
         fig.tight_layout()
         panels.append(png(fig).replace('class="plot"', 'class="panel"'))
@@ -192,7 +192,7 @@ def plot_layers(report: Any, df: Any) -> tuple[str, str]:
                 ys,
                 "o--" if role.label == "floor" else "o-",
                 color=color,
-                label=report._display(role),
+                label=report.display(role),
             )
     if report.cfg.token_baseline and basis.any():
         token = float(np.nanmedian(df["token_r2"].to_numpy()[basis]))
@@ -299,7 +299,7 @@ def plot_baselines(report: Any, df: Any) -> str | None:
             for name in ("absent", "partial", "undetermined", NO_MARGIN, "present"):
                 sel = finite & (cls == name)
                 ax.scatter(values[sel], ys[sel], s=10, color=COLORS[name], label=name)
-            title = report._display(role)
+            title = report.display(role)
             if y_label != "presence" and finite.any():  # the map panel: y = x, and who wins
                 low = min(0.0, float(values[finite].min()), float(ys[finite].min()))
                 high = max(float(values[finite].max()), float(ys[finite].max()))
