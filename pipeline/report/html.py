@@ -280,8 +280,10 @@ def render_html(
     token = "max(R²<sub>token</sub>, 0)" if cfg.token_baseline else "0"
     body = [
         f"<h1>Which features of {html.escape(cfg.features)} does {html.escape(b_names)} have?</h1>",
-        f'<p class="sub">xprobe report <b>{html.escape(cfg.name)}</b>: held-out R² of linear probes '
-        "from each model's residual stream to each SAE feature, against controls.</p>",
+        f'<p class="sub">xprobe report <b>{html.escape(cfg.name)}</b>: held-out R² of a '
+        "single-layer model per SAE feature (the feature's own activation applied to a linear "
+        "read of each model's residual stream; linear probes for fits with predictor = "
+        '"linear"), against controls.</p>',
         f'<pre class="summary">{html.escape(summary)}</pre>',
         "<details><summary>What was compared: store, corpus, SAE, models, norms</summary>",
         _facts(report, df, notes),
@@ -320,8 +322,10 @@ def render_html(
         body += [
             "<h2>Calibration: ceiling directions vs the SAE encoder</h2>",
             plot_cosine(df),
-            '<p class="caption">Cosine of each feature\'s A → A probe direction with its SAE '
-            "encoder row. This is not a check that the SAE matches the stored activations (the "
+            '<p class="caption">Cosine of each feature\'s A → A direction with its SAE '
+            "encoder row: 1 up to round-off for the single-layer model, whose ceiling is A's "
+            "encoder; the rest of this caption is about linear probes (predictor = "
+            '"linear"). This is not a check that the SAE matches the stored activations (the "
             "features were encoded from those very activations; the ceiling's held-out R² is that "
             "check). Low cosines are expected, lowest for sparse features: the encoder reads the "
             "feature through a threshold (ReLU, TopK, JumpReLU) that zeroes its response wherever "
