@@ -325,7 +325,7 @@ def render_html(
             '<p class="caption">Cosine of each feature\'s A → A direction with its SAE '
             "encoder row: 1 up to round-off for the single-layer model, whose ceiling is A's "
             "encoder; the rest of this caption is about linear probes (predictor = "
-            '"linear"). This is not a check that the SAE matches the stored activations (the "
+            '"linear"). This is not a check that the SAE matches the stored activations (the '
             "features were encoded from those very activations; the ceiling's held-out R² is that "
             "check). Low cosines are expected, lowest for sparse features: the encoder reads the "
             "feature through a threshold (ReLU, TopK, JumpReLU) that zeroes its response wherever "
