@@ -287,3 +287,13 @@ def save_rotated_llama(model_dir: Path, out: Path, seed: int = 0) -> torch.Tenso
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return r
+
+
+def held_out_split(store, n_seq: int, fraction: float, seed: int = 0, corpus: str = "c"):
+    """[n_seq] bool: the held-out sequences a fit with default ``split_by`` ("auto") uses: whole
+    documents where documents span several sequences (pipeline/maths/split.py)."""
+    from pipeline.documents import split_documents
+    from pipeline.maths.split import held_out_sequences
+
+    docs = split_documents(store, f"tokens/{corpus}", "auto")
+    return held_out_sequences(n_seq, fraction, seed, docs)

@@ -136,14 +136,13 @@ def test_template_tokens_missing_from_the_corpus_tokenizer_refused(
 def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_dirs):
     """Per-class held-out R² of the stored probes equals 1 − SSE/SST computed from the stored
     activations, features, held-out split and token classes directly."""
-    from pipeline.maths.split import held_out_sequences
     from stages.activations import ActivationsConfig
     from stages.activations import run as activations
     from stages.features import FeaturesConfig
     from stages.features import run as features
     from stages.fit import FitConfig
     from stages.fit import run as fit
-    from tests.helpers import save_standard_sae
+    from tests.helpers import held_out_split, save_standard_sae
 
     base_tok, b_dir, path, _ = chat_dirs
     store = Store(tmp_path / "s")
@@ -190,7 +189,7 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
     b = store.array(f"probes/p/{hook}/intercept")[:]
     status = store.array(f"probes/p/{hook}/status")[:]
     info = store.info("tokens/chat")
-    held = np.repeat(held_out_sequences(info["n_seq"], 0.4, 0), info["ctx"])
+    held = np.repeat(held_out_split(store, info["n_seq"], 0.4, 0, corpus="chat"), info["ctx"])
     mask = store.array("tokens/chat/mask")[:].reshape(-1)
     cls = store.array("tokens/chat/token_class")[:].reshape(-1)
     summary = store.info("probes/p")["summary"][hook]

@@ -12,7 +12,6 @@ import torch
 
 from pipeline.errors import XprobeError
 from pipeline.inputs.sae import load_sae
-from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
@@ -21,6 +20,7 @@ from stages.features import run as features
 from stages.fit import FitConfig
 from stages.fit import run as fit
 from tests.helpers import (
+    held_out_split,
     save_gated_sae,
     save_jumprelu_sae,
     save_standard_sae,
@@ -110,7 +110,7 @@ def test_closed_form_equals_lstsq_of_the_preactivation(store_path):
     sae = load_sae(sae_path=str(store_path / "sae_relu")).double()
     info = store.info("tokens/c")
     mask = store.array("tokens/c/mask")[:].reshape(-1).astype(bool)
-    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    held = np.repeat(held_out_split(store, info["n_seq"], 0.25, 0), info["ctx"])
     train = mask & ~held
     x_b = store.array(f"acts/c/B/{B_HOOK}/x")[:].astype(np.float64)[train]
     x_a = torch.from_numpy(store.array(f"acts/c/A/{HOOK}/x")[:].astype(np.float64)[train])

@@ -13,7 +13,6 @@ from pipeline.errors import XprobeError
 from pipeline.export.measure import measure
 from pipeline.export.run import DIRECT, EXPORTED, export_fit
 from pipeline.export.sae import FitSource, read_metadata
-from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
@@ -21,7 +20,7 @@ from stages.features import FeaturesConfig
 from stages.features import run as features
 from stages.fit import FitConfig
 from stages.fit import run as fit
-from tests.helpers import save_standard_sae, save_topk_sae, tokenize_small
+from tests.helpers import held_out_split, save_standard_sae, save_topk_sae, tokenize_small
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -126,7 +125,7 @@ def test_lstsq_decoder_is_joint_least_squares_on_training_tokens(store_path, tmp
     sae = SAE.load_from_disk(str(tmp_path / "sae"))
     assert read_metadata(tmp_path / "sae")["decoder"] == "lstsq"
     info = store.info("tokens/c")
-    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    held = np.repeat(held_out_split(store, info["n_seq"], 0.25, 0), info["ctx"])
     train = store.array("tokens/c/mask")[:].reshape(-1) & ~held
     x = _x(store, "B")[torch.from_numpy(train)]
     with torch.no_grad():
@@ -166,7 +165,7 @@ def test_topk_sae_exports_as_topk_with_its_k(store_path, tmp_path):
 def _held_out(store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids [s, ctx], mask [s, ctx] and rows [s*ctx] of the held-out sequences (fit's split)."""
     info = store.info("tokens/c")
-    held = held_out_sequences(info["n_seq"], 0.25, 0)
+    held = held_out_split(store, info["n_seq"], 0.25, 0)
     ids = store.array("tokens/c/ids")[:][held].astype(np.int64)
     mask = store.array("tokens/c/mask")[:][held].astype(bool)
     rows = (np.flatnonzero(held)[:, None] * info["ctx"] + np.arange(info["ctx"])).reshape(-1)
@@ -246,7 +245,7 @@ def test_causal_agreement_is_one_for_a_s_own_direction_and_contexts_fire(store_p
     val = store.array("feats/c/relu/val")[:]
     idx = store.array("feats/c/relu/idx")[:]
     info = store.info("tokens/c")
-    held = held_out_sequences(info["n_seq"], 0.25, 0)
+    held = held_out_split(store, info["n_seq"], 0.25, 0)
     mask = store.array("tokens/c/mask")[:]
     for f, s, p, v in zip(
         contexts.feature, contexts.seq, contexts.pos, contexts.value, strict=True

@@ -24,9 +24,9 @@ from pipeline.store.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.store.chunks import ChunkResult
 from stages.activations import ActivationsConfig
 from stages.activations import run as activations
-from stages.fit import FitConfig, held_out_sequences
+from stages.fit import FitConfig
 from stages.fit import run as fit
-from tests.helpers import tokenize_small
+from tests.helpers import held_out_split, tokenize_small
 
 N_FEAT = 24
 
@@ -144,7 +144,7 @@ def _in_memory(store: Store, feats: _FakeFeatures, hook: str) -> tuple[np.ndarra
         .astype(np.float64)
     )
     mask = store.array("tokens/c/mask")[:].reshape(-1)
-    held_seq = held_out_sequences(store.info("tokens/c")["n_seq"], 0.25, 0)
+    held_seq = held_out_split(store, store.info("tokens/c")["n_seq"], 0.25, 0)
     held = np.repeat(held_seq, 32)
     return x, y, mask & ~held, mask & held
 

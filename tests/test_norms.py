@@ -153,9 +153,9 @@ def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_wi
 ):
     from stages.features import FeaturesConfig
     from stages.features import run as features
-    from stages.fit import FitConfig, held_out_sequences
+    from stages.fit import FitConfig
     from stages.fit import run as fit
-    from tests.helpers import save_standard_sae
+    from tests.helpers import held_out_split, save_standard_sae
 
     store = sink_store
     a_unit, b_unit = f"acts/c/a/{HOOK}", f"acts/c/B/{HOOK}"
@@ -196,7 +196,7 @@ def test_exclusion_drops_exactly_the_high_norm_positions_and_fit_equals_lstsq_wi
     rows, slots = np.nonzero(idx >= 0)
     y[rows, idx[rows, slots]] = val[rows, slots]
     xb = store.array(f"{b_unit}/x")[:].astype(np.float64)
-    held = np.repeat(held_out_sequences(store.info("tokens/c")["n_seq"], 0.25, 0), 32)
+    held = np.repeat(held_out_split(store, store.info("tokens/c")["n_seq"], 0.25, 0), 32)
     base = dict(
         corpus="c",
         features="sae",

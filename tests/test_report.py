@@ -27,7 +27,6 @@ from pipeline.maths.presence import (
     presence,
     presence_replicates,
 )
-from pipeline.maths.split import held_out_sequences
 from pipeline.store import Store
 from pipeline.store.checkpoint import load_checkpoint
 from stages.activations import ActivationsConfig
@@ -38,7 +37,7 @@ from stages.fit import FitConfig
 from stages.fit import run as fit
 from stages.report import ReportConfig
 from stages.report import run as report
-from tests.helpers import save_standard_sae, tokenize_small
+from tests.helpers import held_out_split, save_standard_sae, tokenize_small
 
 HOOK = "blocks.1.hook_resid_post"
 HOOKS_B = ("blocks.0.hook_resid_post", HOOK)
@@ -166,7 +165,8 @@ def test_report_end_to_end(pipeline_store):
         assert col in df, col
     # the intervals hold their point values (percentile intervals of 200 replicates usually do)
     for col in ("B_r2", "B_r2_clipped", "ceiling_r2", "ceiling_r2_clipped"):
-        inside = (df[f"{col}_lo"] <= df[col]) & (df[col] <= df[f"{col}_hi"])
+        slack = 1e-9  # the ceiling's R² is 1 up to round-off in every replicate
+        inside = (df[f"{col}_lo"] - slack <= df[col]) & (df[col] <= df[f"{col}_hi"] + slack)
         assert inside[df["status"] == "scored"].mean() > 0.9, col
     # a score exists exactly where the feature is scored, and is then in [0, 1]
     for label in ("B", "floor"):
@@ -221,7 +221,7 @@ def test_report_end_to_end(pipeline_store):
     # activations where the feature fires, against numpy lstsq on the stored rows
     info = store.info("tokens/c")
     mask = store.array("tokens/c/mask")[:].reshape(-1)
-    train = mask & ~np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    train = mask & ~np.repeat(held_out_split(store, info["n_seq"], 0.25, 0), info["ctx"])
     y = _dense_features(store)[train]
     w_dec = sae.W_dec.detach().double().numpy()
     acts: dict[str, np.ndarray] = {}
@@ -327,7 +327,7 @@ def test_token_baseline_equals_numpy(pipeline_store):
     info = store.info("tokens/c")
     ids = store.array("tokens/c/ids")[:].reshape(-1)
     mask = store.array("tokens/c/mask")[:].reshape(-1)
-    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    held = np.repeat(held_out_split(store, info["n_seq"], 0.25, 0), info["ctx"])
     train, test = mask & ~held, mask & held
     y = _dense_features(store)
     pred = shrunk_token_means(ids[train], y[train], ids[test])
@@ -779,7 +779,7 @@ def test_affine_map_baseline(pipeline_store):
     ]
     info = store.info("tokens/c")
     mask = store.array("tokens/c/mask")[:].reshape(-1)
-    held = np.repeat(held_out_sequences(info["n_seq"], 0.25, 0), info["ctx"])
+    held = np.repeat(held_out_split(store, info["n_seq"], 0.25, 0), info["ctx"])
     train, test = mask & ~held, mask & held
     a = store.array(f"acts/c/A/{HOOK}/x")[:].astype(np.float64)
     y = _dense_features(store)
@@ -818,20 +818,22 @@ def test_affine_map_baseline(pipeline_store):
         np.testing.assert_allclose(linear[ok], r2_pre[ok], rtol=1e-3)
         assert (probe[ok] - linear[ok]).mean() > 0.01
     # the map's statistics are in the checkpoint: a fit stopped partway resumes to the same bits
-    calls = {"n": 0}
-    add_chunk = Fit.add_chunk
+    from pipeline.probes import accumulate
 
-    def failing(self, *args, **kwargs):
+    calls = {"n": 0}
+    add_chunk = accumulate.add_chunk
+
+    def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 5:
             raise RuntimeError("stopped")
-        return add_chunk(self, *args, **kwargs)
+        return add_chunk(*args, **kwargs)
 
     resumed = _fit(
         "Bmap2", "B", (HOOK,), lambdas=(0.0,), affine_map=True, checkpoint_every=1, n_bootstrap=0
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Fit, "add_chunk", failing)
+        patch.setattr(accumulate, "add_chunk", failing)
         with pytest.raises(RuntimeError, match="stopped"):
             fit(resumed, store)
     assert len(load_checkpoint(store, "probes/Bmap2")["consumed"]) == 5

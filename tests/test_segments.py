@@ -21,11 +21,10 @@ from click.testing import CliRunner
 from pipeline import lifecycle
 from pipeline.cli import cli
 from pipeline.errors import XprobeError
-from pipeline.maths.split import held_out_sequences
 from pipeline.segments import parse_size
 from pipeline.store import Store
 from pipeline.store.verify import verify_store
-from tests.helpers import save_standard_sae
+from tests.helpers import held_out_split, save_standard_sae
 
 pytestmark = pytest.mark.slow  # the slow lane (make test-slow): kills, segments, clusters
 
@@ -156,7 +155,7 @@ def test_segmented_run_equals_unsegmented_within_budget(
     # every chunk once, then again only the chunks holding held-out sequences, once for both
     # fits (they score in lockstep)
     info = store.info("tokens/c")
-    held = held_out_sequences(int(info["n_seq"]), 0.1, 0)
+    held = held_out_split(store, int(info["n_seq"]), 0.1, 0)
     with_held = sorted({int(i) for i in np.flatnonzero(held) // int(info["chunk_seqs"])})
     assert 0 < len(with_held) < n_chunks
     assert sorted(written) == sorted(list(range(n_chunks)) + with_held)

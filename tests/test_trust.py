@@ -104,22 +104,22 @@ def test_checkpoint_round_trips_the_nested_state_exactly(tmp_path):
 def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(complete, tmp_path, name):
     """An unfinished fit in a store copied from someone else, its checkpoint replaced by a
     pickle that would create a file: ``xprobe run`` refuses it in one line; no file appears."""
-    from stages.fit import Fit
+    from pipeline.probes import accumulate
     from stages.fit import run as fit
 
     root, config = _copy(complete, tmp_path)
     store = Store(root / "store")
     cfg = _fit_cfg("P", checkpoint_every=1)
-    calls, add_chunk = {"n": 0}, Fit.add_chunk
+    calls, add_chunk = {"n": 0}, accumulate.add_chunk
 
-    def stop_after_three(self, *args, **kwargs):
+    def stop_after_three(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("stopped")
-        return add_chunk(self, *args, **kwargs)
+        return add_chunk(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Fit, "add_chunk", stop_after_three)
+        patch.setattr(accumulate, "add_chunk", stop_after_three)
         with pytest.raises(RuntimeError, match="stopped"):
             fit(cfg, store)
     unit = root / "store/probes/P"

@@ -132,6 +132,8 @@ def held_out_scores(
         written[hook] = _named(scorers[hook].result(), named, set(_BOOT), bad)
         if hook in sae_scorers:
             written[hook].update(_named(sae_scorers[hook].result(), _SAE_NAMED, set(_BOOT), bad))
+            for name in ("r2_held_out", "pearson_held_out"):  # 0 where not ok, as the solve's
+                written[hook][name] = np.where(bad, 0.0, written[hook][name])
             for c in cfg.classes:
                 scored = class_scorers[(hook, c)].result()
                 written[hook][f"r2_held_out_{c}"] = np.where(bad, 0.0, scored["r2"])

@@ -89,7 +89,11 @@ UNIT_KINDS: dict[str, UnitKind] = {
         4,
         "activations",
         True,
-        {"x": "[n_tok, d_model] the model's dtype (bfloat16 as uint16 bits)"},
+        {
+            "x": "[n_tok, d_model] the model's dtype (bfloat16 as uint16 bits)",
+            "norm_hist": "[n_chunks, groups, bins] int64 residual norms per log2 bin",
+            "norm_max": "[n_chunks, groups] float64 the groups' largest norms",
+        },
     ),
     "feats": UnitKind(
         3,
@@ -99,6 +103,8 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "idx": "[n_tok, K] int32 active feature ids, ascending, -1 = padding",
             "val": "[n_tok, K] float32 their activations",
             "chunk_stats": "[n_chunks, 4, n_feat] float64 per-chunk partial statistics",
+            "excluded": "[n_tok] bool positions excluded for their norm (exclude_norm_above)",
+            "chunk_transfer_<B>_{pair,scalars}": "per-chunk direct-transfer sums against B",
             "stats/{count,frequency,mean,max,sum,sum_sq,dead}": "[n_feat]",
             "transfer/<B>/corr": "[n_feat] float64 direct-transfer correlation",
         },
