@@ -289,11 +289,13 @@ def save_rotated_llama(model_dir: Path, out: Path, seed: int = 0) -> torch.Tenso
     return r
 
 
-def held_out_split(store, n_seq: int, fraction: float, seed: int = 0, corpus: str = "c"):
-    """[n_seq] bool: the held-out sequences a fit with default ``split_by`` ("auto") uses: whole
-    documents where documents span several sequences (pipeline/maths/split.py)."""
+def held_out_split(
+    store, n_seq: int, fraction: float, seed: int = 0, corpus: str = "c", split_by: str = "auto"
+):
+    """[n_seq] bool: the held-out sequences of a fit with this ``split_by`` (default "auto", as a
+    fit's: whole documents where documents span several sequences; pipeline/maths/split.py)."""
     from pipeline.documents import split_documents
     from pipeline.maths.split import held_out_sequences
 
-    docs = split_documents(store, f"tokens/{corpus}", "auto")
+    docs = split_documents(store, f"tokens/{corpus}", split_by)
     return held_out_sequences(n_seq, fraction, seed, docs)

@@ -176,6 +176,7 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
         device="cpu",
         progress=False,
         predictor="linear",  # the per-class R² of the linear probe, from the class statistics
+        split_by="sequence",
     )
     fit(cfg, store)
 
@@ -189,7 +190,10 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
     b = store.array(f"probes/p/{hook}/intercept")[:]
     status = store.array(f"probes/p/{hook}/status")[:]
     info = store.info("tokens/chat")
-    held = np.repeat(held_out_split(store, info["n_seq"], 0.4, 0, corpus="chat"), info["ctx"])
+    held = np.repeat(
+        held_out_split(store, info["n_seq"], 0.4, 0, corpus="chat", split_by="sequence"),
+        info["ctx"],
+    )
     mask = store.array("tokens/chat/mask")[:].reshape(-1)
     cls = store.array("tokens/chat/token_class")[:].reshape(-1)
     summary = store.info("probes/p")["summary"][hook]

@@ -131,6 +131,7 @@ def _cfg(**kw) -> FitConfig:  # the linear probe: the tests check it against lst
         device="cpu",
         progress=False,
         predictor="linear",
+        split_by="sequence",  # the references below split by sequence
     )
     base.update(kw)
     return FitConfig(**base)
@@ -144,7 +145,7 @@ def _in_memory(store: Store, feats: _FakeFeatures, hook: str) -> tuple[np.ndarra
         .astype(np.float64)
     )
     mask = store.array("tokens/c/mask")[:].reshape(-1)
-    held_seq = held_out_split(store, store.info("tokens/c")["n_seq"], 0.25, 0)
+    held_seq = held_out_split(store, store.info("tokens/c")["n_seq"], 0.25, 0, split_by="sequence")
     held = np.repeat(held_seq, 32)
     return x, y, mask & ~held, mask & held
 
@@ -308,7 +309,7 @@ def slow_load(*args):  # a slow disk: the kill lands between checkpoints, never 
 pipeline.probes.inputs.load_acts = slow_load
 run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
               held_out_fraction=0.25, lambdas=(0.0, 1e-3, 1e-1), compute_dtype="float64", device="cpu", progress=False,
-              checkpoint_every=1, predictor="linear"), Store(sys.argv[1]))
+              checkpoint_every=1, predictor="linear", split_by="sequence"), Store(sys.argv[1]))
 """
 
 

@@ -142,9 +142,9 @@ UNIT_KINDS: dict[str, UnitKind] = {
         "match",
         False,
         {
-            "{best_idx,best_corr,mutual}": "[F_A]",
+            "{best_idx,best_corr,mutual,n_positive,count_a}": "[F_A]",
             "{top_idx,top_corr,top_n_coactive}": "[F_A, k]",
-            "{b_best_idx,b_best_corr}": "[F_B]",
+            "{b_best_idx,b_best_corr,count_b}": "[F_B]",
         },
     ),
     "causal": UnitKind(
