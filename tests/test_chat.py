@@ -252,6 +252,7 @@ def test_fit_scores_each_token_class_like_a_direct_computation(tmp_path, chat_di
         assert [int(v) for v in row.split()[3:5]] == counts
     lines = out["message"].splitlines()
     at = lines.index("per token class (presence = R²_B / R²_ceiling on its held-out tokens):")
-    assert lines[at + 1].split() == ["present", "partial", "absent", "undetermined", "unscored"]
+    header = ["present", "partial", "absent", "undetermined", "no", "ceiling", "margin", "unscored"]
+    assert lines[at + 1].split() == header
     assert "on raw" not in out["message"]
     assert (df["p2_presence_assistant"] < 1).any()  # λ = 1 loses something: not all present
