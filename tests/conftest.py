@@ -5,6 +5,13 @@ Everything is built locally from a seeded generator: no network, same bytes ever
 
 from __future__ import annotations
 
+import os
+
+# MKL/OpenMP may use fewer threads when the machine is busy, which changes float sums in the last
+# bit; runs compared bit for bit (kill and resume, segmented vs whole) need the same count
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
 import json
 from pathlib import Path
 

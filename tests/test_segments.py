@@ -173,7 +173,7 @@ def test_segmented_run_equals_unsegmented_within_budget(
     config = _config(
         tmp_path, corpus_jsonl, tokenizer_dir, gpt2_dir, sae, FITS + [("B3", HOOKS[1:])]
     )
-    alone = CliRunner().invoke(cli, ["fit", "--config", str(config), "--index", "2"])
+    alone = CliRunner().invoke(cli, ["fit", "--config", str(config), "--index", str(len(FITS))])
     assert alone.exit_code != 0
     assert "consumed and evicted by a segmented run" in str(alone.exception), alone.output
     assert not Store(tmp_path / "store", mode="r").has("probes/B3")  # nothing written

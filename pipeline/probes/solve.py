@@ -75,6 +75,8 @@ def solve_hook(
         result["status"] = np.where(status != STATUS_OK, status, enc.pop("status"))
         enc.pop("lambdas")
         result.update(enc)
+        zeros = np.zeros(len(status))  # the held-out pass's scores replace these (no held-out: 0)
+        result["r2_held_out"], result["pearson_held_out"] = zeros, zeros.copy()
     return result, mapped
 
 
