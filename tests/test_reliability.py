@@ -176,6 +176,9 @@ def test_full_disk_in_a_fit_checkpoint_is_one_line_and_leaves_no_temp_file(
 HELD = """
 import sys, time
 from pathlib import Path
+import signal
+# a pytest-xdist worker may hand its children SIGINT ignored; a user's terminal does not
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import stages.tokenize as t
 
 compute = t.TokenizeStage.compute

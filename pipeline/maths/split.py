@@ -24,6 +24,8 @@ from pipeline.errors import XprobeError
 
 SPLIT_BY = ("auto", "document", "sequence")
 """Values of a fit's ``split_by``; "auto": "document" where documents span several sequences."""
+MIN_DOCUMENTS = 20
+""""auto" splits by document only with at least this many documents."""
 _SPLIT_STREAM = 0  # stream of document_uniform used by the split; the bootstrap uses 1 + replicate
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -85,7 +87,9 @@ def resolve_split_by(split_by: str, doc_ids: np.ndarray | None) -> str:
     if split_by == "document":
         return split_by
     known = doc_ids[doc_ids >= 0]
-    return "document" if len(np.unique(known)) < len(known) else "sequence"
+    n_docs = len(np.unique(known))
+    # too few documents to hold some out and resample them: by sequence, as before
+    return "document" if n_docs < len(known) and n_docs >= MIN_DOCUMENTS else "sequence"
 
 
 def held_out_sequences(
