@@ -48,6 +48,32 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+"""What dask's nannies give each worker (1: one BLAS thread per single-threaded worker)."""
+
+
+@contextlib.contextmanager
+def threads_set_in_workers_only() -> Iterator[None]:
+    """Nannies created inside give their workers ``THREAD_VARIABLES`` in the worker process
+    (``distributed.nanny.environ``), not in this one. dask's default puts them in
+    ``distributed.nanny.pre-spawn-environ``, which the nanny writes into *this* process's
+    ``os.environ`` before it spawns each worker: every process started from here afterwards
+    (a resumed run, a notebook's subprocess) then runs its BLAS on one thread and sums floats in
+    another order than the same command run from a shell. A nanny reads these settings when it
+    is created, so they hold for its restarts too. A worker imports torch only when a task
+    runs, after its nanny has set them."""
+    import dask
+    import distributed  # noqa: F401  (its defaults enter dask.config on import)
+
+    pre_spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+    moved = {name: pre_spawn.pop(name) for name in THREAD_VARIABLES if name in pre_spawn}
+    environ = {**moved, **(dask.config.get("distributed.nanny.environ", None) or {})}
+    with dask.config.set(
+        {"distributed.nanny.pre-spawn-environ": pre_spawn, "distributed.nanny.environ": environ}
+    ):
+        yield
+
+
 def pinned_gpu_cluster(gpus: Sequence[str]) -> Any:
     """A local cluster with one single-threaded worker process per GPU, each seeing only its GPU.
 
@@ -70,7 +96,13 @@ def pinned_gpu_cluster(gpus: Sequence[str]) -> Any:
 
 def local_cluster(n_workers: int) -> Any:
     """``n_workers`` local worker processes (one thread each); where CUDA devices are visible,
-    one worker per GPU (``n_workers = 0``: every GPU), through dask-cuda if it is installed."""
+    one worker per GPU (``n_workers = 0``: every GPU), through dask-cuda if it is installed.
+    This process's environment is left as it was (:func:`threads_set_in_workers_only`)."""
+    with threads_set_in_workers_only():
+        return _local_cluster(n_workers)
+
+
+def _local_cluster(n_workers: int) -> Any:
     gpus = visible_gpus()
     if gpus:
         n = n_workers or len(gpus)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import pipeline.cli
 import pipeline.distributed
-from pipeline.cluster import local_cluster, visible_gpus
+from pipeline.cluster import THREAD_VARIABLES, local_cluster, visible_gpus
 from pipeline.config import fingerprint
 from pipeline.distributed import merge_tree, partitions
 from pipeline.errors import XprobeError
@@ -48,12 +48,10 @@ N_CHUNKS = 8
 
 @pytest.fixture(scope="module")
 def cluster():
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
+    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    with local_cluster(2) as cluster:  # no GPU here: two single-threaded worker processes
         yield cluster
+    assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == before
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +410,20 @@ def test_one_worker_per_visible_gpu_each_seeing_only_its_own(monkeypatch):
         threads = client.nthreads()
     assert sorted(seen.values()) == ["3", "5"]
     assert sorted(threads.values()) == [1, 1]
+
+
+def test_a_local_cluster_leaves_this_process_threads_alone(monkeypatch):
+    """dask's nannies would write OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) into this process's
+    environment before spawning a worker: every process started from here afterwards (a resumed
+    `xprobe run`) would sum on one BLAS thread, in another order than the run it resumes. The
+    workers still get one thread each, set in their own process; a restart leaks nothing."""
+    from distributed import Client
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        assert not {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ}
+        seen = client.run(lambda: {n: os.environ.get(n) for n in THREAD_VARIABLES})
+        assert list(seen.values()) == [dict.fromkeys(THREAD_VARIABLES, "1")]
+        client.restart()
+        assert not {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ}

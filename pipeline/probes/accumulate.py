@@ -14,6 +14,7 @@ are taken every ``checkpoint_every`` chunks, every ``checkpoint_seconds`` and af
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,15 @@ def resume(fit: FitInputs, d: int, n_feat: int) -> Accumulation:
     state = load_checkpoint(fit.store, fit.unit)
     if state is None:
         return Accumulation(fit, fresh_stats(fit, d, n_feat), [], fit.held_out_mask())
+    threads = state.get("threads")
+    if threads is not None and int(threads) != torch.get_num_threads():
+        print(
+            f"warning: {fit.unit} resumes on {torch.get_num_threads()} torch thread(s); its "
+            f"checkpoint was written on {threads}. BLAS sums in another order on another thread "
+            "count, so the results may differ from an uninterrupted run in the last bits. Set "
+            f"OMP_NUM_THREADS={threads} (or torch.set_num_threads({threads})) for the same bits.",
+            file=sys.stderr,
+        )
     stats = {
         hook: {
             split: SufficientStats.from_state_dict(sd, fit.device, fit.dtype)
@@ -122,6 +132,7 @@ def checkpoint(acc: Accumulation) -> None:
     fit = acc.fit
     state = {
         "consumed": acc.consumed,
+        "threads": torch.get_num_threads(),  # the same count, the same float sums on resume
         "stats": {h: {s: st.state_dict() for s, st in sp.items()} for h, sp in acc.stats.items()},
     }
     save_checkpoint(fit.store, fit.unit, state)
