@@ -150,12 +150,11 @@ class SufficientStats:
         syy = torch.zeros(self.n_feat, **f64)
         step = max(1, _BLOCK_ELEMS // max(self.d, self.n_feat))
         for start in range(0, n_b, step):
-            xc = x[start : start + step].to(torch.float64) - mean_x
-            yc = y[start : start + step].to(torch.float64) - mean_y
-            low_x, low_y = xc.to(self.compute_dtype), yc.to(self.compute_dtype)
+            low_x = self._centred(x[start : start + step], mean_x)
+            low_y = self._centred(y[start : start + step], mean_y)
             cxx += (low_x.T @ low_x).to(torch.float64)
             cyx += (low_y.T @ low_x).to(torch.float64)
-            syy += (yc * yc).sum(0)
+            syy += (low_y * low_y).sum(0).to(torch.float64)  # per block, like the GEMMs
         n_active = (y != 0).sum(0).to(torch.int64)
         self._absorb(n_b, mean_x, mean_y, cxx, cyx, syy, n_active)
 
@@ -240,6 +239,15 @@ class SufficientStats:
                 warnings.simplefilter("ignore", UserWarning)
                 y_t = torch.sparse_coo_tensor(torch.stack([c, r]), v, (last - first, n_rows))
             self.cyx.index_add_(0, features[first:last], torch.sparse.mm(y_t, xc))
+
+    def _centred(self, block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``block − mean`` in compute_dtype. Input already in compute_dtype is centred there
+        (one op; ``mean`` rounded to it): the product that follows runs in that dtype anyway,
+        and the float64 round trip cost three times the GEMMs (see ``make bench``'s
+        single_layer_model). Other input is centred in float64 first."""
+        if block.dtype == self.compute_dtype:
+            return block - mean.to(self.compute_dtype)
+        return (block.to(torch.float64) - mean).to(self.compute_dtype)
 
     def _chunk_mean_x(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``x [n, d]``, summed in float64."""
