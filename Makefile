@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xprobe-installed
 
-.PHONY: install demo demo-data test bench lint clean real-example
+.PHONY: install demo demo-data test bench lint clean real-example device-wheels
 
 install: $(STAMP)
 
@@ -57,3 +57,18 @@ lint: install
 
 clean:
 	rm -rf $(VENV) xprobe-demo .pytest_cache
+
+# Wheels for the GPU check (pipeline/bench/device_check.sh): what a device machine's python3
+# (CUDA torch and transformers already there, no package index) lacks. Pure-python wheels go
+# anywhere; DEVICE_PY picks the binary ones (the device's version: the check's env.txt says it).
+DEVICE_PY ?= 3.11
+DEVICE_WHEELS = pytest pluggy iniconfig zarr donfig dask distributed cloudpickle toolz partd \
+	locket zict tblib sortedcontainers click sae-lens transformer-lens einops jaxtyping \
+	wadler-lindig fancy-einsum beartype better-abc typeguard numcodecs google-crc32c msgpack \
+	psutil tornado
+device-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 -d .device-wheels \
+		$(foreach p,$(DEVICE_WHEELS),$(p)==$$($(PY) -c "import importlib.metadata as m; print(m.version('$(p)'))"))
+	du -sh .device-wheels

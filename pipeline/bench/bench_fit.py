@@ -176,8 +176,12 @@ def _single_layer(x, p: dict, linear_tok_s: float, linear_solve_s: float) -> dic
 
 
 def _versus_sklearn(x, rows, cols, vals, p: dict) -> dict:
-    """xprobe vs sklearn Ridge on the first ``sklearn_rows`` rows and ``sklearn_feat`` features."""
-    from sklearn.linear_model import Ridge
+    """xprobe vs sklearn Ridge on the first ``sklearn_rows`` rows and ``sklearn_feat`` features
+    (skipped where scikit-learn is not installed: a dev dependency, absent on a bare GPU box)."""
+    try:
+        from sklearn.linear_model import Ridge
+    except ImportError:
+        return {"skipped": "scikit-learn is not installed (pip install scikit-learn)"}
 
     from pipeline.maths.lstsq import SufficientStats, solve_ridge
 
