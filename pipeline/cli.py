@@ -475,9 +475,13 @@ def pack(store_path: str, out: str) -> None:
 @click.option("--fit", "fit", required=True, help="Fit to export (probes/<fit>).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--hook", help="B's hook (needed when the fit probes several).")
-@click.option("--report", help="Report whose presence scores pick the features (default: the one).")
 @click.option(
-    "--present-at", default=0.7, show_default=True, help="Presence score to keep a feature."
+    "--report", help="Report whose classes (or scores) pick the features (default: the one)."
+)
+@click.option(
+    "--present-at",
+    type=float,
+    help="Keep features by presence point score >= X instead of the report's class 'present'.",
 )
 @click.option("--min-r2", type=float, help="Keep ok probes by held-out R² instead of presence.")
 @click.option(
@@ -504,14 +508,19 @@ def pack(store_path: str, out: str) -> None:
 )
 @click.option("--causal-contexts", default=8, show_default=True, help="Contexts per feature.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an earlier export in --out; with --causal, also start over a causal table "
+    "recorded with other settings or from an earlier fit.",
+)
 def export(
     store_path: str,
     fit: str,
     out: str,
     hook: str | None,
     report: str | None,
-    present_at: float,
+    present_at: float | None,
     min_r2: float | None,
     decoder: str,
     train_tokens: int,

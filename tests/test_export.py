@@ -23,6 +23,7 @@ from stages.fit import run as fit
 from tests.helpers import held_out_split, save_standard_sae, save_topk_sae, tokenize_small
 
 HOOK = "blocks.0.hook_resid_post"
+NOISE = 0.2  # the noisy copy of A: its weights plus this share of their spread
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +52,14 @@ def store_path(tmp_path_factory, corpus_jsonl, tokenizer_dir, gpt2_dir, llama_di
         "b_topk": ("topk", "B"),
         "ceiling": ("relu", "A"),
     }.items():
-        fit(
-            FitConfig(
-                name=name,
-                corpus="c",
-                features=feats,
-                model=model,
-                hooks=(HOOK,),
-                held_out_fraction=0.25,
-                device="cpu",
-                progress=False,
-            ),
-            store,
-        )
+        fit(_fit_config(name, feats, model), store)
     return root / "store"
+
+
+def _fit_config(name: str, features: str, model: str, **kw) -> FitConfig:
+    """A fit at ``HOOK`` with a quarter of the sequences held out (the splits tests check)."""
+    base = dict(corpus="c", hooks=(HOOK,), held_out_fraction=0.25, device="cpu", progress=False)
+    return FitConfig(name=name, features=features, model=model, **{**base, **kw})
 
 
 def _probe(store: Store, fit_name: str, key: str) -> np.ndarray:
@@ -332,7 +327,7 @@ def test_causal_table_recorded_in_the_store_and_shown_by_the_report(store_path, 
     (rec,) = recorded_causal(store, "b")
     assert rec.stale is None and rec.hook == HOOK and rec.settings["n_contexts"] == 2
     pd.testing.assert_frame_equal(rec.table, csv[rec.table.columns.tolist()], check_dtype=False)
-    assert staleness(store, causal_unit("b")) is None and verify_store(store) == []
+    assert staleness(store, causal_unit("b", HOOK)) is None and verify_store(store) == []
     assert recorded_causal(store, "ceiling") == []
 
     text = page()
@@ -350,24 +345,197 @@ def test_causal_table_recorded_in_the_store_and_shown_by_the_report(store_path, 
     assert len(expected) == 2 and expected[0][0] == "top by score"
 
     # the fit recomputed to other bytes: the recorded table is stale, shown as a note only
-    fit(
-        FitConfig(
-            name="b",
-            corpus="c",
-            features="relu",
-            model="B",
-            hooks=(HOOK,),
-            held_out_fraction=0.25,
-            lambdas=(1e-2, 1.0),
-            device="cpu",
-            progress=False,
-        ),
-        Store(root),
-        force=True,
-    )
+    fit(_fit_config("b", "relu", "B", lambdas=(1e-2, 1.0)), Store(root), force=True)
     store = Store(root, mode="r")
     (rec,) = recorded_causal(store, "b")
     assert rec.stale is not None and "recomputed" in rec.stale
-    assert staleness(store, causal_unit("b")) is not None
+    assert staleness(store, causal_unit("b", HOOK)) is not None
     text = page()
     assert "is stale and not shown" in text and 'table class="counts causal"' not in text
+
+    # the export refuses the stale table before any work; --force measures it again
+    again = [*args[:4], str(tmp_path / "again"), *args[5:], "--causal", "2", "--causal-contexts"]
+    result = CliRunner().invoke(cli, ["export", *again, "2"])
+    assert result.exit_code != 0 and not (tmp_path / "again").exists()
+    assert f"causal/b/{HOOK} is stale: probes/b changed" in str(result.exception)
+    result = CliRunner().invoke(cli, ["export", *again, "2", "--force"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (rec,) = recorded_causal(Store(root, mode="r"), "b")
+    assert rec.stale is None and 'table class="counts causal"' in page()
+
+
+def _copy_store(store_path: Path, root: Path) -> Path:
+    """A writable copy of the module's store, without the causal tables other tests recorded."""
+    import shutil
+
+    shutil.copytree(store_path, root)
+    shutil.rmtree(root / "causal", ignore_errors=True)
+    return root
+
+
+def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_causal_unit_goes_through_the_lifecycle(store_path, tmp_path, monkeypatch):
+    """The causal unit is written by the lifecycle: a run killed while writing it leaves a unit
+    that is not complete (the report does not show it) and a rerun recomputes it, to the table
+    of an uninterrupted computation; a rerun with the same settings is already complete and
+    rewrites nothing; other settings are refused before any work, and --force starts it over."""
+    from pipeline import lifecycle
+    from pipeline.export.causal_unit import CausalConfig, CausalStage, measure_table
+    from pipeline.report.causal import causal_unit, read_table, recorded_causal
+    from pipeline.store.layout import undeclared, unit_of
+    from pipeline.store.verify import verify_store
+
+    root = _copy_store(store_path, tmp_path / "store")
+    unit = causal_unit("b", HOOK)
+    args = dict(min_r2=0.0, eval_tokens=None, causal=2, causal_contexts=2)
+
+    real = Store.create_array
+    written = []
+
+    def killed(self, path, *a, **k):  # the process dies after three of the unit's arrays
+        if path.startswith("causal/"):
+            if len(written) == 3:
+                raise KeyboardInterrupt
+            written.append(path)
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(Store, "create_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_fit(Store(root), "b", tmp_path / "killed", **args)
+    monkeypatch.setattr(Store, "create_array", real)
+    store = Store(root, mode="r")
+    assert store.has(f"{unit}/feature") and not store.info(unit).get("complete")
+    assert recorded_causal(store, "b") == [] and not (tmp_path / "killed").exists()
+    assert not (root / f"{unit}.lock").exists()
+
+    first = export_fit(Store(root), "b", tmp_path / "first", **args)
+    assert f"  recorded in the store as {unit} (the report shows it)" in first["lines"]
+    store = Store(root, mode="r")
+    info = store.info(unit)
+    assert info["complete"] and info["stage"] == "export" and verify_store(store) == []
+    assert info["config"]["n"] == 2 and info["config"]["score"] == "r2_held_out"
+    assert info["lineage"]["fit"]["fingerprint"] == store.info("probes/b")["content_fingerprint"]
+    cfg = CausalConfig("b", HOOK, 2, 2, "r2_held_out")
+    uninterrupted = measure_table(FitSource.resolve(store, "b"), cfg)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(read_table(store, unit), uninterrupted)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "first" / "causal.csv"), uninterrupted)
+
+    before = _files(root / "causal")
+    again = export_fit(Store(root), "b", tmp_path / "again", **args)
+    assert any("already recorded (these settings, this fit)" in line for line in again["lines"])
+    assert _files(root / "causal") == before
+    assert (tmp_path / "again" / "causal.csv").read_bytes() == (
+        tmp_path / "first" / "causal.csv"
+    ).read_bytes()
+    (state,) = lifecycle.plan(CausalStage(cfg), store)
+    assert state.state == "complete"
+
+    other = {**args, "causal": 3}
+    with pytest.raises(XprobeError, match=r"another config:\n  n: stored 2 != requested 3"):
+        export_fit(Store(root), "b", tmp_path / "other", **other)
+    assert not (tmp_path / "other").exists() and _files(root / "causal") == before
+    forced = export_fit(Store(root), "b", tmp_path / "other", force=True, **other)
+    assert f"  recorded in the store as {unit} (the report shows it)" in forced["lines"]
+    store = Store(root, mode="r")
+    assert store.info(unit)["config"]["n"] == 3 and store.info(unit)["complete"]
+    assert len(read_table(store, unit)) > len(uninterrupted)
+    assert verify_store(store) == []
+    # the layout table declares what the unit holds, and its arrays belong to it
+    arrays = [f"{unit}/{name}" for name, _ in store.group(unit).arrays()]
+    assert len(arrays) == 12 and undeclared(arrays) == []
+    assert {unit_of(a) for a in arrays} == {unit} and [
+        u for u, _ in store.units() if "causal" in u
+    ] == [unit]
+
+
+def test_default_export_keeps_what_the_report_counts_present(
+    store_path, tmp_path, gpt2_dir, tokenizer_dir
+):
+    """By default the export keeps the features the report classes present (the whole bootstrap
+    interval of presence at or above its present_at), not those with a point score >= 0.7: on a
+    store where some features straddle the threshold (B = A with noisy weights), those are left
+    out, and the count is the report's; --present-at X keeps the point-score selection, and both
+    say which was used."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from pipeline.cli import cli
+    from stages.report import ReportConfig
+    from stages.report import run as report
+
+    root = _copy_store(store_path, tmp_path / "store")
+    torch.manual_seed(3)
+    noisy = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(NOISE * p.std() * torch.randn_like(p))
+    noisy.eval().save_pretrained(tmp_path / "noisy")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "noisy")
+    store = Store(root)
+    activations(
+        ActivationsConfig(
+            corpus="c",
+            model=str(tmp_path / "noisy"),
+            name="N",
+            hooks=(HOOK,),
+            device="cpu",
+            progress=False,
+        ),
+        store,
+    )
+    fit(_fit_config("n", "relu", "N"), store)
+    cfg = ReportConfig(
+        corpus="c", features="relu", fits=("n",), ceiling="ceiling", n_shown=0, progress=False
+    )
+    summary = report(cfg, store)
+    table = pd.read_parquet(summary["table"])
+    store = Store(root, mode="r")
+    ok = _probe(store, "n", "status") == 0
+    point = table["n_presence"].to_numpy()
+    low = table["n_presence_lo"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        whole_interval = ok & (low >= cfg.present_at)  # NaN (no interval) is not present
+        straddling = ok & (point >= 0.7) & ~(low >= 0.7)
+    assert straddling.sum() > 0 and whole_interval.sum() > 0  # the store shows the difference
+    assert (table.loc[straddling, "n_class"] != "present").all()
+
+    (row,) = [line for line in summary["message"].splitlines() if line.split()[:1] == ["n"]]
+    reported_present = int(row.split()[1])  # the summary's first class column is "present"
+    assert reported_present == whole_interval.sum()
+
+    out = tmp_path / "by_class"
+    args = [str(root), "--fit", "n", "--out", str(out), "--eval-tokens", "0"]
+    result = CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["selection"] == {"by": "class", "report": "main", "class": "present"}
+    assert meta["feature_ids"] == np.flatnonzero(whole_interval).tolist()
+    assert f"export: {reported_present} of " in result.output
+    assert "(class 'present' in report 'main')" in result.output
+
+    by_point = export_fit(store, "n", tmp_path / "by_point", present_at=0.7, eval_tokens=500)
+    kept = np.flatnonzero(ok & (point >= 0.7))
+    assert read_metadata(tmp_path / "by_point")["feature_ids"] == kept.tolist()
+    assert by_point["selection"] == {"by": "presence", "report": "main", "present_at": 0.7}
+    metrics = json.loads((tmp_path / "by_point" / "metrics.json").read_text())
+    assert metrics["selection"] == by_point["selection"]
+    assert set(np.flatnonzero(straddling)) <= set(kept)
+
+    for bad, message in (
+        (["--present-at", "0.7", "--min-r2", "0"], "give at most one"),
+        (["--present-at", "1.5"], "in [0, 1], got 1.5"),
+    ):
+        result = CliRunner().invoke(cli, ["export", *args[:-2], *bad])
+        assert result.exit_code != 0 and message in str(result.exception), result.output

@@ -1,6 +1,8 @@
 """``xprobe export``: select a fit's features, write the SAE folder, measure it on B.
 
-The folder gets ``metrics.json`` (the figures of :mod:`pipeline.export.measure`) beside the SAE.
+The folder gets ``metrics.json`` (the figures of :mod:`pipeline.export.measure` and the
+selection) beside the SAE; with ``causal``, ``causal.csv`` and ``causal.png``, the table recorded
+in the store's unit ``causal/<fit>/<hook>`` (:mod:`pipeline.export.causal_unit`).
 """
 
 from __future__ import annotations
@@ -9,21 +11,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.export.causal import causal_agreement, causal_figure
+from pipeline.export.causal import causal_figure
+from pipeline.export.causal_unit import (
+    CausalConfig,
+    check_recordable,
+    measure_table,
+    record,
+    writable,
+)
 from pipeline.export.measure import format_measurement, measure
 from pipeline.export.sae import (
     FitSource,
     build_sae,
     check_export_target,
-    presence_scores,
+    check_selection,
     select_features,
     staged_export,
     write_export,
 )
-from pipeline.maths.lstsq import STATUS_OK
-from pipeline.report.causal import record_causal
+from pipeline.report.causal import GROUPS
 from pipeline.store import Store
 
 EXPORTED = "exported"
@@ -36,7 +42,7 @@ def export_fit(
     out: Path,
     hook: str | None = None,
     report: str | None = None,
-    present_at: float = 0.7,
+    present_at: float | None = None,
     min_r2: float | None = None,
     decoder: str = "write",
     train_tokens: int = 100_000,
@@ -47,14 +53,28 @@ def export_fit(
     force: bool = False,
 ) -> dict[str, Any]:
     """Export ``fit`` to ``out`` and, unless ``eval_tokens`` is None, measure it (and A's SAE
-    applied directly to B where it fits B's hook) on B's held-out tokens. With ``causal`` > 0,
-    the causal agreement of the ``causal`` most present features and of as many others (a
-    seeded random draw) goes to ``out/causal.csv`` and ``out/causal.png``, and, when
-    ``store`` is writable, to the store's ``causal/<fit>/<hook>`` for the report. Returns a summary with ``lines`` to print."""
+    applied directly to B where it fits B's hook) on B's held-out tokens.
+
+    Features kept (``pipeline.export.sae.select_features``): by default those the report
+    ``report`` classes "present"; with ``present_at``, presence point score >= present_at; with
+    ``min_r2``, held-out R² >= min_r2. With ``causal`` > 0, the causal agreement of the
+    ``causal`` most present features and of as many others (a seeded random draw) goes to
+    ``out/causal.csv`` and ``out/causal.png``, and, when ``store`` is writable, to the store's
+    unit ``causal/<fit>/<hook>`` for the report, through the lifecycle: the table recorded with
+    these settings from this fit is reused, other settings are refused before any work unless
+    ``force`` (which also replaces an earlier export in ``out``). Returns a summary with
+    ``lines`` to print."""
     out = Path(out)
+    check_selection(present_at, min_r2)
     check_export_target(out, force)  # before any work
     source = FitSource.resolve(store, fit, hook)
     feature_ids, selection = select_features(source, report, present_at, min_r2)
+    causal_cfg = None
+    if causal > 0:
+        causal_cfg = CausalConfig.of_selection(
+            fit, source.hook, selection, causal, causal_contexts, device
+        )
+        restart = check_recordable(store, causal_cfg, force) if writable(store) else False
     sae = build_sae(source, feature_ids, decoder, train_tokens, device)
     with staged_export(out) as tmp:  # written there, moved into place once complete
         write_export(source, sae, feature_ids, selection, tmp, decoder)
@@ -81,57 +101,28 @@ def export_fit(
                     "A's own SAE (B is A)" if same else "A's SAE on B (direct transfer)"
                 )
             figures = measure(source, saes, max_tokens=eval_tokens, device=device)
-            (tmp / "metrics.json").write_text(json.dumps(figures.to_dict(), indent=1) + "\n")
+            metrics = {**figures.to_dict(), "selection": selection}
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
             lines.append(format_measurement(figures, labels))
             summary["metrics"] = figures.to_dict()
-        if causal > 0:
-            table = _causal(source, report, present_at, min_r2, causal, causal_contexts, device)
+        if causal_cfg is not None:
+            if writable(store):
+                recorded = record(store, causal_cfg, force=restart)
+                table, unit = recorded["table"], recorded["unit"]
+                done = "recorded"
+                if recorded["already_complete"]:
+                    done = "already recorded (these settings, this fit)"
+                tail = [f"  {done} in the store as {unit} (the report shows it)"]
+            else:
+                table = measure_table(source, causal_cfg)
+                tail = ["  (the store is open read-only: not recorded for the report)"]
             table.to_csv(tmp / "causal.csv", index=False)
             figure = causal_figure(table, f"causal agreement: {fit} vs A ({source.hook})")
             figure.savefig(tmp / "causal.png", dpi=100)
-            lines += _causal_lines(table, causal_contexts)
-            if store.local_path is not None and store.mode != "r":
-                settings = {"n": causal, "n_contexts": causal_contexts, "selection": selection}
-                unit = record_causal(store, fit, source.hook, table, settings)
-                lines.append(
-                    f"  recorded in the store as {unit}/{source.hook} (the report shows it)"
-                )
-            else:
-                lines.append("  (the store is open read-only: not recorded for the report)")
+            lines += _causal_lines(table, causal_contexts) + tail
             summary["causal"] = table
         summary["lines"] = lines
     return summary
-
-
-def _causal(
-    source: FitSource,
-    report: str | None,
-    present_at: float,
-    min_r2: float | None,
-    n: int,
-    n_contexts: int,
-    device: str,
-) -> Any:
-    """Causal agreement of the n features scored highest (presence, or held-out R² with
-    ``min_r2``) and of n others drawn at random among the scored ones below ``present_at``
-    (presence) or outside the top n (R²); column ``group``."""
-
-    ok = source.probe("status") == STATUS_OK
-    if min_r2 is None:
-        score, _ = presence_scores(source, report)
-    else:
-        score = np.where(ok, source.probe("r2_held_out"), np.nan)
-    scored = np.flatnonzero(np.isfinite(score) & ok)
-    top = scored[np.argsort(-score[scored], kind="stable")[:n]]
-    rest = np.setdiff1d(scored, top)
-    if min_r2 is None:
-        rest = rest[score[rest] < present_at]
-    others = np.random.default_rng(0).choice(rest, size=min(n, len(rest)), replace=False)
-    features = np.sort(np.concatenate([top, others]))
-    table = causal_agreement(source, features, n_contexts, device)
-    table.insert(1, "group", np.where(np.isin(table["feature"], top), "top", "other"))
-    table.insert(2, "score", score[table["feature"].to_numpy()])
-    return table
 
 
 def _causal_lines(table: Any, n_contexts: int) -> list[str]:
@@ -141,7 +132,7 @@ def _causal_lines(table: Any, n_contexts: int) -> list[str]:
         f"  {'features':<22} {'n':>3} {'score':>6} {'cos steer':>9} {'cos null':>9} {'|null|':>6} "
         f"{'dloss probe':>11} {'dloss write':>11} {'dloss rand':>10}",
     ]
-    for group, label in (("top", "top by score"), ("other", "random others")):
+    for group, label in GROUPS:
         rows = table[table["group"] == group]
         if len(rows):
             med = rows.median(numeric_only=True)
@@ -155,6 +146,8 @@ def _causal_lines(table: Any, n_contexts: int) -> list[str]:
 
 
 def _said(selection: dict[str, Any]) -> str:
+    if selection["by"] == "class":
+        return f"class {selection['class']!r} in report {selection['report']!r}"
     if selection["by"] == "presence":
         return f"presence >= {selection['present_at']} in report {selection['report']!r}"
     return f"held-out R² >= {selection['min_r2']}"

@@ -17,9 +17,12 @@ with ``cfg.metadata.xprobe`` naming A, its SAE, the fit and the kept feature ids
 ``steering.safetensors``: ``feature_ids [F_kept]`` int64 (A's ids), ``write_direction
 [F_kept, d_B]`` float32 and ``write_norm [F_kept]`` (row i steers with feature ``feature_ids[i]``).
 
-Which features: those the report scores present (``{fit}_presence >= present_at`` in
-``report/<name>/table.parquet``), or, with ``min_r2``, every ok probe with held-out R² >= min_r2
-(the ceiling A → A has no presence score). Only ok probes are ever kept.
+Which features (:func:`select_features`): by default those the report classes "present"
+(``{fit}_class`` in ``report/<name>/table.parquet``: the class the report's
+:func:`pipeline.maths.presence.classify_interval` gave, the whole bootstrap interval of presence
+in the report's "present" band), so the export keeps what the report counts present; with
+``present_at``, those whose presence *point* score is at least that; with ``min_r2``, every ok probe
+with held-out R² >= min_r2 (the ceiling A → A has no presence score). Only ok probes are ever kept.
 """
 
 from __future__ import annotations
@@ -165,29 +168,69 @@ class FitSource:
         }
 
 
+PRESENT = "present"
+"""The report's class (``pipeline.maths.presence.CLASSES``) that the export keeps by default."""
+NOT_PRESENT = ("partial", "absent")
+"""The report's classes whose whole presence interval lies below its ``present_at``."""
+
+
 def select_features(
     source: FitSource,
     report: str | None = None,
-    present_at: float = 0.7,
+    present_at: float | None = None,
     min_r2: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """A's feature ids to export, ascending ``[F_kept]`` int64, and how they were chosen.
 
-    With ``min_r2``: ok probes with held-out R² >= min_r2. Otherwise presence from the report
-    ``report`` (default: the one report in the store that scores this fit).
+    By default the ok probes the report ``report`` (default: the one report in the store that
+    scores this fit) classes "present", the count its summary gives. With ``present_at``: ok
+    probes whose presence point score is at least that (features whose interval straddles the
+    threshold included). With ``min_r2``: ok probes with held-out R² >= min_r2.
     """
+    check_selection(present_at, min_r2)
     ok = source.probe("status") == STATUS_OK
     if min_r2 is not None:
         keep = ok & (source.probe("r2_held_out") >= min_r2)
         return np.flatnonzero(keep), {"by": "r2_held_out", "min_r2": min_r2}
-    presence, name = presence_scores(source, report)
-    keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
-    return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+    if present_at is not None:
+        presence, name = presence_scores(source, report)
+        keep = ok & (presence >= present_at)  # NaN (not scored) is never kept
+        return np.flatnonzero(keep), {"by": "presence", "report": name, "present_at": present_at}
+    classes, name = presence_classes(source, report)
+    keep = ok & (classes == PRESENT)
+    return np.flatnonzero(keep), {"by": "class", "report": name, "class": PRESENT}
+
+
+def check_selection(present_at: float | None, min_r2: float | None) -> None:
+    """Refuse a selection that names two rules or a threshold out of range (before any work)."""
+    if present_at is not None and min_r2 is not None:
+        raise XprobeError(
+            "--present-at and --min-r2 are two ways to choose features; give at most one"
+        )
+    if present_at is not None and not 0 <= present_at <= 1:
+        raise XprobeError(f"--present-at is a presence score in [0, 1], got {present_at}")
+    if min_r2 is not None and not np.isfinite(min_r2):
+        raise XprobeError(f"--min-r2 must be a finite number, got {min_r2}")
 
 
 def presence_scores(source: FitSource, report: str | None = None) -> tuple[np.ndarray, str]:
-    """The fit's presence score per feature ``[F]`` (NaN: not scored) from the report ``report``
-    (default: the one report in the store that scores this fit), and that report's name."""
+    """The fit's presence score per feature ``[F]`` float64 (NaN: not scored) from the report
+    ``report`` (default: the one report in the store that scores this fit), and its name."""
+    values, name = _report_column(source, report, "presence", missing=np.nan)
+    return values.astype(np.float64), name
+
+
+def presence_classes(source: FitSource, report: str | None = None) -> tuple[np.ndarray, str]:
+    """The class the report gave the fit per feature ``[F]`` object (``"present"``, ...,
+    ``"unscored"``; None: no row), read from its table as the report wrote it, and its name."""
+    return _report_column(source, report, "class", missing=None)
+
+
+def _report_column(
+    source: FitSource, report: str | None, suffix: str, missing: Any
+) -> tuple[np.ndarray, str]:
+    """``{fit}_{suffix}`` of the report's table per feature ``[F]`` object (``missing`` where the
+    table has no row), from ``report`` or the one report in the store that scores this fit."""
     import pandas as pd
 
     column = f"{source.fit}_presence"
@@ -205,10 +248,16 @@ def presence_scores(source: FitSource, report: str | None = None) -> tuple[np.nd
             f"with {source.fit!r} in its fits, or keep features by held-out R² with --min-r2 X"
         )
     name, path = next(iter(scoring.items())) if report is None else (report, scoring[report])
-    table = pd.read_parquet(path, columns=["feature", column])
-    presence = np.full(len(source.probe("status")), np.nan)
-    presence[table["feature"].to_numpy()] = table[column].to_numpy()
-    return presence, name
+    wanted = f"{source.fit}_{suffix}"
+    if wanted not in _columns(path):
+        raise XprobeError(
+            f"the table of report {name!r} has no column {wanted} (written by an older xprobe): "
+            "run the report again, or choose features by --present-at X or --min-r2 X"
+        )
+    table = pd.read_parquet(path, columns=["feature", wanted])
+    out = np.full(len(source.probe("status")), missing, dtype=object)
+    out[table["feature"].to_numpy()] = table[wanted].to_numpy()
+    return out, name
 
 
 def _report_tables(store: Store, report: str | None) -> dict[str, Path]:

@@ -1,25 +1,25 @@
 """Causal agreement in the store: ``xprobe export --causal`` records its per-feature table in
-``causal/<fit>/<hook>/*``, and the report shows it, one plot and one small table per fit.
+the unit ``causal/<fit>/<hook>`` (one per fit and hook), and the report shows it, one plot and
+one small table per fit and hook.
 
-The unit ``causal/<fit>`` is written by the export (not a stage of ``xprobe run``). Its lineage
-names the fit's content fingerprint at the time; a fit recomputed to other bytes since makes the
-recorded table stale (``xprobe status`` says so, and the report shows a note instead of the
-numbers). The table itself comes from :func:`pipeline.export.causal.causal_agreement`; the models
-and the SAE it used are the fit's inputs, so their changes reach it through the fit.
+The unit is written through the stage lifecycle by :mod:`pipeline.export.causal_unit` (the
+export's causal stage, not a stage of ``xprobe run``): its config is the causal settings, its
+lineage the fit's content fingerprint. A fit recomputed to other bytes since makes the recorded
+table stale (``xprobe status`` says so, and the report shows a note instead of the numbers). The
+table itself comes from :func:`pipeline.export.causal.causal_agreement`; the models and the SAE
+it used are the fit's inputs, so their changes reach it through the fit. This module only reads.
 """
 
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.lineage import unit_input
-from pipeline.store.io import provenance
-from pipeline.store.layout import probes_unit, safe_name
+from pipeline.lineage import staleness
+from pipeline.store.layout import safe_name
 
 COLUMNS = (
     "feature",
@@ -38,44 +38,23 @@ COLUMNS = (
 MEASURES = COLUMNS[4:]
 """The columns measured per context (medians per feature): steering cosines and loss changes."""
 GROUPS = (("top", "top by score"), ("other", "random others"))
+TABLE_ORDER = ("feature", "group", "score", "n_contexts", "alpha", *MEASURES)
+"""The columns of a causal table (``causal.csv``), in order."""
 
 
-def causal_unit(fit: str) -> str:
-    return f"causal/{safe_name(fit)}"
+def causal_unit(fit: str, hook: str) -> str:
+    """The unit holding the causal table of ``fit`` at B's ``hook``."""
+    return f"causal/{safe_name(fit)}/{hook}"
 
 
-def record_causal(store: Any, fit: str, hook: str, table: Any, settings: dict[str, Any]) -> str:
-    """Write ``table`` (one row per feature: :data:`COLUMNS` and ``group``) as
-    ``causal/<fit>/<hook>/*`` with the fit's content fingerprint as its lineage; the unit's other
-    hooks are kept only if they were recorded against the same fit. Returns the unit."""
-    unit = causal_unit(fit)
-    fit_now = unit_input(store, probes_unit(fit))
-    store.acquire_lock(unit, "export")
-    try:
-        if store.has_local(unit):
-            recorded = (store.info(unit).get("lineage") or {}).get("fit") or {}
-            if recorded.get("fingerprint") != fit_now.fingerprint:
-                store.delete(unit)  # its other hooks were computed from another fit
-        if not store.has_local(unit):
-            prov = provenance("export", {"fit": fit}, lineage={"fit": fit_now.record()}, hooks={})
-            store.create_unit(unit, prov)
-        store.update_info(unit, complete=False)
-        hooks = dict(store.info(unit).get("hooks") or {})
-        hooks[hook] = json.loads(json.dumps(settings, default=str))
-        if store.has_local(f"{unit}/{hook}"):
-            store.delete(f"{unit}/{hook}")
-        prov = store.info(unit)
-        arrays = {c: table[c].to_numpy() for c in COLUMNS}
-        arrays["top"] = (table["group"] == "top").to_numpy()
-        for name, value in arrays.items():
-            value = np.ascontiguousarray(value)
-            path = f"{unit}/{hook}/{name}"
-            chunks = (max(1, len(value)),)
-            store.create_array(path, value.shape, chunks, value.dtype, prov)[...] = value
-        store.mark_complete(unit, 1, hooks=hooks)
-    finally:
-        store.release_lock(unit)
-    return unit
+def read_table(store: Any, unit: str) -> Any:
+    """The causal table recorded in ``unit`` (pandas DataFrame, :data:`TABLE_ORDER`)."""
+    import pandas as pd
+
+    table = pd.DataFrame({c: store.array(f"{unit}/{c}")[:] for c in COLUMNS})
+    top = store.array(f"{unit}/top")[:]
+    table.insert(1, "group", np.where(top, "top", "other"))
+    return table[list(TABLE_ORDER)]
 
 
 @dataclass
@@ -84,41 +63,39 @@ class Recorded:
 
     fit: str
     hook: str
-    settings: dict[str, Any]
-    table: Any  # pandas DataFrame: COLUMNS and group
+    settings: dict[str, Any]  # the unit's config: the causal settings (n, n_contexts, score, ...)
+    table: Any  # pandas DataFrame: TABLE_ORDER
     stale: str | None
 
 
 def recorded_causal(store: Any, fit: str) -> list[Recorded]:
-    """The causal tables recorded for ``fit``, one per hook (none: an empty list)."""
-    import pandas as pd
-
-    unit = causal_unit(fit)
-    if not store.has(unit):
+    """The complete causal tables recorded for ``fit``, one per hook (none: an empty list). A
+    unit that is not complete (a run killed while writing it) is not a table."""
+    base = f"causal/{safe_name(fit)}"
+    if not store.has(base):
         return []
-    info = store.info(unit)
-    if not info.get("complete"):
-        return []
-    recorded = ((info.get("lineage") or {}).get("fit") or {}).get("fingerprint")
-    now = unit_input(store, probes_unit(fit)).fingerprint
-    stale = None
-    if now is None:
-        stale = f"the fit {fit!r} is no longer complete in the store"
-    elif recorded != now:
-        stale = f"the fit {fit!r} was recomputed since (content {recorded} then, {now} now)"
     out = []
-    for hook, settings in sorted((info.get("hooks") or {}).items()):
-        base = f"{unit}/{hook}"
-        table = pd.DataFrame(
-            {  # z_steer: NaN in tables recorded before it was measured
-                c: store.array(f"{base}/{c}")[:] if store.has(f"{base}/{c}") else np.nan
-                for c in COLUMNS
-            }
-        )
-        top = store.array(f"{base}/top")[:]
-        table.insert(1, "group", np.where(top, "top", "other"))
-        out.append(Recorded(fit, hook, dict(settings), table, stale))
+    for hook in sorted(name for name, _ in store.group(base).groups()):
+        unit = causal_unit(fit, hook)
+        info = store.group(unit).attrs.get("xprobe") or {}
+        if not info.get("complete"):
+            continue
+        settings = dict(info.get("config") or {})
+        out.append(Recorded(fit, hook, settings, read_table(store, unit), _stale(store, unit)))
     return out
+
+
+def _stale(store: Any, unit: str) -> str | None:
+    """Why the causal table in ``unit`` is not current (its fit changed), or None."""
+    fit = ((store.info(unit).get("lineage") or {}).get("fit") or {}).get("ref", "")
+    if not store.has(fit) or not (store.group(fit).attrs.get("xprobe") or {}).get("complete"):
+        return f"the fit {fit} is no longer complete in the store"
+    why = staleness(store, unit)
+    if why is None:
+        return None
+    if why.via is not None:
+        return f"the fit {fit} is itself stale ({why.via.reason()})"
+    return f"the fit {fit} was recomputed since the table was measured"
 
 
 def group_medians(table: Any) -> list[tuple[str, int, Any]]:
@@ -155,7 +132,7 @@ def causal_section(report: Any) -> str:
         [
             "<h2>Causal agreement</h2>",
             '<p class="caption">Recorded by <code>xprobe export --causal N</code> (the unit '
-            "causal/&lt;fit&gt; of the store): for the N features scored highest and N others drawn "
+            "causal/&lt;fit&gt;/&lt;hook&gt; of the store): for the N features scored highest and N others drawn "
             "at random, on held-out contexts where the feature fires in A, the cosine over the "
             "vocabulary of the change in A's next-token log-probs when A's feature direction is "
             "added at the SAE's hook and the change in B's when B's write direction is added at "
@@ -181,10 +158,10 @@ def _medians_table(rec: Recorded) -> str:
         cells += [f"{med['cos_null']:.3f}", f"{med['abs_cos_null']:.3f}", f"{med['z_steer']:.2f}"]
         cells += [f"{med[k]:.4f}" for k in ("dloss_probe", "dloss_write", "dloss_random")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    selection, contexts = rec.settings.get("selection") or {}, rec.settings.get("n_contexts")
+    settings, contexts = rec.settings, rec.settings.get("n_contexts")
     score = (
-        f"presence in report {selection.get('report')!r}"
-        if selection.get("by") == "presence"
+        f"presence in report {settings.get('report')!r}"
+        if settings.get("score") == "presence"
         else "held-out R²"
     )
     caption = f"score: {score}; each feature's median over at most {contexts} contexts"

@@ -147,15 +147,15 @@ UNIT_KINDS: dict[str, UnitKind] = {
             "{b_best_idx,b_best_corr,count_b}": "[F_B]",
         },
     ),
-    "causal": UnitKind(
-        2,
+    "causal": UnitKind(  # causal/<fit>/<hook>: one unit per fit and B's hook
+        3,
         "export",
         False,
         {
-            "<hook>/{feature,n_contexts}": "[n] int64 A's feature id, contexts it fired on",
-            "<hook>/{alpha,score,cos_steer,cos_null,abs_cos_null,z_steer}": "[n] float64",
-            "<hook>/{dloss_probe,dloss_write,dloss_random}": "[n] float64",
-            "<hook>/top": "[n] bool among the top by score (else a random other)",
+            "{feature,n_contexts}": "[n] int64 A's feature id, contexts it fired on",
+            "{alpha,score,cos_steer,cos_null,abs_cos_null,z_steer}": "[n] float64",
+            "{dloss_probe,dloss_write,dloss_random}": "[n] float64",
+            "top": "[n] bool among the top by score (else a random other)",
         },
     ),
     "report": UnitKind(
