@@ -5,19 +5,29 @@ Everything is built locally from a seeded generator: no network, same bytes ever
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+
+import pytest
 
 # MKL/OpenMP may use fewer threads when the machine is busy, which changes float sums in the last
 # bit; runs compared bit for bit (kill and resume, segmented vs whole) need the same count
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+# ... and with a fixed count, pytest-xdist workers must not oversubscribe the cores: two workers
+# of two threads each on two cores spin-wait on each other in every small parallel op (index_add_
+# of a [128, 96] block took 13 ms instead of 10 us; test_fit and test_chat took 3x the CPU). Each
+# worker gets its share of the cores (OMP_NUM_THREADS, if set, wins). Set before torch is
+# imported (tests.helpers imports it), and inherited by the subprocesses tests start.
+_N_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _N_WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _threads = str(max(1, (_cores or 1) // _N_WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
-import json
-from pathlib import Path
-
-import pytest
-
-from tests.helpers import make_documents
+from tests.helpers import make_documents  # noqa: E402 (imports torch: after the thread counts)
 
 
 @pytest.fixture(scope="session")

@@ -184,10 +184,13 @@ def pipeline_config(
     sae: Path,
     sae_b: Path | None = None,
     hook: str = "blocks.0.hook_resid_post",
+    n_bootstrap: int = 20,
 ) -> Path:
     """A TOML running every stage on a tiny corpus into ``root/store``: tokens ``c``, activations
     of ``model`` as ``a``, features ``sae_a`` (and ``sae_b``, matched against ``sae_a``, with a
-    second fit and a report when ``sae_b`` is given), and the fit ``B`` of ``a`` at ``hook``."""
+    second fit and a report when ``sae_b`` is given), and the fit ``B`` of ``a`` at ``hook``.
+    The fits draw ``n_bootstrap`` replicates (the stage's 200 where an interval is under test;
+    the tests using this config test none)."""
     config = root / "x.toml"
     text = (
         f'store = "{root / "store"}"\n\n'
@@ -206,7 +209,7 @@ def pipeline_config(
         text += (
             f'[[fit]]\nname = "{fit}"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\n'
             f'hooks = ["{hook}"]\ndevice = "cpu"\nmin_active = 1\nprogress = false\n'
-            f"lambdas = [{0.0 if fit == 'B' else 0.01}]\n\n"
+            f"lambdas = [{0.0 if fit == 'B' else 0.01}]\nn_bootstrap = {n_bootstrap}\n\n"
         )
     if sae_b is not None:
         text += (
@@ -299,3 +302,35 @@ def held_out_split(
 
     docs = split_documents(store, f"tokens/{corpus}", split_by)
     return held_out_sequences(n_seq, fraction, seed, docs)
+
+
+def xprobe(*args: str):
+    """``xprobe ARGS`` in this process, as the console script runs it (``pipeline.cli.main``: one
+    ``error:`` line and exit 2 for an XprobeError): a ``CompletedProcess`` with the exit code and
+    the captured stdout and stderr. For tests that need no real signal nor a fresh interpreter
+    (the slow lane's newcomer tests run the real ``python -m pipeline.cli``)."""
+    import contextlib
+    import io
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # main sets them
+    argv, sys.argv = sys.argv, ["xprobe", *args]
+    code: int | str | None = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(
+        ["xprobe", *args], returncode, out.getvalue(), err.getvalue()
+    )

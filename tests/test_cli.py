@@ -11,12 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.store import Store
-
-
-def _xprobe(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd
-    )
+from tests.helpers import xprobe as _xprobe  # in process: exit code, stdout, stderr of main()
 
 
 def test_run_status_info_from_toml(tmp_path, corpus_jsonl, tokenizer_dir):
@@ -127,7 +122,12 @@ def test_config_change_refused_from_cli(tmp_path, corpus_jsonl, tokenizer_dir):
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
-    result = _xprobe("status", str(tmp_path / "nothing"))
+    """The real entry point, in a fresh interpreter: ``python -m pipeline.cli``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "no xprobe store" in result.stderr
 
 

@@ -132,6 +132,7 @@ def _cfg(**kw) -> FitConfig:  # the linear probe: the tests check it against lst
         progress=False,
         predictor="linear",
         split_by="sequence",  # the references below split by sequence
+        n_bootstrap=10,  # replicates are checked against numpy in test_held_out_scores (5)
     )
     base.update(kw)
     return FitConfig(**base)
@@ -309,7 +310,8 @@ def slow_load(*args):  # a slow disk: the kill lands between checkpoints, never 
 pipeline.probes.inputs.load_acts = slow_load
 run(FitConfig(name="k", corpus="c", features="toy", model="B", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
               held_out_fraction=0.25, lambdas=(0.0, 1e-3, 1e-1), compute_dtype="float64", device="cpu", progress=False,
-              checkpoint_every=1, predictor="linear", split_by="sequence"), Store(sys.argv[1]))
+              checkpoint_every=1, predictor="linear", split_by="sequence", n_bootstrap=10),
+    Store(sys.argv[1]))
 """
 
 

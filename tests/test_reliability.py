@@ -25,7 +25,7 @@ from pipeline.cli import cli
 from pipeline.errors import XprobeError
 from pipeline.store import Store
 from pipeline.store.verify import verify_store
-from tests.helpers import pipeline_config, save_standard_sae, wait_for_markers
+from tests.helpers import pipeline_config, save_standard_sae, wait_for_markers, xprobe
 
 ROOT = Path(__file__).parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -58,7 +58,14 @@ def _fit_cfg(name: str, **kw):
     """The config of fit ``name`` of model a on sae_a; the defaults are those of fit B."""
     from stages.fit import FitConfig
 
-    kw = {"min_active": 1, "lambdas": (0.0,), "device": "cpu", "progress": False, **kw}
+    kw = {
+        "min_active": 1,
+        "lambdas": (0.0,),
+        "n_bootstrap": 20,
+        "device": "cpu",
+        "progress": False,
+        **kw,
+    }
     return FitConfig(name=name, corpus="c", features="sae_a", model="a", hooks=(HOOK,), **kw)
 
 
@@ -259,12 +266,7 @@ def test_read_only_mount_runs_what_is_complete_without_a_traceback(complete, tmp
         text = config.read_text().replace(str(root / "store"), str(mnt))
         ro_config = tmp_path / "ro.toml"
         ro_config.write_text(text)
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", str(ro_config), "--only", "fit"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+        done = xprobe("run", str(ro_config), "--only", "fit")  # in process: the mount is real
         assert done.returncode == 0, done.stderr
         assert done.stdout.count("already complete") == 2 and "Traceback" not in done.stderr
         more = ro_config.read_text() + (
@@ -272,12 +274,7 @@ def test_read_only_mount_runs_what_is_complete_without_a_traceback(complete, tmp
             f'hooks = ["{HOOK}"]\ndevice = "cpu"\nprogress = false\n'
         )
         ro_config.write_text(more)
-        refused = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", str(ro_config), "--only", "fit"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+        refused = xprobe("run", str(ro_config), "--only", "fit")  # in process: the mount is real
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert "is not writable" in refused.stderr and "probes/C must be computed" in refused.stderr
     finally:

@@ -30,6 +30,7 @@ from pipeline.store.checkpoint import (
     save_checkpoint,
 )
 from tests import test_reliability
+from tests.helpers import xprobe
 from tests.test_reliability import _bind_read_only, _copy, _fit_cfg
 
 ROOT = Path(__file__).parents[1]
@@ -39,9 +40,8 @@ complete = test_reliability.complete
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True
-    )
+    """``xprobe ARGS`` in process (tests/helpers.py): the same main(), no interpreter to start."""
+    return xprobe(*args)
 
 
 def _one_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -131,7 +131,7 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(complete, tm
         config.read_text()
         + f'\n[[fit]]\nname = "P"\ncorpus = "c"\nfeatures = "sae_a"\nmodel = "a"\n'
         f'hooks = ["{HOOK}"]\ndevice = "cpu"\nmin_active = 1\nprogress = false\n'
-        "lambdas = [0.0]\ncheckpoint_every = 1\n"
+        "lambdas = [0.0]\ncheckpoint_every = 1\nn_bootstrap = 20\n"
     )
     proc = _cli("run", str(config), "--only", "fit")
     words = "pickle format" if name == LEGACY_CHECKPOINT else "cannot be read"
