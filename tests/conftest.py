@@ -29,6 +29,12 @@ if _N_WORKERS > 1:
 
 from tests.helpers import make_documents  # noqa: E402 (imports torch: after the thread counts)
 
+if "OMP_NUM_THREADS" in os.environ:  # torch imported earlier (a plugin) would not have read it:
+    import torch  # noqa: E402  (this process must sum on the count its subprocesses inherit)
+
+    if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def documents() -> list[str]:
