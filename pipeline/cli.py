@@ -486,10 +486,11 @@ def pack(store_path: str, out: str) -> None:
 @click.option("--min-r2", type=float, help="Keep ok probes by held-out R² instead of presence.")
 @click.option(
     "--decoder",
-    type=click.Choice(["write", "lstsq"]),
-    default="write",
+    type=click.Choice(["lstsq", "write"]),
+    default="lstsq",
     show_default=True,
-    help="Decoder rows: B's write directions, or the joint least-squares fit on the encoding.",
+    help="Decoder: the joint least-squares fit of B's x on the encoding, or B's write "
+    "directions as rows (one feature's slope each; they do not add up to a reconstruction).",
 )
 @click.option(
     "--train-tokens", default=100_000, show_default=True, help="Train tokens to fit the decoder on."

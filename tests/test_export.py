@@ -76,7 +76,7 @@ def test_exported_sae_loads_and_encodes_as_clipped_probes(store_path, tmp_path):
 
     store = Store(store_path, mode="r")
     out = tmp_path / "sae_b"
-    summary = export_fit(store, "b", out, min_r2=0.0, eval_tokens=None)
+    summary = export_fit(store, "b", out, min_r2=0.0, decoder="write", eval_tokens=None)
     ok = _probe(store, "b", "status") == 0
     r2 = _probe(store, "b", "r2_held_out")
     ids = np.flatnonzero(ok & (r2 >= 0.0))
@@ -218,13 +218,20 @@ def test_measure_matches_direct_computation(store_path, llama_dir):
 def test_ceiling_export_sits_beside_a_s_own_sae(store_path, tmp_path):
     """A → A: the export and A's own SAE are both measured on A (direct transfer = A's SAE)."""
     store = Store(store_path, mode="r")
-    summary = export_fit(store, "ceiling", tmp_path / "ceiling", min_r2=0.0, eval_tokens=2000)
+    summary = export_fit(
+        store, "ceiling", tmp_path / "ceiling", min_r2=0.0, decoder="write", eval_tokens=2000
+    )
     metrics = summary["metrics"]["saes"]
     assert set(metrics) == {EXPORTED, DIRECT}
     assert "A's own SAE (B is A)" in "\n".join(summary["lines"])
     assert (tmp_path / "ceiling" / "metrics.json").exists()
-    # A's own SAE reconstructs A better than the linear read of its features does
+    # A's own SAE reconstructs A better than the write directions (each a slope alone) do
     assert metrics[DIRECT]["explained_variance"] > metrics[EXPORTED]["explained_variance"]
+    # the default decoder, least squares on the encoding, reconstructs better than both here
+    # (the test's SAE has a random decoder)
+    joint = export_fit(store, "ceiling", tmp_path / "joint", min_r2=0.0, eval_tokens=2000)
+    joint_ev = joint["metrics"]["saes"][EXPORTED]["explained_variance"]
+    assert joint_ev > max(m["explained_variance"] for m in metrics.values())
 
 
 def test_causal_agreement_is_one_for_a_s_own_direction_and_contexts_fire(store_path):
@@ -272,8 +279,8 @@ def test_cli_export_measures_beside_direct_transfer(store_path, tmp_path):
     causal = ["--causal", "2", "--causal-contexts", "2"]
     result = CliRunner().invoke(cli, ["export", *args, "500", *causal], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "TopK" not in result.output and "ReLU, write decoder" in result.output
-    assert "exported (probes + write dirs)" in result.output
+    assert "TopK" not in result.output and "ReLU, lstsq decoder" in result.output  # the default
+    assert "exported (probes + lstsq decoder)" in result.output
     assert "A's SAE on B (direct transfer)" in result.output  # same d_model and hook
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["saes"]) == {EXPORTED, DIRECT} and metrics["n_tok"] >= 500

@@ -44,7 +44,7 @@ def export_fit(
     report: str | None = None,
     present_at: float | None = None,
     min_r2: float | None = None,
-    decoder: str = "write",
+    decoder: str = "lstsq",
     train_tokens: int = 100_000,
     eval_tokens: int | None = 20_000,
     causal: int = 0,

@@ -4,12 +4,14 @@ Per kept feature f of A's SAE (F_kept of them), from ``probes/<fit>/<hook>/``:
 
     W_enc [d_B, F_kept] = direction[f]ᵀ           the probe (read direction)
     b_enc [F_kept]      = intercept[f]             so encode(x) = relu(x·direction + intercept)
-    W_dec [F_kept, d_B] = write_direction[f]       slope of B's residual on the feature
-    b_dec [d_B]         = mean over training tokens of x − Σ_f encode(x)_f · W_dec[f]
+    W_dec [F_kept, d_B], b_dec [d_B]               the joint least-squares fit of x on the encoding
+                                                   (``decoder="lstsq"``, the default)
 
-(or, with ``decoder="lstsq"``, W_dec and b_dec the joint least-squares fit of x on the encoding:
+(or, with ``decoder="write"``, ``W_dec[f] = write_direction[f]``, the slope of B's residual on
+the feature, and ``b_dec`` the mean over training tokens of ``x − Σ_f encode(x)_f · W_dec[f]``:
 one feature's write direction is its own slope, and summed over co-active features the slopes
-overcount what they share, so the write decoder reconstructs poorly)
+overcount what they share, so the write decoder reconstructs poorly: explained variance −3.2
+against 0.825 on the demo's finetune, docs/export.md)
 with ReLU, or TopK with A's k when A's SAE is a TopK SAE (k capped at F_kept), and
 ``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction. The folder
 holds sae-lens's own ``cfg.json`` and ``sae_weights.safetensors`` (written by its ``save_model``),
@@ -278,7 +280,7 @@ def _columns(path: Path) -> list[str]:
 def build_sae(
     source: FitSource,
     feature_ids: np.ndarray,
-    decoder: str = "write",
+    decoder: str = "lstsq",
     train_tokens: int = 100_000,
     device: str = "cpu",
 ) -> Any:
@@ -452,7 +454,7 @@ def write_export(
     feature_ids: np.ndarray,
     selection: dict[str, Any],
     out: Path,
-    decoder: str = "write",
+    decoder: str = "lstsq",
 ) -> Path:
     """Write the SAE folder (sae-lens's ``save_model``) and ``steering.safetensors`` into the
     new, empty folder ``out`` (the export's temp folder: ``place_export`` moves it into place)."""
