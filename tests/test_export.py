@@ -157,6 +157,55 @@ def test_topk_sae_exports_as_topk_with_its_k(store_path, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def test_topk_export_keeps_every_feature_as_a_competitor(store_path, tmp_path):
+    """The single-layer model of a TopK SAE predicts each feature through A's TopK over all F
+    pre-activations: the export keeps every encoder row (the unselected ones as competitors with
+    zero decoder rows), so ``encode`` equals the fit's held-out predictions for the selected
+    features, and their held-out R² is the fit's, however few are selected."""
+    from sae_lens import SAE
+
+    from pipeline.probes.encoder import SaeActivation
+    from pipeline.probes.sae_map import SaeThroughMap
+
+    store = Store(store_path, mode="r")
+    r2_fit = _probe(store, "b_topk", "r2_held_out")
+    ok = _probe(store, "b_topk", "status") == 0
+    threshold = float(np.quantile(r2_fit[ok], 0.75))
+    export_fit(store, "b_topk", tmp_path / "sae", min_r2=threshold, eval_tokens=None)
+    sae = SAE.load_from_disk(str(tmp_path / "sae"))
+    meta = read_metadata(tmp_path / "sae")
+    selected = np.array(meta["selected"])
+    n_feat = len(r2_fit)
+    assert meta["feature_ids"] == list(range(n_feat)) and sae.cfg.d_sae == n_feat
+    assert 0 < len(selected) < ok.sum() / 2
+    others = np.setdiff1d(np.arange(n_feat), selected)
+    assert float(sae.W_dec[torch.from_numpy(others)].abs().max()) == 0.0
+    ids, mask, rows = _held_out(store)
+    x = _x(store, "B")[torch.from_numpy(rows[mask.reshape(-1)])]
+    source = FitSource.resolve(store, "b_topk")
+    predict = SaeActivation(SaeThroughMap(source.sae_a(), centered=False)).predictor(
+        _probe(store, "b_topk", "direction"), _probe(store, "b_topk", "intercept"),
+        torch.device("cpu"), torch.float32,
+    )
+    with torch.no_grad():
+        got = sae.encode(x).double().numpy()
+        want = predict(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    y = _dense_held_out_features(store, "topk", rows[mask.reshape(-1)])
+    r2 = 1 - ((y - got) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(r2[selected], r2_fit[selected], atol=1e-4)
+
+
+def _dense_held_out_features(store: Store, features: str, rows: np.ndarray) -> np.ndarray:
+    """A's feature activations ``[len(rows), F]`` (dense, float64) at token ``rows``."""
+    unit = f"feats/c/{features}"
+    idx, val = store.array(f"{unit}/idx")[:][rows], store.array(f"{unit}/val")[:][rows]
+    y = np.zeros((len(rows), int(store.info(unit)["n_feat"])))
+    r, c = np.nonzero(idx >= 0)
+    y[r, idx[r, c]] = val[r, c]
+    return y
+
+
 def _held_out(store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids [s, ctx], mask [s, ctx] and rows [s*ctx] of the held-out sequences (fit's split)."""
     info = store.info("tokens/c")

@@ -13,7 +13,17 @@ one feature's write direction is its own slope, and summed over co-active featur
 overcount what they share, so the write decoder reconstructs poorly: explained variance −3.2
 against 0.825 on the demo's finetune, docs/export.md)
 with ReLU, or TopK with A's k when A's SAE is a TopK SAE (k capped at F_kept), and
-``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction. The folder
+``apply_b_dec_to_input = False``, so ``encode`` is exactly the clipped probe prediction.
+
+**TopK and the single-layer model**: the fit predicts every feature as A's TopK of *all* F
+pre-activations, so a feature's prediction depends on the others' (each token keeps the k
+largest). The export then holds every feature's encoder row (:func:`export_latents`: latent i is
+A's feature i), the kept ones and the rest as competitors, so that ``encode(x)`` is the fit's
+prediction for every feature, exactly (keeping only the kept rows would let a kept feature into
+the top k where a competitor would have beaten it: the exported SAE's median held-out R² was
+0.058 against the fit's 0.208). The competitors' decoder rows are 0: the decoder is fitted on the
+kept features' encodings alone; ``cfg.metadata.xprobe`` lists the latents (``feature_ids``) and
+the kept features (``selected``), and the steering file holds the kept ones. The folder
 holds sae-lens's own ``cfg.json`` and ``sae_weights.safetensors`` (written by its ``save_model``),
 with ``cfg.metadata.xprobe`` naming A, its SAE, the fit and the kept feature ids, and
 ``steering.safetensors``: ``feature_ids [F_kept]`` int64 (A's ids), ``write_direction
@@ -307,6 +317,9 @@ def build_sae(
     d_in = int(direction.shape[1])
     a_cfg = source.sae_a().cfg
     architecture, k = a_cfg.architecture(), getattr(a_cfg, "k", None)
+    selected = np.asarray(feature_ids)
+    feature_ids = export_latents(source, selected)
+    kept = np.isin(feature_ids, selected)  # [latents]: False for the TopK competitors
     common = dict(
         d_in=d_in,
         d_sae=len(feature_ids),
@@ -335,15 +348,30 @@ def build_sae(
             sae.threshold.copy_(threshold.to(torch.float32))
         sae.W_enc.copy_(torch.from_numpy(direction.oindex[feature_ids, :].T.astype(np.float32)))
         sae.b_enc.copy_(torch.from_numpy(source.probe("intercept")[feature_ids].astype(np.float32)))
-        sae.W_dec.copy_(torch.from_numpy(write.oindex[feature_ids, :].astype(np.float32)))
+        w_write = write.oindex[feature_ids, :].astype(np.float32)
+        w_write[~kept] = 0  # competitors take part in the top k but reconstruct nothing
+        sae.W_dec.copy_(torch.from_numpy(w_write))
         sae.b_dec.zero_()
         if decoder == "write":
             sae.b_dec.copy_(_decoder_bias(source, sae, train_tokens, device))
         else:
-            w_dec, b_dec = _joint_decoder(source, sae, train_tokens, device)
-            sae.W_dec.copy_(w_dec)
+            columns = torch.from_numpy(np.flatnonzero(kept))
+            w_dec, b_dec = _joint_decoder(source, sae, train_tokens, device, columns)
+            sae.W_dec.zero_()
+            sae.W_dec[columns.to(sae.W_dec.device)] = w_dec
             sae.b_dec.copy_(b_dec)
     return sae.eval()
+
+
+def export_latents(source: FitSource, selected: np.ndarray) -> np.ndarray:
+    """A's feature ids of the exported SAE's latents, in order: the ``selected`` ones, or for
+    the single-layer model of a TopK SAE every feature (the rest compete for the top k; module
+    docstring)."""
+    a_cfg = source.sae_a().cfg
+    topk = a_cfg.architecture() in TOPK_ARCHITECTURES and getattr(a_cfg, "k", None) is not None
+    if topk and source.config.get("predictor", "linear") == "sae":
+        return np.arange(int(source.store.array(f"{source.probes}/direction").shape[0]))
+    return np.asarray(selected)
 
 
 def _training_acts(source: FitSource, n_tokens: int, device: str) -> Iterator[torch.Tensor]:
@@ -368,16 +396,19 @@ def _decoder_bias(source: FitSource, sae: Any, n_tokens: int, device: str) -> to
 
 
 def _joint_decoder(
-    source: FitSource, sae: Any, n_tokens: int, device: str
+    source: FitSource, sae: Any, n_tokens: int, device: str, columns: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares of x [n, d] on ``[encode(x), 1]`` over counted training tokens, from the
-    float64 Gram ``[F+1, F+1]`` and cross term ``[F+1, d]`` (pseudo-inverse: a feature that never
-    fires gets a zero row). Returns ``W_dec [F, d]`` and ``b_dec [d]``, float32."""
-    width = sae.cfg.d_sae + 1
+    """Least squares of x [n, d] on ``[encode(x)[:, columns], 1]`` over counted training tokens,
+    from the float64 Gram ``[C+1, C+1]`` and cross term ``[C+1, d]`` (pseudo-inverse: a feature
+    that never fires gets a zero row). Returns ``W_dec [C, d]`` (the rows of ``columns``, default
+    every latent) and ``b_dec [d]``, float32."""
+    columns = torch.arange(sae.cfg.d_sae) if columns is None else columns
+    width = len(columns) + 1
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)
     cross = torch.zeros(width, sae.cfg.d_in, dtype=torch.float64, device=device)
     for x in _training_acts(source, n_tokens, device):
-        a = torch.cat([sae.encode(x), torch.ones(len(x), 1, device=device)], 1).double()
+        code = sae.encode(x)[:, columns.to(x.device)]
+        a = torch.cat([code, torch.ones(len(x), 1, device=device)], 1).double()
         gram += a.T @ a
         cross += a.T @ x.double()
     coef = torch.linalg.pinv(gram, hermitian=True) @ cross
@@ -468,7 +499,8 @@ def write_export(
         + ("write directions" if decoder == "write" else "joint least squares on the encoding"),
         "selection": selection,
         "decoder": decoder,
-        "feature_ids": [int(f) for f in feature_ids],
+        "feature_ids": [int(f) for f in export_latents(source, feature_ids)],
+        "selected": [int(f) for f in feature_ids],
     }
     sae.save_model(out)
     write = torch.from_numpy(
