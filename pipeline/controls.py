@@ -16,8 +16,18 @@ copied from sections the user wrote.
   (``FloorModel``: seeded, written once next to the store as ``<store>.floor/<B>``) at B's
   fitted hooks, and a copy of B's ``[[fit]]`` on it, both named ``random``.
 
+- **token controls** (``token_baseline`` on, ``token_fits`` not written): for A and each model
+  the report's fits read (the floor included), a copy of its ``[[activations]]`` section with
+  ``context = "token"`` (each position: its token read alone, after BOS) named ``<model>.tokens``
+  at the hooks that model is fitted at (A: the SAE's hook), and a copy of the B fit on it, named
+  likewise; the report's ``token_fits`` lists them. The report's token baseline is, per feature,
+  the best of the per-id mean and these fits: a function of the current token that a model
+  whose residual is a function of the current token cannot beat, since for it the control *is*
+  its stream (pipeline/report/table.py, ``token_control``).
+
 An explicit section always wins: a ``[[fit]]`` named like the report's ``ceiling``/``floor``,
-or any fit of A at the SAE's hook, means nothing is derived for that role.
+or any fit of A at the SAE's hook, means nothing is derived for that role; ``token_fits`` in
+``[report]`` (``[]``: none) means no token control is derived.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from pipeline.config import normalize_path
 from pipeline.errors import XprobeError
 from pipeline.store.layout import default_name, safe_name
 
+TOKENS = ".tokens"
+"""Suffix of a token control's model and fit names (``B.tokens``)."""
 RANDOM = "random"
 """``floor = "random"``: derive the floor from B's architecture."""
 FLOOR_SEED = 0
@@ -169,7 +181,7 @@ def derive(
     out_acts = _sections(out, "activations")
     floors: list[FloorModel] = []
     by_name = {f.get("name"): f for f in fits}
-    for report in reports:
+    for report, out_report in zip(reports, _sections(out, "report"), strict=True):
         b_fit = next((by_name[n] for n in report.get("fits") or () if n in by_name), None)
         if b_fit is None:
             continue
@@ -215,10 +227,58 @@ def derive(
             acts.update(model=floor.path, name=RANDOM, hooks=list(b_fit["hooks"]))
             out_acts.append(acts)
             out_fits.append({**b_fit, "name": RANDOM, "model": RANDOM})
+        if report.get("token_baseline", True) and "token_fits" not in report and feats:
+            out_report["token_fits"] = _token_controls(
+                report, feats, b_fit, out_fits, out_acts, base
+            )
     out["fit"] = out_fits
     if out_acts:
         out["activations"] = out_acts
     return out, floors
+
+
+def _token_controls(
+    report: dict[str, Any],
+    feats: dict[str, Any],
+    b_fit: dict[str, Any],
+    out_fits: list[dict[str, Any]],
+    out_acts: list[dict[str, Any]],
+    base: Path | None,
+) -> list[str]:
+    """Add the token-control ``[[activations]]`` and ``[[fit]]`` sections (module docstring) for
+    A and every model the report's fits read; returns the fits' names. A model without an
+    ``[[activations]]`` section in the config (its activations only in the store) gets none."""
+    by_name = {f.get("name"): f for f in out_fits}
+    ceiling = by_name.get(report.get("ceiling") or "ceiling")
+    if ceiling is not None and safe_name(str(ceiling.get("model", ""))) == safe_name(str(feats["model"])):
+        a_hooks = list(ceiling.get("hooks") or ())
+    else:
+        try:
+            a_hooks = [sae_hook(feats, base)]
+        except XprobeError:  # not known here (the ceiling is in the store): no control of A
+            a_hooks = []
+    fitted: dict[str, list[str]] = {safe_name(str(feats["model"])): a_hooks}
+    for name in [*(report.get("fits") or ()), report.get("floor")]:
+        f = by_name.get(name)
+        if f is not None and not str(f.get("model", "")).endswith(TOKENS):
+            hooks = fitted.setdefault(safe_name(str(f["model"])), [])
+            hooks += [h for h in f.get("hooks") or () if h not in hooks]
+    names = []
+    for model, hooks in fitted.items():
+        acts = next((a for a in out_acts if _acts_name(a) == model), None)
+        if acts is None or acts.get("context", "corpus") != "corpus" or not hooks:
+            continue
+        name = f"{model}{TOKENS}"
+        if not any(_acts_name(a) == name for a in out_acts):
+            control = {k: v for k, v in acts.items() if k not in ("layers", "hook", "hooks")}
+            control.update(name=name, hooks=hooks, context="token")
+            out_acts.append(control)
+        if name not in by_name:
+            derived = {k: v for k, v in b_fit.items() if k not in ("affine_map", "classes")}
+            derived.update(name=name, model=name, hooks=hooks)
+            out_fits.append(derived)
+        names.append(name)
+    return names
 
 
 def _needs_ceiling(

@@ -15,6 +15,16 @@ residual stream, as TransformerLens does). The forward stops after the deepest b
 Storage dtypes: float32 and float16 as such (a chunk holding inf/nan is refused, never stored);
 bfloat16 as its uint16 bit pattern with ``dtype = "bfloat16"`` in the provenance (numpy has no
 bf16); ``pipeline.store.reader`` restores it.
+
+``context = "token"`` (the token control, pipeline/controls.py): every position holds the residual
+the model computes for its token read alone, after the corpus's BOS (``[BOS, t]``, position 1;
+without a BOS, after the tokenizer's BOS or EOS, else alone at position 0). It is a function of
+the current token only, through everything the model does with one token (embedding, MLPs, the
+attention to BOS), so a fit on it is the best "the token alone" can do through that model: for a
+model whose residual is a function of the current token (attention contributing nothing), it
+equals the model's own stream. Computed once per used token id, in fixed blocks of
+``TOKEN_BLOCK`` consecutive used ids (each block's forward is the same whichever chunk asks for
+it: resumed runs are bit-identical), then looked up for every position.
 """
 
 from __future__ import annotations
@@ -74,6 +84,10 @@ class ActivationsConfig:
     """Which residual stream point of each layer: block output or block input."""
     hooks: tuple[str, ...] = ()
     """TransformerLens/sae-lens hook names (``blocks.6.hook_resid_post``); override layers/hook."""
+    context: Literal["corpus", "token"] = "corpus"
+    """What each position reads: the corpus sequence (``corpus``), or its token alone after BOS
+    (``token``: a function of the current token only, the report's token control; see the module
+    docstring). Give a ``token`` section its own ``name`` (e.g. ``"B.tokens"``)."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Model and storage dtype; ``auto`` is bfloat16 on cuda, float32 elsewhere."""
     device: str = "auto"
@@ -313,6 +327,8 @@ class ActivationsStage(ChunkedStage):
         out = canonical(self.cfg)
         if self.cfg.attn_implementation is None:
             del out["attn_implementation"]
+        if self.cfg.context == "corpus":  # stores written before ``context`` existed
+            del out["context"]
         return out
 
     def units(self, store: Store) -> dict[str, dict[str, Any]]:
@@ -326,6 +342,7 @@ class ActivationsStage(ChunkedStage):
                 "layer": layer,
                 "hook": f"resid_{kind}",
                 "hook_name": f"blocks.{layer}.hook_resid_{kind}",
+                "context": self.cfg.context,
                 "dtype": self.dtype,
                 "d_model": self.d_model,
                 "model_type": getattr(self.model_config, "model_type", None),
@@ -478,12 +495,16 @@ class ActivationsStage(ChunkedStage):
         blocks = find_blocks(model, self.n_layers)
         device = self.input_device(model)
         ctx, cs, bs = int(tinfo["ctx"]), int(tinfo["chunk_seqs"]), self.cfg.batch_seqs
+        alone = TokenAlone(self, store, model, blocks, device) if self.cfg.context == "token" else None
         for index in range(int(tinfo["n_chunks"])):
             if not todo(index):
                 continue
             ids = torch.from_numpy(store.read_chunk(f"{self.tokens}/ids", index).astype(np.int64))
             parts: dict[tuple[int, str], list] = {w: [] for w in wanted}
-            for start in range(0, len(ids), bs):
+            if alone is not None:
+                for w, x in alone.lookup(ids).items():
+                    parts[w].append(x)
+            for start in range(0, len(ids) if alone is None else 0, bs):
                 acts = forward_capture(model, blocks, ids[start : start + bs].to(device), wanted)
                 for w in wanted:
                     parts[w].append(acts[w].detach().to("cpu"))
@@ -501,6 +522,70 @@ class ActivationsStage(ChunkedStage):
                 arrays[f"{units[w]}/norm_hist"] = hist[None]
                 arrays[f"{units[w]}/norm_max"] = top[None]
             yield ChunkResult(index, arrays, n_tok=len(ids) * ctx)
+
+
+TOKEN_BLOCK = 256
+"""Used token ids per forward of ``context = "token"`` (sequences of 2 tokens)."""
+
+
+class TokenAlone:
+    """``context = "token"``: each used token id's residual at the wanted hooks when the model
+    reads it alone after a prefix token (see the module docstring), computed lazily per block
+    of :data:`TOKEN_BLOCK` consecutive used ids and kept."""
+
+    def __init__(self, stage: ActivationsStage, store: Store, model: Any, blocks: Any, device: Any):
+        import torch
+
+        tinfo = store.info(stage.tokens)
+        self.stage, self.model, self.blocks, self.device = stage, model, blocks, device
+        self.wanted = stage.wanted()
+        self.used = np.flatnonzero(stage._ids_used(store, tinfo)).astype(np.int64)
+        self.rank = np.full(int(self.used.max()) + 1 if len(self.used) else 1, -1, np.int64)
+        self.rank[self.used] = np.arange(len(self.used))
+        self.prefix = token_prefix(store, stage.tokens, tinfo, stage)
+        self.table = {
+            w: torch.zeros(len(self.used), stage.d_model, dtype=getattr(torch, stage.dtype))
+            for w in self.wanted
+        }
+        self.ready = np.zeros((len(self.used) + TOKEN_BLOCK - 1) // TOKEN_BLOCK, bool)
+
+    def _block(self, b: int) -> None:
+        import torch
+
+        ids = torch.from_numpy(self.used[b * TOKEN_BLOCK : (b + 1) * TOKEN_BLOCK])[:, None]
+        if self.prefix is not None:
+            ids = torch.cat([torch.full_like(ids, self.prefix), ids], dim=1)
+        acts = forward_capture(self.model, self.blocks, ids.to(self.device), self.wanted)
+        for w in self.wanted:
+            self.table[w][b * TOKEN_BLOCK : b * TOKEN_BLOCK + len(ids)] = acts[w][:, -1].to("cpu")
+        self.ready[b] = True
+
+    def lookup(self, ids: Any) -> dict[tuple[int, str], Any]:
+        """``{hook: [n, ctx, d_model]}`` for the token ids ``ids [n, ctx]`` of one chunk."""
+        flat = ids.reshape(-1).numpy()
+        if flat.max(initial=-1) >= len(self.rank) or (self.rank[flat] < 0).any():
+            raise XprobeError(
+                f"{self.stage.tokens}'s ids_used does not list every id its chunks hold; "
+                "tokenize the corpus again (--force)"
+            )
+        rank = self.rank[flat]
+        for b in np.unique(rank // TOKEN_BLOCK):
+            if not self.ready[b]:
+                self._block(int(b))
+        return {w: t[rank].reshape(*ids.shape, -1) for w, t in self.table.items()}
+
+
+def token_prefix(store: Store, tokens: str, tinfo: dict[str, Any], stage: ActivationsStage) -> int | None:
+    """The token that precedes each token read alone: the corpus's BOS (the first id of its
+    first sequence, when the corpus was tokenized with ``bos``), else the model tokenizer's BOS,
+    else its EOS, else none."""
+    if (tinfo.get("config") or {}).get("bos", False):
+        return int(store.read_chunk(f"{tokens}/ids", 0).reshape(-1)[0])
+    tok = load_tokenizer(stage.cfg.model, stage.cfg.revision, stage.cfg.trust_remote_code)
+    for token_id in (tok.bos_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return None
 
 
 def run(

@@ -52,7 +52,13 @@ class ReportConfig:
     name: str = "main"
     """Name of the report (``report/<name>`` in the store)."""
     token_baseline: bool = True
-    """Score against the token baseline (per-token-id mean); off: presence = R²_B / R²_ceiling."""
+    """Score against the token baseline (per-token-id mean, and the ``token_fits``); off:
+    presence = R²_B / R²_ceiling."""
+    token_fits: tuple[str, ...] = ()
+    """Fits of token-only streams (``context = "token"`` activations: each token read alone)
+    whose held-out R² compete with the per-id mean as the token baseline, per feature and per
+    bootstrap replicate. ``xprobe run`` derives them for A and every model B (pipeline/controls.py)
+    unless this is written (``[]``: none)."""
     present_at: float = 0.7
     """Presence score at or above which a feature counts as present."""
     partial_at: float = 0.3

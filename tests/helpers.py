@@ -217,6 +217,7 @@ def pipeline_config(
             'device = "cpu"\nprogress = false\n\n'
             '[report]\ncorpus = "c"\nfeatures = "sae_a"\nfits = ["B2"]\nceiling = "B"\n'
             "n_shown = 1\nencoder_cosine = false\nprogress = false\n"
+            "token_fits = []\n"  # no derived token controls: these tests count the stages' units
         )
     config.write_text(text)
     return config

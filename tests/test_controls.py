@@ -1,5 +1,6 @@
 """The controls a run derives (pipeline.controls): the ceiling fit always, the floor on
-``floor = "random"``; sections the user wrote always win."""
+``floor = "random"``; sections the user wrote always win. (The token controls are tested in
+tests/test_token_control.py: these configs write ``token_fits = []``.)"""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _config(tmp_path: Path, **report) -> dict:
             {"name": "B", "corpus": "c", "features": "sae", "model": "B", "hooks": HOOKS}
             | {"n_bootstrap": 7, "split_seed": 3, "lambdas": [0.0, 0.1], "affine_map": True}
         ],
-        "report": {"corpus": "c", "features": "sae", "fits": ["B"], **report},
+        "report": {"corpus": "c", "features": "sae", "fits": ["B"], "token_fits": [], **report},
     }
 
 

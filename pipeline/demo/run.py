@@ -143,6 +143,7 @@ def run_demo(
     were trained on), so the features are measured on modules the models never saw.
     """
     from pipeline.config import from_dict
+    from pipeline.controls import derive
     from pipeline.errors import XprobeError
     from pipeline.registry import STAGES
 
@@ -159,8 +160,9 @@ def run_demo(
     config = demo_config(root, data, corpus, max_tokens)
     (root / "xprobe.toml").write_text(to_toml(config, root))
     result = DemoResult(Store(root / "store"))
+    derived = derive(config, None, str(root / "store"))[0]  # the token controls, as xprobe run
     for entry in STAGES:
-        section = config.get(entry.name)
+        section = derived.get(entry.name)
         if section is None:
             continue
         cfg_cls, run_fn = entry.load()

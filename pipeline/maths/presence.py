@@ -349,6 +349,35 @@ class TopActivations:
         self.token[all_c[keep], rank[keep]] = all_t[keep]
 
 
+def token_control(
+    candidates: list[tuple[str, np.ndarray, np.ndarray | None]],
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The token baseline from its candidates ``(source, r2 [F], replicates [F, R] or None)``:
+    the per-id mean first, then each token-control fit (pipeline/controls.py). Returns
+    ``(r2 [F], replicates [F, R] or None, source [F] object)``: per feature the largest
+    held-out R² (NaN where none is defined), in each bootstrap replicate the largest of the
+    candidates' replicates, and the candidate that gave the point value (the first on ties).
+
+    A maximum over the scored tokens, not a choice made on training statistics: it can only
+    raise the baseline, so presence can only be lower (the conservative side), and it needs no
+    pass over the training tokens (which a segmented run no longer holds). With one candidate
+    it is that candidate."""
+    r2 = np.stack([np.asarray(c[1], np.float64) for c in candidates])  # [C, F]
+    filled = np.where(np.isnan(r2), -np.inf, r2)
+    best = np.argmax(filled, axis=0)
+    point = np.take_along_axis(filled, best[None], 0)[0]
+    point[~np.isfinite(point)] = np.nan
+    source = np.asarray([c[0] for c in candidates], dtype=object)[best]
+    source[np.isnan(point)] = ""
+    replicates = None
+    if all(c[2] is not None for c in candidates):
+        boots = [np.asarray(c[2], np.float64) for c in candidates]
+        with warnings.catch_warnings():  # a replicate undefined in every candidate stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            replicates = np.fmax.reduce(np.stack(boots), axis=0)
+    return point, replicates, source
+
+
 def feature_status(
     ceiling_status: np.ndarray,
     ceiling_r2: np.ndarray,

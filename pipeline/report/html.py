@@ -366,7 +366,7 @@ def render_html(
         f"table.parquet (and table.csv) in report/{html.escape(cfg.name)}/ of the store (or the "
         "report's out_dir), one row per feature "
         "(columns: feature, status, frequency, count, max_activation, "
-        "token_r2, ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
+        "token_r2 (with token_source, token_r2_id and token_r2_&lt;token fit&gt;: the token control), ceiling_r2 (with _lo, _hi), ceiling_r2_clipped (with _lo, _hi), ceiling_auroc, "
         "encoder_cosine, decoder_cosine, and per model &lt;fit&gt;_r2 (with _lo, _hi), "
         "_r2_clipped (with _lo, _hi), _auroc, _best_hook, _presence, _presence_lo, "
         "_presence_hi, _presence_informative, _presence_raw, _class, _encoder_cosine, "

@@ -143,6 +143,19 @@ class Report:
             roles.append(Role(label, fit, info["config"]["model"], list(info["config"]["hooks"])))
         if len(roles) == 1:
             raise XprobeError("fits lists only the ceiling/floor; add the fit of a model B")
+        token_roles = []
+        for fit in cfg.token_fits if cfg.token_baseline else ():
+            info = self._fit_info(fit)
+            if _split_of(info["config"]) != split or int(
+                info["config"].get("n_bootstrap", 0)
+            ) != n_boot:
+                raise XprobeError(
+                    f"token fit {fit!r} has another held-out split or n_bootstrap than the ceiling "
+                    f"{ceiling!r} ({split}, {n_boot}): the token baseline is compared replicate by "
+                    "replicate; refit it like the ceiling"
+                )
+            token_roles.append(Role(f"token:{fit}", fit, info["config"]["model"], list(info["config"]["hooks"])))
+        self.token_roles = token_roles
         self.roles, self.split, self.n_boot = roles, split, n_boot
         self.docs = split_documents(store, self.tokens, split[2])  # None: split by sequence
         self.match_roles = [pair_match(self, spec, int(feats["n_feat"])) for spec in cfg.matches]
@@ -243,8 +256,15 @@ class Report:
     def summary_text(self, df: Any) -> str:
         cfg = self.cfg
         token = "max(R²_token, 0)" if cfg.token_baseline else "0"
+        controls = [r.fit for r in getattr(self, "token_roles", [])] if cfg.token_baseline else []
         lines = [
-            f"presence = (R²_B − {token}) / (R²_ceiling − {token}), clipped to [0, 1]",
+            f"presence = (R²_B − {token}) / (R²_ceiling − {token}), clipped to [0, 1]"
+            + (
+                f"; R²_token: the best of the per-id mean and {', '.join(controls)} (each token "
+                "read alone), per feature and resample"
+                if controls
+                else ""
+            ),
             f"present: ≥ {cfg.present_at:g}   partial: ≥ {cfg.partial_at:g}   absent: < {cfg.partial_at:g}"
             f"   (scored where R²_ceiling − {token} ≥ {cfg.min_headroom:g})",
             (

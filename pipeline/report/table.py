@@ -22,6 +22,7 @@ from pipeline.maths.presence import (
     percentile_interval,
     presence,
     presence_interval,
+    token_control,
 )
 from pipeline.report.matches import match_table
 from pipeline.store import Store
@@ -237,6 +238,33 @@ def linear_columns(report: Report, role: Role, label: str, best: np.ndarray) -> 
     return cols
 
 
+def token_columns(report: Report, scan: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The token baseline (``token_r2``, ``token_r2_boot``) and its table columns: per feature
+    the best of the per-id mean (``token_r2_id``) and each token-control fit at its best hook
+    (``token_r2_<fit>``); ``token_source`` names the one that gave ``token_r2`` ("token id" or
+    the fit)."""
+    cfg, store = report.cfg, report.store
+    if not cfg.token_baseline:
+        return {"token_r2": scan["token_r2"], "token_r2_boot": scan["token_r2_boot"]}
+    n_boot = report.n_boot
+    candidates = [("token id", scan["token_r2"], scan["token_r2_boot"] if n_boot else None)]
+    for role in report.token_roles:
+        best = store.array(f"{probes_unit(role.fit)}/best_hook")[:].astype(np.int64)
+        r2 = _at_best(store, role, "r2_held_out", best)
+        status = _at_best(store, role, "status", best)
+        r2 = np.where(status == STATUS_OK, r2, np.nan)
+        boot = _at_best(store, role, "r2_held_out_boot", best) if n_boot else None
+        candidates.append((role.fit, r2, boot))
+    r2, boot, source = token_control(candidates)
+    out: dict[str, Any] = {"token_r2": r2, "token_r2_boot": boot}
+    if report.token_roles:
+        out["token_source"] = source
+        out["token_r2_id"] = scan["token_r2"]
+        for name, value, _ in candidates[1:]:
+            out[f"token_r2_{name}"] = value
+    return out
+
+
 def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
     """The table (a pandas DataFrame, one row per feature) and notes for the page."""
     import pandas as pd
@@ -247,14 +275,15 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
     ceiling = report.roles[0]
     ceiling_r2 = _probe(store, ceiling.fit, ceiling.hooks[0], "r2_held_out")
     ceiling_status = _probe(store, ceiling.fit, ceiling.hooks[0], "status")
-    token_r2 = scan["token_r2"]
+    token = token_columns(report, scan)
+    token_r2, token_boot = token.pop("token_r2"), token.pop("token_r2_boot")
     status = feature_status(ceiling_status, ceiling_r2, token_r2, cfg.min_headroom)
     level = cfg.confidence
     ceiling_best = np.zeros(n_feat, np.int64)
     ceiling_boot = (
         _at_best(store, ceiling, "r2_held_out_boot", ceiling_best) if report.n_boot else None
     )
-    token_boot = scan["token_r2_boot"] if cfg.token_baseline and report.n_boot else None
+    token_boot = token_boot if cfg.token_baseline and report.n_boot else None
     cols: dict[str, Any] = {
         "feature": np.arange(n_feat),
         "status": status,
@@ -262,6 +291,7 @@ def feature_table(report: Report, scan: dict[str, np.ndarray]) -> tuple[Any, dic
         "count": store.array(f"{stats}/count")[:],
         "max_activation": store.array(f"{stats}/max")[:],
         "token_r2": token_r2 if cfg.token_baseline else np.full(n_feat, np.nan),
+        **token,
         "ceiling_r2": ceiling_r2,
         "ceiling_fit_status": [STATUS_NAMES[int(s)] for s in ceiling_status],
         "ceiling_r2_clipped": _at_best(store, ceiling, "r2_clipped_held_out", ceiling_best),
