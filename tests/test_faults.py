@@ -360,8 +360,11 @@ def test_random_sigkills_then_resume_are_bit_identical(tmp_path, corpus_jsonl, t
         f"({out['kills_mid_run']} mid-run), markers at kills {out['markers_at_kills']}, "
         f"full run {out['full_run_s']:.2f}s, bad chunks {out['bad_chunks']}"
     )
-    assert out["child_failures"] == 0
-    assert out["bad_chunks"] == 0
+    assert out["child_failures"] == 0, (
+        f"{out['child_failures']} children failed on their own (XPROBE_KILL_SEED={seed}); "
+        f"the script's stderr:\n{result.stderr[-3000:]}"
+    )
+    assert out["bad_chunks"] == 0, result.stderr[-3000:]
     assert out["kills"] >= 5 and out["kills_mid_run"] >= 1
     ref = Store(tmp_path / "ref")
     tokenize(_tok_cfg(corpus_jsonl, tokenizer_dir, chunk_seqs=2, max_tokens=2400), ref)
