@@ -289,8 +289,10 @@ class Store:
     def acquire_lock(self, unit: str, stage: str) -> None:
         """Claim ``unit`` for this process, so two runs cannot write it at once.
 
-        The lock is ``<unit>.lock`` beside the unit (created with O_EXCL). A lock left by a dead
-        process on this host is taken over; one held by a live process is refused, naming it.
+        The lock is ``<unit>.lock`` beside the unit, put in place whole (a temp file holding
+        the holder's record, hard-linked to that name: the link fails if it exists). A lock
+        left by a dead process on this host is taken over; one held by a live process is
+        refused, naming it.
         """
         self._require_local()
         locks.acquire_lock(self.local_path / f"{unit}.lock", unit, stage)

@@ -1,13 +1,17 @@
 """Per-unit write locks: ``<unit>.lock`` files beside a local store's units.
 
-A lock is a JSON file naming its holder (pid, host, stage, since), created with O_EXCL so that
-two runs cannot write one unit at once. ``Store.acquire_lock``/``release_lock`` are the entry
-points; this module holds the file-level mechanics, including taking over stale locks.
+A lock is a JSON file naming its holder (pid, host, stage, since), created so that two runs
+cannot write one unit at once: the record is written to a temp file beside it, which is then
+hard-linked to the lock's name (the link fails if that name exists). A run killed at any point
+thus leaves no lock or a whole one, never an empty lock file (which a later run could not tell
+from one being written right now). ``Store.acquire_lock``/``release_lock`` are the entry points;
+this module holds the file-level mechanics, including taking over stale locks.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -68,6 +72,59 @@ def _remove_stale_lock(path: Path, holder: str | None) -> None:
             path.unlink(missing_ok=True)
 
 
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+"""What ``os.link`` raises on a filesystem without hard links (FAT, some FUSE and SMB mounts)."""
+
+
+def _create(path: Path, text: str) -> bool:
+    """Create the lock file ``path`` holding ``text``; False if a lock is already there.
+
+    The record goes to a temp file first (``.<unit>.lock.<pid>.<random>.tmp``), hard-linked to
+    ``path`` once whole, so ``path`` never exists empty or half-written. Where hard links are
+    not supported, the lock is created with O_EXCL and written after (a kill in between leaves
+    an empty lock, taken over after ``GARBLED_LOCK_SECONDS``)."""
+    from pipeline.store.io import new_temp_file
+
+    _remove_dead_temp_files(path)
+    fd, tmp = new_temp_file(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in NO_HARD_LINKS:
+                raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_temp_files(path: Path) -> None:
+    """Delete the temp files of ``path`` (``.<name>.<pid>.<random>.tmp``) that a run killed
+    while taking the lock left, if that run is gone."""
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            pid = name[len(prefix) :].split(".", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+                continue
+            if _age(path.parent / name) > GARBLED_LOCK_SECONDS:  # not another host's, mid-take
+                (path.parent / name).unlink(missing_ok=True)
+
+
 def acquire_lock(path: Path, unit: str, stage: str) -> None:
     """Create the lock file ``path`` for ``unit``, taking over one left by a dead process on
     this host and refusing (naming the holder) one held by a live process."""
@@ -79,12 +136,11 @@ def acquire_lock(path: Path, unit: str, stage: str) -> None:
         "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not _create(path, json.dumps(me)):
             holder = _read_holder(path)
-            if holder is None:  # empty or garbled: a writer killed between create and write,
-                # or one writing right now (a few microseconds): wait that out, then take it over
+            if holder is None:  # empty or garbled: where there are no hard links (or from an
+                # older xprobe), a writer killed between create and write, or one writing right
+                # now (a few microseconds): wait that out, then take it over
                 if _age(path) > GARBLED_LOCK_SECONDS:
                     _remove_stale_lock(path, _raw(path))
                     continue
@@ -102,7 +158,5 @@ def acquire_lock(path: Path, unit: str, stage: str) -> None:
                 f"on {holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or if that process "
                 f"is gone, delete {path}."
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         return
     raise XprobeError(f"could not take the lock {path}; delete it if no run is using {unit}")
