@@ -102,7 +102,13 @@ def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     demo_data = Path(shutil.copytree(demo_data, tmp_path / "data"))  # this test rewrites a model
     first = run_demo(root, demo_data, max_tokens=20_000, progress=False)
     stages = [s["stage"] for s in first.summaries]
-    assert stages[:2] == ["tokenize", "activations"] and stages.count("fit") == 6
+    assert stages[:2] == ["tokenize", "activations"]
+    fits = sorted(u for s in first.summaries if s["stage"] == "fit" for u in s["units"])
+    # the six fits of the TOML, and the token control of A and of every model B (derived)
+    models = ("ceiling", "finetune", "scratch", "ablated", "erased", "random")
+    assert sorted({u.split("/")[1] for u in fits}) == sorted(
+        [*models, "A.tokens", *(f"b_{m}.tokens" for m in models[1:])]
+    ), fits
     assert not any(s.get("already_complete") for s in first.summaries)
     n = first.numbers
     for name in ("ablated", "erased"):
@@ -136,8 +142,10 @@ def test_demo_runs_end_to_end_then_from_cache(demo_data, tmp_path):
     redone = sorted(
         u for s in rebuilt.summaries if not s.get("already_complete") for u in s["units"]
     )
-    assert [u.rsplit("/", 1)[0] for u in redone] == ["acts/stdlib/b_random", "probes", "report"]
-    assert redone[1:] == ["probes/random", "report/demo"]  # the report renders on every run
+    assert [u.rsplit("/", 1)[0] for u in redone] == [
+        "acts/stdlib/b_random.tokens", "acts/stdlib/b_random", "probes", "probes", "report"
+    ], redone  # B's activations, its token control's, their fits, the report (renders every run)
+    assert redone[2:] == ["probes/b_random.tokens", "probes/random", "report/demo"]
     assert rebuilt.numbers["ratio_median"]["random"] != n["ratio_median"]["random"]
 
 
